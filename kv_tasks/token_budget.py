@@ -1,0 +1,102 @@
+"""Count prompt tokens of synthetic dictionaries without tokenizing every candidate prompt.
+
+A dictionary line is a fixed skeleton with integer slots. Its token count is modelled as the sum
+of per-piece counts looked up in tables built once per tokenizer (every 1-6 digit integer after
+each separator, every dictionary name). Boundary effects (e.g. how ``\\n\\n`` merges next to a
+header) are absorbed by an affine correction ``a + b * n_lines`` fitted on real tokenizations
+and then *validated* on further full tokenizations. When validation fails for a tokenizer the
+model is not trusted and callers fall back to exact per-prompt tokenization, so the length
+guarantee (prompt <= target) never rests on an unchecked assumption.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+def count_tokens(tokenizer, texts: list[str]) -> list[int]:
+    """Exact token counts as the model sees the raw prompt (special tokens included)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # fast path: Rust batch encode, no Python-side objects per token
+        return [len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=True)]
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+
+
+def count_plain(tokenizer, texts: list[str]) -> np.ndarray:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        return np.array([len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)])
+    return np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
+
+
+@dataclass
+class PieceTables:
+    """Token-count tables for one tokenizer, keyed by separator string."""
+
+    tokenizer: object
+    max_number: int
+    number_cost: dict[str, np.ndarray] = field(default_factory=dict)
+    sep_cost: dict[str, int] = field(default_factory=dict)
+    name_cost: np.ndarray | None = None
+
+    def numbers_after(self, sep: str) -> np.ndarray:
+        """cost[n] = tokens that integer n adds when it follows ``sep``."""
+        if sep not in self.number_cost:
+            nums = [str(n) for n in range(self.max_number + 1)]
+            with_sep = count_plain(self.tokenizer, [sep + s for s in nums])
+            self.number_cost[sep] = with_sep - self.separator(sep)
+        return self.number_cost[sep]
+
+    def separator(self, sep: str) -> int:
+        if sep not in self.sep_cost:
+            self.sep_cost[sep] = int(count_plain(self.tokenizer, [sep])[0]) if sep else 0
+        return self.sep_cost[sep]
+
+    def names(self, upto: int) -> np.ndarray:
+        """cost[i] = tokens of ``Dictionary [i] `` for i in 0..upto."""
+        if self.name_cost is None or len(self.name_cost) <= upto:
+            size = max(upto + 1, 2 * (0 if self.name_cost is None else len(self.name_cost)), 256)
+            self.name_cost = count_plain(self.tokenizer, [f"Dictionary [{i}] " for i in range(size)])
+        return self.name_cost
+
+
+_TABLES: dict[int, PieceTables] = {}
+
+
+def tables_for(tokenizer, max_number: int) -> PieceTables:
+    key = id(tokenizer)
+    tab = _TABLES.get(key)
+    if tab is None or tab.max_number < max_number:
+        tab = PieceTables(tokenizer=tokenizer, max_number=max_number)
+        _TABLES[key] = tab
+    return tab
+
+
+@dataclass
+class AffineCorrection:
+    """exact = estimate + a + b * n_lines, validated on held-out prompts."""
+
+    a: float
+    b: float
+    trusted: bool
+
+    def apply(self, estimate: np.ndarray | int, n_lines: np.ndarray | int):
+        return np.asarray(estimate) + self.a + self.b * np.asarray(n_lines)
+
+
+def fit_correction(estimates: list[int], n_lines: list[int], exact: list[int]) -> AffineCorrection:
+    """Fit on the first two calibration prompts; trust only if it is exact on all the others."""
+    e = np.asarray(estimates, dtype=np.int64)
+    n = np.asarray(n_lines, dtype=np.int64)
+    x = np.asarray(exact, dtype=np.int64)
+    resid = x - e
+    if len(e) < 3 or n[0] == n[1]:
+        return AffineCorrection(0, 0, False)
+    b = (resid[1] - resid[0]) / (n[1] - n[0])
+    a = resid[0] - b * n[0]
+    if b != round(b) or a != round(a):
+        return AffineCorrection(0, 0, False)
+    predicted = e + a + b * n
+    return AffineCorrection(int(a), int(b), bool(np.all(predicted == x)))
