@@ -169,7 +169,7 @@ class KVGenerator:
         n = int(sizes.sum())
         owners = np.repeat(np.arange(len(sizes)), sizes)
         keys = np.empty((n, k), dtype=np.int64)
-        self._fill_keys(rng, np.arange(n), keys, gold_key, commons, owners)
+        self._fill_keys(rng, np.arange(n), keys, gold_key, gold_value, commons, owners)
         values = _draw_numbers(rng, spec.value_digits, n)
         # Gold key and gold value are unique in the prompt: no other number may equal either.
         forbidden = np.array(sorted(set(gold_key) | {gold_value}) if k == 1 else [gold_value])
@@ -179,9 +179,10 @@ class KVGenerator:
         keys[gold_slot], values[gold_slot] = gold_key, gold_value
         return _Base(gold_key, gold_value, question_key, keys, values, sizes)
 
-    def _fill_keys(self, rng, rows, keys, gold_key, commons, owners) -> None:
+    def _fill_keys(self, rng, rows, keys, gold_key, gold_value, commons, owners) -> None:
         """Draw ``keys[rows]`` until no key equals (or, multi-subkey, holds every subkey of) the
-        gold key, no tuple repeats a subkey, and no dictionary repeats a key (Python dict keys)."""
+        gold key, no (sub)key equals the gold value, no tuple repeats a subkey, and no dictionary
+        repeats a key (Python dict keys)."""
         spec, k = self.spec, self._subkeys
         gold_sorted = np.sort(np.array(gold_key))
         while len(rows):
@@ -195,6 +196,7 @@ class KVGenerator:
             keys[rows] = fresh
             srt = np.sort(keys, axis=1)
             bad = (srt == gold_sorted).all(axis=1) | (np.diff(srt, axis=1) == 0).any(axis=1)
+            bad |= (keys == gold_value).any(axis=1)
             if k == 1:  # one sortable code per (dictionary, key)
                 code = owners * 10**7 + keys[:, 0]
                 order = np.argsort(code, kind="stable")

@@ -100,28 +100,34 @@ def multisubkey(**metadata) -> dict[str, datasets.Dataset]:
 # ---------------------------------------------------------------------------------- scoring
 _TEMPLATE_VALUE = re.compile(r"value of (?:the )?key\b[^\n]*?\bis\s*:?\s*\(?(\d+)", re.IGNORECASE)
 _DICT_NAME = re.compile(r"Dictionary\s*\[?\s*(\d+)", re.IGNORECASE)
+_PAIR_VALUE = re.compile(r"\d\)?\s*:\s*(\d+)")
 _INT = re.compile(r"(?<![\d.])\d+(?![\d.])")
 
 
 def parse_reply(reply: str, gold_key: str) -> tuple[str | None, str | None]:
-    """(value, dictionary) the reply commits to: the *first* candidate, never any match.
+    """(value, dictionary) the reply commits to: its *first* candidate, never any later match.
 
-    Order: the answer-template sentence; a copied ``gold_key: value`` pair; else the first
-    integer that is not a gold (sub)key and not a dictionary name. Looking only at the first
-    candidate means a reply that copies the context does not get credit for the gold value
-    appearing somewhere in it.
+    Order: the answer-template sentence ("value of key K is V"); a ``gold_key: value`` pair in
+    the first dictionary the reply mentions (a model that answers by quoting the gold
+    dictionary); the first ``key: value`` pair; the first integer that is neither a gold (sub)key
+    nor a dictionary name. Only the first candidate counts, so a reply that copies the context
+    gets no credit for the gold value appearing somewhere inside it.
     """
     text = reply.strip()
-    dict_match = _DICT_NAME.search(text)
-    dict_name = dict_match.group(1) if dict_match else None
+    names = list(_DICT_NAME.finditer(text))
+    dict_name = names[0].group(1) if names else None
     m = _TEMPLATE_VALUE.search(text)
     if m:
         return m.group(1), dict_name
     key_parts = [k.strip() for k in gold_key.split(",")]
-    pair = re.search(r"\b" + r"\W+".join(map(re.escape, key_parts)) + r"\)?\s*:\s*(\d+)", text)
-    if pair:
-        return pair.group(1), dict_name
-    name_spans = [mm.span(1) for mm in _DICT_NAME.finditer(text)]
+    first_dict = text[: names[1].start()] if len(names) > 1 else text
+    gold_pair = re.search(r"(?<!\d)" + r"\W+".join(map(re.escape, key_parts)) + r"\)?\s*:\s*(\d+)", first_dict)
+    if gold_pair:
+        return gold_pair.group(1), dict_name
+    any_pair = _PAIR_VALUE.search(text)
+    if any_pair:
+        return any_pair.group(1), dict_name
+    name_spans = [mm.span(1) for mm in names]
     for mm in _INT.finditer(text):
         if mm.group(0) in key_parts or any(a <= mm.start() < b for a, b in name_spans):
             continue

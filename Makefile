@@ -1,0 +1,28 @@
+# One entry point per workflow; each target sets the environment up first (idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.needles-setup
+
+.PHONY: setup demo test bench lint format
+
+$(STAMP): pyproject.toml scripts/setup.sh
+	bash scripts/setup.sh
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/needles demo
+
+test: $(STAMP)
+	bash scripts/test-deps.sh
+	$(PY) -m pytest -q -rs
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_kv_generation.py
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .

