@@ -43,17 +43,35 @@ def rows(results: dict, metrics: tuple[str, ...] | None = None) -> list[Row]:
                 continue
             err = scores.get(f"{name}_stderr,{filt}")
             out.append(
-                Row(model, task, m.group("len") or "all", m.group("pos") or "all", m.group("metric"), float(value),
-                    float(err) if isinstance(err, (int, float)) else None)
+                Row(
+                    model,
+                    task,
+                    m.group("len") or "all",
+                    m.group("pos") or "all",
+                    m.group("metric"),
+                    float(value),
+                    float(err) if isinstance(err, (int, float)) else None,
+                )
             )
     return out
 
 
 def format_table(table: list[Row]) -> str:
-    header = ("model", "task", "length", "position", "metric", "score", "stderr")
-    body = [(r.model, r.task, r.length, r.position, r.metric, f"{r.value:.3f}",
-             "N/A" if r.stderr is None else f"{r.stderr:.3f}") for r in table]
+    header = ("model", "task", "length", "position", "metric", "score ± stderr")
+    body = [
+        (
+            r.model,
+            r.task,
+            r.length,
+            r.position,
+            r.metric,
+            f"{r.value:.3f} ± " + ("N/A" if r.stderr is None else f"{r.stderr:.3f}"),
+        )
+        for r in table
+    ]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
-    line = "  ".join("{:<%d}" % w for w in widths)
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line.format(*header), sep, *(line.format(*b) for b in body)])
+
+    def fmt(cells) -> str:
+        return "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
+
+    return "\n".join([fmt(header), fmt("-" * w for w in widths), *(fmt(b) for b in body)])

@@ -44,10 +44,27 @@ class PieceTables:
     def numbers_after(self, sep: str) -> np.ndarray:
         """cost[n] = tokens that integer n adds when it follows ``sep``."""
         if sep not in self.number_cost:
-            nums = [str(n) for n in range(self.max_number + 1)]
-            with_sep = count_plain(self.tokenizer, [sep + s for s in nums])
-            self.number_cost[sep] = with_sep - self.separator(sep)
+            if self._separable(sep):
+                # most tokenizers split punctuation/space from digits: one shared table suffices
+                self.number_cost[sep] = self.bare_numbers()
+            else:
+                with_sep = count_plain(self.tokenizer, [sep + s for s in self._strings()])
+                self.number_cost[sep] = with_sep - self.separator(sep)
         return self.number_cost[sep]
+
+    def _strings(self) -> list[str]:
+        return [str(n) for n in range(self.max_number + 1)]
+
+    def bare_numbers(self) -> np.ndarray:
+        if "" not in self.number_cost:
+            self.number_cost[""] = count_plain(self.tokenizer, self._strings())
+        return self.number_cost[""]
+
+    def _separable(self, sep: str) -> bool:
+        """Does ``sep + n`` cost ``sep`` plus ``n`` for a spread of numbers? (Checked, not assumed.)"""
+        probe = np.unique(np.geomspace(1, self.max_number, 300).astype(int))
+        joined = count_plain(self.tokenizer, [sep + str(n) for n in probe])
+        return bool(np.all(joined == self.separator(sep) + self.bare_numbers()[probe]))
 
     def separator(self, sep: str) -> int:
         if sep not in self.sep_cost:
