@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 
 from harness_ext.errors import NeedlesError
@@ -13,6 +14,12 @@ from harness_ext.errors import NeedlesError
 COMMAND_MODULES = [
     "harness_ext.commands.basics",
     "harness_ext.commands.demo",
+    "harness_ext.commands.leaderboard",
+    "harness_ext.commands.gate",
+    "harness_ext.commands.plot",
+    "harness_ext.commands.data",
+    "harness_ext.commands.finetune",
+    "harness_ext.commands.heads",
 ]
 
 
@@ -25,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if hasattr(signal, "SIGPIPE"):  # `needles results ... | head` should just stop, not trace back
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

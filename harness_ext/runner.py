@@ -34,8 +34,9 @@ def run_lm_eval(args: list[str], output_path: Path, log_file: Path | None = None
     cmd = [sys.executable, "-m", "lm_eval", "run", *args, "--output_path", str(output_path)]
     out = open(log_file, "w") if log_file else None  # noqa: SIM115 - closed below
     try:
-        proc = subprocess.run(cmd, env=lm_eval_env(), stdout=out or subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=timeout)
+        proc = subprocess.run(
+            cmd, env=lm_eval_env(), stdout=out or subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+        )
     finally:
         if out:
             out.close()

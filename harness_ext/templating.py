@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from jinja2 import FileSystemLoader, StrictUndefined
@@ -12,7 +12,7 @@ from harness_ext.errors import NeedlesError
 from harness_ext.paths import templates_dir
 
 
-@lru_cache(maxsize=None)
+@cache
 def _env(root: str) -> SandboxedEnvironment:
     # keep_trailing_newline=False: template files end with a newline that is not part of the prompt.
     return SandboxedEnvironment(

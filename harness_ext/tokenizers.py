@@ -59,8 +59,11 @@ def tokenizer_fingerprint(metadata: dict) -> str | None:
         try:
             from huggingface_hub import try_to_load_from_cache
 
-            files = [Path(p) for f in ("tokenizer.json", "tokenizer_config.json")
-                     if isinstance(p := try_to_load_from_cache(name, f), str)]
+            files = [
+                Path(p)
+                for f in ("tokenizer.json", "tokenizer_config.json")
+                if isinstance(p := try_to_load_from_cache(name, f), str)
+            ]
         except Exception:  # noqa: BLE001 - any failure just means: fingerprint by loading
             files = []
     h = hashlib.sha256()

@@ -217,7 +217,9 @@ class KVGenerator:
         first[base.starts[:-1]] = True
         keys = base.keys
         if self._subkeys == 1:
-            lead = np.where(first, tab.numbers_after("{")[keys[:, 0]] + s("{"), tab.numbers_after(", ")[keys[:, 0]] + s(", "))
+            lead = np.where(
+                first, tab.numbers_after("{")[keys[:, 0]] + s("{"), tab.numbers_after(", ")[keys[:, 0]] + s(", ")
+            )
             rest = 0
             close = tab.numbers_after(": ")[base.values] + s(": ")
         else:

@@ -41,7 +41,9 @@ def _numbers(prompt: str) -> list[str]:
 
 @pytest.mark.parametrize("template", [False, True])
 def test_simple_reference_rules(template):
-    docs = KVGenerator(KVSpec(num_samples=8, lengths=None, num_dicts=85, depths=None, answer_template=template)).generate()
+    docs = KVGenerator(
+        KVSpec(num_samples=8, lengths=None, num_dicts=85, depths=None, answer_template=template)
+    ).generate()
     assert len(docs) == 8
     for d in docs:
         dicts = _dicts(d["prompt"])

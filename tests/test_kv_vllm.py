@@ -22,8 +22,18 @@ META = {"lengths": [400, 800], "depths": [0.0, 0.5, 1.0], "num_samples": 4}
 
 def test_vllm_cli_kv_retrieval_group(lm_eval_run, smollm2_dir):
     res = lm_eval_run(
-        ["--tasks", "kv_retrieval", "--model", "vllm", "--model_args", vllm_model_args(smollm2_dir, 2048),
-         "--apply_chat_template", "--metadata", json.dumps(META), "--log_samples"],
+        [
+            "--tasks",
+            "kv_retrieval",
+            "--model",
+            "vllm",
+            "--model_args",
+            vllm_model_args(smollm2_dir, 2048),
+            "--apply_chat_template",
+            "--metadata",
+            json.dumps(META),
+            "--log_samples",
+        ],
         "vllm_kv",
     )
     for task in ("kv_retrieval_simple", "kv_retrieval_simple_template", "kv_retrieval_multisubkey"):
@@ -36,8 +46,11 @@ def test_vllm_cli_kv_retrieval_group(lm_eval_run, smollm2_dir):
     group = res["results"]["kv_retrieval"]
     # plausible for a 135M instruct model on short dictionaries: it answers some, not all
     assert 0.0 < group["value_acc,none"] < 1.0, group
-    replies = [json.loads(line)["resps"][0][0]
-               for f in Path(res["_dir"]).glob("samples_kv_retrieval_simple_template_*.jsonl") for line in open(f)]
+    replies = [
+        json.loads(line)["resps"][0][0]
+        for f in Path(res["_dir"]).glob("samples_kv_retrieval_simple_template_*.jsonl")
+        for line in open(f)
+    ]
     assert sum("value of key" in r.lower() for r in replies) >= len(replies) // 2  # template-shaped answers
     assert res["configs"]["kv_retrieval_simple"]["metadata"]["needles_data_sha256"]
 
@@ -52,9 +65,22 @@ def _free_port() -> int:
 def vllm_server(smollm2_dir, tmp_path_factory):
     port = _free_port()
     log = tmp_path_factory.mktemp("serve") / "vllm_serve.log"
-    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(smollm2_dir), "--host", "127.0.0.1", "--port",
-           str(port), "--dtype", "float32", "--max-model-len", "2048", "--enforce-eager",
-           "--gpu-memory-utilization", "0.3"]
+    cmd = [
+        str(Path(sys.executable).parent / "vllm"),
+        "serve",
+        str(smollm2_dir),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "2048",
+        "--enforce-eager",
+        "--gpu-memory-utilization",
+        "0.3",
+    ]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=lm_eval_env(), start_new_session=True)
     try:
@@ -80,15 +106,23 @@ def vllm_server(smollm2_dir, tmp_path_factory):
 def test_local_chat_completions_against_vllm_serve(lm_eval_run, vllm_server, smollm2_dir):
     meta = {"lengths": [400], "depths": [0.0, 1.0], "num_samples": 3}
     res = lm_eval_run(
-        ["--tasks", "kv_retrieval_simple_template", "--model", "local-chat-completions",
-         "--model_args", f"model={smollm2_dir},base_url={vllm_server}/v1/chat/completions,num_concurrent=2,"
-                         f"max_retries=1,tokenizer={smollm2_dir},tokenized_requests=False,max_length=2048",
-         "--apply_chat_template", "--metadata", json.dumps(meta), "--log_samples"],
+        [
+            "--tasks",
+            "kv_retrieval_simple_template",
+            "--model",
+            "local-chat-completions",
+            "--model_args",
+            f"model={smollm2_dir},base_url={vllm_server}/v1/chat/completions,num_concurrent=2,"
+            f"max_retries=1,tokenizer={smollm2_dir},tokenized_requests=False,max_length=2048",
+            "--apply_chat_template",
+            "--metadata",
+            json.dumps(meta),
+            "--log_samples",
+        ],
         "chat_api",
     )
     scores = res["results"]["kv_retrieval_simple_template"]
     assert res["n-samples"]["kv_retrieval_simple_template"]["effective"] == 6
     assert isinstance(scores["both_acc_stderr,none"], float)
-    replies = [json.loads(line)["resps"][0][0]
-               for f in Path(res["_dir"]).glob("samples_*.jsonl") for line in open(f)]
+    replies = [json.loads(line)["resps"][0][0] for f in Path(res["_dir"]).glob("samples_*.jsonl") for line in open(f)]
     assert all(isinstance(r, str) and r for r in replies)

@@ -22,8 +22,10 @@ def _py(code: str, *args: str, python: str = sys.executable, flags: tuple[str, .
 
 
 def test_interpreter_start_imports_nothing_of_ours():
-    out = _py("import sys, json; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
-              "('harness_ext', 'kv_tasks', 'lm_eval'))))")
+    out = _py(
+        "import sys, json; print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('harness_ext', 'kv_tasks', 'lm_eval'))))"
+    )
     assert json.loads(out) == []
     trace = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], capture_output=True, text=True).stderr
     assert "harness_ext" not in trace and "kv_tasks" not in trace
@@ -47,8 +49,12 @@ def test_fresh_interpreter_task_manager_finds_plugin_tasks(tmp_path):
         "  'finders': sum(type(f).__name__ == '_NeedlesLazyFinder' for f in sys.meta_path)}))\n"
     )
     out = json.loads(_py(code, str(tmp_path)).splitlines()[-1])
-    assert set(out["names"]) == {"kv_retrieval", "kv_retrieval_simple", "kv_retrieval_simple_template",
-                                 "kv_retrieval_multisubkey"}
+    assert set(out["names"]) == {
+        "kv_retrieval",
+        "kv_retrieval_simple",
+        "kv_retrieval_simple_template",
+        "kv_retrieval_multisubkey",
+    }
     assert out["ours"].endswith("kv_tasks/kv_retrieval/kv_retrieval_simple.yaml")
     assert out["user"] == str(tmp_path / "mine.yaml")
     assert out["include"] == str(tmp_path)  # the user's value is reported unchanged
@@ -73,7 +79,8 @@ def wheel(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
     proc = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(REPO)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (whl,) = out.glob("lm_eval_needles-*.whl")
@@ -101,8 +108,11 @@ def test_wheel_ships_templates_hooks_and_tasks(wheel):
 
 def test_regular_wheel_install_registers_and_renders(wheel, tmp_path):
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     deps = sysconfig.get_paths()["purelib"]
     # -S: no site processing, so the editable install's .pth files are NOT read; the wheel's
     # folder is added as a site dir (which runs its lm_eval_needles.pth), dependencies plainly.
@@ -126,7 +136,9 @@ def test_needles_error_prints_without_traceback():
     env = dict(os.environ, NEEDLES_DEBUG="0")
     proc = subprocess.run(
         [sys.executable, "-m", "harness_ext.cli", "generate-kv", "--lengths", "1024", "-o", "-"],
-        capture_output=True, text=True, env=env,
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert proc.returncode == 2
     assert "needles: error:" in proc.stderr and "tokenizer" in proc.stderr and "fix:" in proc.stderr

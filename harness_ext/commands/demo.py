@@ -23,8 +23,16 @@ def _demo(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = out / "lm_eval_kv_retrieval.log"
     cmd = [
-        "--tasks", "kv_retrieval", "--model", "vllm", "--model_args", vllm_model_args(model, args.max_model_len),
-        "--apply_chat_template", "--metadata", json.dumps(DEMO_METADATA), "--log_samples",
+        "--tasks",
+        "kv_retrieval",
+        "--model",
+        "vllm",
+        "--model_args",
+        vllm_model_args(model, args.max_model_len),
+        "--apply_chat_template",
+        "--metadata",
+        json.dumps(DEMO_METADATA),
+        "--log_samples",
     ]
     print(f"[needles] scoring {model} on kv_retrieval with vLLM (log: {log}) ...", file=sys.stderr)
     print("[needles] lm_eval run " + " ".join(f"'{c}'" if " " in c or "{" in c else c for c in cmd), file=sys.stderr)

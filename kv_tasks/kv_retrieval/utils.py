@@ -39,7 +39,9 @@ def _as_tuple(value, name: str, cast=int):
     try:
         return tuple(cast(v) for v in value)
     except (TypeError, ValueError):
-        raise NeedlesError(f"--metadata {name}={value!r} is not a list of numbers", fix=f'e.g. "{name}": [1024, 2048]') from None
+        raise NeedlesError(
+            f"--metadata {name}={value!r} is not a list of numbers", fix=f'e.g. "{name}": [1024, 2048]'
+        ) from None
 
 
 def spec_from_metadata(variant: str, answer_template: bool, metadata: dict) -> KVSpec:
