@@ -244,7 +244,10 @@ def _merge_adapter(lm, adapter: Path):
             f"{adapter} is not a peft adapter folder (no adapter_config.json)",
             fix="pass the folder that peft's save_pretrained wrote",
         )
-    from peft import PeftModel
+    try:
+        from peft import PeftModel
+    except ImportError:
+        raise NeedlesError("--adapter needs peft", fix="pip install 'lm-eval-needles[train]'") from None
 
     # Merged weights: the same function as the adapter, and generation runs at base-model speed.
     return PeftModel.from_pretrained(lm, str(adapter)).merge_and_unload()
@@ -499,7 +502,10 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 def write_heatmap(report: dict, path: Path, title: str | None = None) -> None:
     """Layer x head heatmap of the retrieval scores; retrieval heads are outlined."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise NeedlesError("the heatmap needs matplotlib", fix="pip install 'lm-eval-needles[plots]'") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

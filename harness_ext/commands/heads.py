@@ -77,13 +77,17 @@ def _build_probes(lm, args: argparse.Namespace) -> list:
 
 def _detect(lm, args: argparse.Namespace, out_dir: Path) -> dict:
     from harness_ext import heads
+    from harness_ext.errors import NeedlesError
 
     probes = _build_probes(lm, args)
     t0 = time.time()
     results = heads.detect(lm, probes, extra_tokens=args.extra_tokens, progress=not args.quiet)
     report = heads.build_report(lm, results, _settings(args), args.threshold)
     heads.write_json_atomic(out_dir / "heads.json", report)
-    heads.write_heatmap(report, out_dir / "heads.png")
+    try:
+        heads.write_heatmap(report, out_dir / "heads.png")
+    except NeedlesError as exc:  # the scores are written; only the picture is missing
+        print(f"[needles heads] no heatmap: {exc.problem} ({exc.fix})", file=sys.stderr)
     (out_dir / "retrieval_heads.txt").write_text(heads.format_heads(report) + "\n", encoding="utf-8")
     print(f"[needles heads] {len(probes)} probes in {time.time() - t0:.0f} s", file=sys.stderr)
     return report
