@@ -476,7 +476,7 @@ def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
         _check_restored(found[-1], model)
         start_step, history = state["step"], state["history"]
         say(f"resumed from {found[-1]} at step {start_step}/{total_steps}")
-    elif main and _checkpoints(out):
+    elif _checkpoints(out):  # every process checks: a raise on one rank only would hang the others
         raise NeedlesError(f"{out} already holds checkpoints of a run", fix="pass --resume or use a new --output-dir")
 
     say(

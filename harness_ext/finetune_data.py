@@ -21,7 +21,6 @@ Batching never truncates and never lets packed samples attend to each other:
 from __future__ import annotations
 
 import hashlib
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -369,7 +368,3 @@ def write_docs(path: Path, docs: list[dict]) -> None:
     from kv_tasks.dataset_cache import write_jsonl_atomic
 
     write_jsonl_atomic(path, docs)
-
-
-def spec_json(spec) -> str:
-    return json.dumps(spec.to_json(), sort_keys=True)
