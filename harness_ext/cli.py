@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import signal
 import sys
 
 from harness_ext.errors import NeedlesError
@@ -32,12 +31,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    if hasattr(signal, "SIGPIPE"):  # `needles results ... | head` should just stop, not trace back
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except BrokenPipeError:
+        # `needles results ... | head` should just stop. Not via SIGPIPE=SIG_DFL: that would also kill the
+        # process on a broken socket (an HTTP peer closing early) and, in-process, whoever called main().
+        if _stdout_closed():
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return 141
+        raise
     except NeedlesError as exc:
         if os.environ.get("NEEDLES_DEBUG") == "1":
             raise
@@ -45,6 +49,18 @@ def main(argv: list[str] | None = None) -> int:
         if exc.fix:
             print(f"  fix: {exc.fix}", file=sys.stderr)
         return 2
+
+
+def _stdout_closed() -> bool:
+    """True when stdout's reader has gone (a pipe whose other end closed), as opposed to some socket."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 if __name__ == "__main__":

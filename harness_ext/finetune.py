@@ -32,6 +32,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from harness_ext.atomic_io import write_json_atomic
 from harness_ext.errors import NeedlesError
 from harness_ext.finetune_data import (
     BATCHING_MODES,
@@ -233,9 +234,7 @@ def _sha256_file(path: Path) -> str:
 
 
 def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(path, obj)
 
 
 def vllm_lora_rank(r: int) -> int:

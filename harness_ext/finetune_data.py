@@ -365,6 +365,6 @@ def data_summary(examples: list[Example]) -> dict:
 
 
 def write_docs(path: Path, docs: list[dict]) -> None:
-    from kv_tasks.dataset_cache import write_jsonl_atomic
+    from harness_ext.atomic_io import write_jsonl_atomic
 
     write_jsonl_atomic(path, docs)

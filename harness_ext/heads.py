@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harness_ext import atomic_io
 from harness_ext.errors import NeedlesError
 
 SCHEMA = "needles.heads/1"
@@ -488,16 +488,7 @@ def scores_of(report: dict) -> np.ndarray:
 
 # ----------------------------------------------------------------------------------- outputs
 def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_io.write_json_atomic(path, data, indent=1)
 
 
 def write_heatmap(report: dict, path: Path, title: str | None = None) -> None:

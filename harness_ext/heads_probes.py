@@ -141,7 +141,10 @@ def load_needles(path: str | Path) -> list[dict]:
             rows = [json.loads(line) for line in f if line.strip()]
     except (OSError, json.JSONDecodeError) as exc:
         raise NeedlesError(
-            f"cannot read needles from {path}: {exc}", fix="pass a JSONL with needle/question/real_needle"
+            f"cannot read needles from {path}: {exc}",
+            fix="pass --needles FILE: a JSONL with needle/question/real_needle, such as haystack_for_detect/"
+            "needles.jsonl of github.com/nightdessert/Retrieval_Head (or set NEEDLES_SHARED_DATA), "
+            "or use --probes kv",
         ) from None
     for i, row in enumerate(rows):
         if not all(isinstance(row.get(k), str) and row[k] for k in ("needle", "question", "real_needle")):

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 
+from harness_ext.atomic_io import write_atomic
 from harness_ext.breakdowns import parse_name
 from harness_ext.results_io import (
     InvalidInput,
@@ -26,7 +27,6 @@ from harness_ext.results_io import (
     load_run,
     sample_metric_values,
     split_metric_key,
-    write_atomic,
 )
 
 COLUMNS = [

@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from harness_ext.atomic_io import write_atomic, write_json_atomic
 from harness_ext.errors import NeedlesError
 
 # Held-out evaluation documents: short prompts (fast on CPU), gold position uniform (depths
@@ -214,8 +215,8 @@ def run_loop(
         "timings": timings,
         "table": table,
     }
-    (out / "comparison.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
-    (out / "comparison.md").write_text(table + "\n", encoding="utf-8")
+    write_json_atomic(out / "comparison.json", result)
+    write_atomic(out / "comparison.md", table + "\n")
     print(table)
     return result
 

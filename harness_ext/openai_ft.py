@@ -126,7 +126,7 @@ def validate_rows(rows: list, max_tokens: int = DEFAULT_TOKEN_LIMIT) -> dict:
 
 
 def write_rows(path: Path, rows: list[dict]) -> None:
-    from kv_tasks.dataset_cache import write_jsonl_atomic
+    from harness_ext.atomic_io import write_jsonl_atomic
 
     write_jsonl_atomic(Path(path), rows)
 

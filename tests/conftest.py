@@ -72,6 +72,29 @@ def lm_eval_run(tmp_path_factory):
     return run
 
 
+@pytest.fixture(scope="session")
+def finetuned_smollm2(smollm2_dir, tmp_path_factory) -> dict:
+    """The finetuning issue's loop, run once per session: score SmolLM2, LoRA-finetune it on synthetic KV,
+    score the adapter (real lm_eval + vLLM + peft). The loop test asserts on it; the retrieval-head tests
+    analyse its adapter. Returns run_loop's result plus "output_dir".
+
+    Training is the demo's (DEFAULT_TRAINING: 320 documents, 80 steps); the held-out set is smaller than
+    the demo's 100 documents to save CI time. Override with NEEDLES_LOOP_SAMPLES / NEEDLES_LOOP_EPOCHS /
+    NEEDLES_LOOP_EVAL_SAMPLES.
+    """
+    from harness_ext.loop import DEFAULT_EVAL_METADATA, DEFAULT_TRAINING, run_loop
+
+    overrides: dict = {"data": dict(DEFAULT_TRAINING["data"])}
+    if os.environ.get("NEEDLES_LOOP_SAMPLES"):
+        overrides["data"]["num_samples"] = int(os.environ["NEEDLES_LOOP_SAMPLES"])
+    if os.environ.get("NEEDLES_LOOP_EPOCHS"):
+        overrides["epochs"] = float(os.environ["NEEDLES_LOOP_EPOCHS"])
+    eval_metadata = dict(DEFAULT_EVAL_METADATA, num_samples=int(os.environ.get("NEEDLES_LOOP_EVAL_SAMPLES", 60)))
+    out = tmp_path_factory.mktemp("loop")
+    result = run_loop(model=str(smollm2_dir), output_dir=out, eval_metadata=eval_metadata, overrides=overrides)
+    return {**result, "output_dir": out, "eval_metadata": eval_metadata}
+
+
 def pytest_sessionfinish(session, exitstatus):
     """In CI a skipped test is a failure: the suite must really run everything."""
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")

@@ -4,20 +4,19 @@ Real everything: `lm_eval --model vllm` scores the base model and the adapter (l
 max_lora_rank from the adapter) on the same held-out documents, peft trains on CPU in between,
 and an exact one-sided McNemar test on the paired outcomes must reject "no improvement".
 
-Budget (2 shared cores): ~8 min of training + 2 evaluations of ~1.5 min. Shrink or grow the
-training with NEEDLES_LOOP_SAMPLES (training documents, default: the loop's 320) and
-NEEDLES_LOOP_EPOCHS; the held-out set with NEEDLES_LOOP_EVAL_SAMPLES (default 120).
+The loop itself runs once per session in the `finetuned_smollm2` fixture (tests/conftest.py), whose
+adapter the retrieval-head tests analyse too. Budget (2 cores): ~5 min of training + 2 evaluations
+of ~1 min.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 
 import pytest
 
-from harness_ext.loop import DEFAULT_EVAL_METADATA, DEFAULT_TRAINING, mcnemar_exact, run_loop
+from harness_ext.loop import DEFAULT_TRAINING, mcnemar_exact
 
 
 def test_mcnemar_exact_matches_the_binomial_tail():
@@ -30,27 +29,15 @@ def test_mcnemar_exact_matches_the_binomial_tail():
 
 @pytest.mark.vllm
 @pytest.mark.slow
-def test_lora_finetuning_significantly_improves_kv_retrieval(smollm2_dir, tmp_path):
-    overrides = {"data": dict(DEFAULT_TRAINING["data"])}
-    if os.environ.get("NEEDLES_LOOP_SAMPLES"):
-        overrides["data"]["num_samples"] = int(os.environ["NEEDLES_LOOP_SAMPLES"])
-    if os.environ.get("NEEDLES_LOOP_EPOCHS"):
-        overrides["epochs"] = float(os.environ["NEEDLES_LOOP_EPOCHS"])
-    eval_metadata = dict(DEFAULT_EVAL_METADATA)
-    if os.environ.get("NEEDLES_LOOP_EVAL_SAMPLES"):
-        eval_metadata["num_samples"] = int(os.environ["NEEDLES_LOOP_EVAL_SAMPLES"])
-
-    result = run_loop(
-        model=str(smollm2_dir), output_dir=tmp_path / "loop", eval_metadata=eval_metadata, overrides=overrides
-    )
-
+def test_lora_finetuning_significantly_improves_kv_retrieval(finetuned_smollm2):
+    result, out = finetuned_smollm2, finetuned_smollm2["output_dir"]
     comparison = result["comparison"]
-    assert comparison["n"] == eval_metadata["num_samples"]  # every held-out document scored by both
+    assert comparison["n"] == result["eval_metadata"]["num_samples"]  # every held-out document scored by both
     value = comparison["metrics"]["value_acc"]
     assert value["finetuned"] > value["base"]
     assert result["significant"] and comparison["p_value"] < 0.05, result["table"]
     # the adapter run used the manifest's command: vLLM + lora_local_path + max_lora_rank from the adapter
-    manifest = json.loads((tmp_path / "loop" / "finetune" / "manifest.json").read_text())
+    manifest = json.loads((out / "finetune" / "manifest.json").read_text())
     argv = shlex.split(result["commands"]["finetuned"])
     model_args = dict(kv.split("=", 1) for kv in argv[argv.index("--model_args") + 1].split(","))
     assert model_args["lora_local_path"] == manifest["outputs"]["adapter"]

@@ -4,10 +4,13 @@
   deterministic (two CLI runs);
 * the detector agrees exactly with a reference loop written the way Wu et al. wrote theirs
   (transformers' eager attention with output_attentions, topk(1) of each head's last row);
-* knocking out the top-10 heads lowers KV-retrieval value_acc more than knocking out 10 random heads;
-* a real peft LoRA adapter (trained here for a few steps) is detected and compared with the base.
+* the LoRA adapter of the finetuning issue's loop (the session's `finetuned_smollm2` fixture: 80 steps
+  on synthetic KV, value_acc ~0.1 -> ~0.9) is detected and compared with the base;
+* on that finetuned model, knocking out the top-10 heads lowers KV-retrieval value_acc clearly more
+  than knocking out 10 random heads (paired per document, with a bootstrap CI). The base model is
+  too weak at KV retrieval (value_acc ~0.12 at 256-512 tokens) for a knockout to have room to show.
 
-Budget: about 4 minutes on 2 CPU cores. Run heavy: flock /tmp/needles-heavy.lock pytest tests/test_heads_smollm2.py
+Budget: about 4 minutes on 2 CPU cores after the loop fixture (which tests/test_finetune_loop.py shares).
 """
 
 from __future__ import annotations
@@ -122,82 +125,51 @@ def test_detector_agrees_with_the_reference_loop(smollm2_dir, shared_data):
     assert np.array_equal(ours.hits, ref)
 
 
-def test_deterministic_and_top_heads_matter_more_than_random_ones(smollm2_dir, base_dir, tmp_path):
-    out = tmp_path / "again"
+@pytest.fixture(scope="module")
+def adapter_dirs(smollm2_dir, finetuned_smollm2, tmp_path_factory) -> tuple[Path, Path]:
+    """The finetuned model's heads, detected twice; the second run also knocks heads out."""
+    adapter = finetuned_smollm2["adapter"]
+    first, second = tmp_path_factory.mktemp("heads-lora"), tmp_path_factory.mktemp("heads-lora-again")
+    _cli("--model", str(smollm2_dir), "--adapter", adapter, *DETECT, "-o", str(first))
     _cli(
-        "--model",
-        str(smollm2_dir),
-        *DETECT,
-        "-o",
-        str(out),
-        "--knockout",
-        f"top:{K}",
-        "--knockout",
-        f"random:{K}",
-        "--draws",
-        "2",
-        "--eval-lengths",
-        "512",
-        "--eval-samples",
-        "5",
-    )
+        "--model", str(smollm2_dir), "--adapter", adapter, *DETECT, "-o", str(second),
+        "--knockout", f"top:{K}", "--knockout", f"random:{K}", "--draws", "2",
+        "--eval-lengths", "256", "--eval-samples", "5",
+    )  # fmt: skip
+    return first, second
+
+
+def test_detection_is_byte_for_byte_deterministic(adapter_dirs):
+    first, second = adapter_dirs
     for name in ("heads.json", "heads.png", "retrieval_heads.txt"):
-        assert (out / name).read_bytes() == (base_dir / name).read_bytes(), f"{name} differs between runs"
-    ko = json.loads((out / "knockout.json").read_text())
+        assert (first / name).read_bytes() == (second / name).read_bytes(), f"{name} differs between runs"
+
+
+def test_top_heads_matter_more_than_random_ones(adapter_dirs):
+    first, second = adapter_dirs
+    ko = json.loads((second / "knockout.json").read_text())
     top, rnd = ko["conditions"]
     assert ko["num_items"] == 25 and ko["metric"] == "value_acc"
-    base = ko["baseline"]["accuracy"]
-    assert base >= 0.2, "SmolLM2 should retrieve some KV values at 512 tokens"
-    scores = np.asarray(json.loads((base_dir / "heads.json").read_text())["scores"])
+    assert ko["baseline"]["accuracy"] >= 0.6, "the finetuned SmolLM2 should retrieve most KV values at 256 tokens"
+    scores = np.asarray(json.loads((first / "heads.json").read_text())["scores"])
     top_heads = {tuple(h) for h in top["runs"][0]["heads"]}
     assert top_heads == {
         tuple(int(x) for x in np.unravel_index(i, scores.shape)) for i in np.argsort(-scores, axis=None)[:K]
     }
     assert all(not top_heads & {tuple(h) for h in r["heads"]} for r in rnd["runs"])
     # Knocking out the retrieval heads hurts, and clearly more than random heads (paired, per document).
-    assert top["delta"] < -0.1
-    assert top["delta"] < rnd["delta"] - 0.1
+    assert top["delta"] < -0.3
+    assert top["delta"] < rnd["delta"] - 0.2
     (cmp,) = ko["top_vs_random"]
     assert cmp["ci95"][1] < 0
+    print((second / "knockout.json").read_text())
 
 
-def _train_lora(base: Path, out: Path, steps: int = 6) -> Path:
-    """A real peft LoRA adapter, a few steps on the plugin's KV data (answer-only loss)."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    torch.manual_seed(0)
-    tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    docs = heads_probes.kv_docs(tok, [192], [0.0, 0.5, 1.0], num_samples=4, seed=11)
-    examples = []
-    for d in docs:
-        prompt = tok.apply_chat_template(
-            [{"role": "user", "content": d["prompt"]}], tokenize=False, add_generation_prompt=True
-        )
-        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
-        a_ids = tok(d["target"] + tok.eos_token, add_special_tokens=False)["input_ids"]
-        examples.append((torch.tensor([p_ids + a_ids]), torch.tensor([[-100] * len(p_ids) + a_ids])))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
-    model.train()
-    for step in range(steps):
-        ids, labels = examples[step % len(examples)]
-        loss = model(input_ids=ids, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    model.save_pretrained(out)
-    return out
-
-
-def test_compare_base_with_a_lora_adapter(smollm2_dir, base_dir, tmp_path):
-    adapter = _train_lora(smollm2_dir, tmp_path / "adapter")
-    out = tmp_path / "lora"
-    _cli("--model", str(smollm2_dir), "--adapter", str(adapter), *DETECT, "-o", str(out))
+def test_compare_base_with_the_finetuned_adapter(finetuned_smollm2, base_dir, adapter_dirs, tmp_path):
+    out = adapter_dirs[0]
     a = json.loads((base_dir / "heads.json").read_text())
     b = json.loads((out / "heads.json").read_text())
-    assert b["model"]["adapter"] == str(adapter) and len(b["model"]["adapter_sha256"]) == 64
+    assert b["model"]["adapter"] == finetuned_smollm2["adapter"] and len(b["model"]["adapter_sha256"]) == 64
     assert a["probes_sha256"] == b["probes_sha256"]  # same prompts: the model is the only difference
     sa, sb = np.asarray(a["scores"]), np.asarray(b["scores"])
     assert not np.array_equal(sa, sb)  # the adapter really changed the model's attention

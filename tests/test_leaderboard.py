@@ -177,7 +177,7 @@ def test_folder_without_results_is_refused(tmp_path):
 
 def test_crash_during_write_leaves_the_old_file(tmp_path):
     """A write that dies half-way (here: the data cannot be encoded) must not touch the target."""
-    from harness_ext.results_io import write_atomic
+    from harness_ext.atomic_io import write_atomic
 
     target = tmp_path / "lb.csv"
     target.write_text("old\n")

@@ -23,8 +23,8 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _generate_kv(args: argparse.Namespace) -> int:
+    from harness_ext.atomic_io import write_jsonl_atomic
     from harness_ext.tokenizers import load_tokenizer
-    from kv_tasks.dataset_cache import write_jsonl_atomic
     from kv_tasks.kv_generator import KVGenerator, KVSpec
 
     spec = KVSpec(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 def _gate(args: argparse.Namespace) -> int:
     from harness_ext import gate
-    from harness_ext.results_io import write_atomic
+    from harness_ext.atomic_io import write_atomic
 
     config = gate.GateConfig(
         alpha=args.alpha,

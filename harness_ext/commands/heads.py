@@ -82,13 +82,15 @@ def _detect(lm, args: argparse.Namespace, out_dir: Path) -> dict:
     probes = _build_probes(lm, args)
     t0 = time.time()
     results = heads.detect(lm, probes, extra_tokens=args.extra_tokens, progress=not args.quiet)
+    from harness_ext.atomic_io import write_atomic
+
     report = heads.build_report(lm, results, _settings(args), args.threshold)
     heads.write_json_atomic(out_dir / "heads.json", report)
     try:
         heads.write_heatmap(report, out_dir / "heads.png")
     except NeedlesError as exc:  # the scores are written; only the picture is missing
         print(f"[needles heads] no heatmap: {exc.problem} ({exc.fix})", file=sys.stderr)
-    (out_dir / "retrieval_heads.txt").write_text(heads.format_heads(report) + "\n", encoding="utf-8")
+    write_atomic(out_dir / "retrieval_heads.txt", heads.format_heads(report) + "\n")
     print(f"[needles heads] {len(probes)} probes in {time.time() - t0:.0f} s", file=sys.stderr)
     return report
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 def _leaderboard(args: argparse.Namespace) -> int:
     from harness_ext import leaderboard as lb
+    from harness_ext.atomic_io import write_atomic
     from harness_ext.plots import all_plots
     from harness_ext.plots import available as plots_available
-    from harness_ext.results_io import write_atomic
 
     if args.output:
         rows, changed = lb.export(args.inputs, Path(args.output), args.model_name, args.adapter_name)

