@@ -1,4 +1,8 @@
-"""`lm_eval --tasks flenqa,flenqa_cot --model vllm` on SmolLM2 (CPU) over the labelled FLenQA fixture."""
+"""`lm_eval --tasks flenqa,flenqa_cot --model vllm` on SmolLM2 (CPU) over the labelled FLenQA fixture.
+
+The run is the session's `smollm2_vllm_suite` (tests/conftest.py): fixture contexts of 250 and 500 tokens,
+one padding type and one dispersion, two instances per size.
+"""
 
 from __future__ import annotations
 
@@ -8,46 +12,18 @@ from pathlib import Path
 import pytest
 
 from harness_ext.metrics import flenqa_correct
-from harness_ext.runner import vllm_model_args
-from kv_tasks.flenqa.fixture import write_fixture
 from kv_tasks.flenqa.utils import render_prompt
-
-SIZES = (250, 500)
-PER_SIZE = 2  # a standard error needs two rows per cell
-LIMIT = PER_SIZE * len(SIZES)  # rows interleave ctx sizes: --limit 4 takes two rows of each size per task
-
-
-@pytest.fixture(scope="module")
-def fixture_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("flenqa-fixture")
-    write_fixture(out, ctx_sizes=SIZES, instances=4, seed=0)
-    return out
 
 
 @pytest.mark.vllm
-def test_flenqa_direct_and_cot_on_vllm(lm_eval_run, smollm2_dir, fixture_dir):
-    meta = {"flenqa_mirror": str(fixture_dir), "allow_unofficial_data": True}
-    res = lm_eval_run(
-        [
-            "--tasks",
-            "flenqa,flenqa_cot",
-            "--model",
-            "vllm",
-            "--model_args",
-            vllm_model_args(smollm2_dir, 2048),
-            "--apply_chat_template",
-            "--limit",
-            str(LIMIT),
-            "--metadata",
-            json.dumps(meta),
-            "--log_samples",
-        ],
-        "vllm_flenqa",
-    )
+def test_flenqa_direct_and_cot_on_vllm(smollm2_vllm_suite):
+    res = smollm2_vllm_suite
+    sizes = tuple(res["_meta"]["flenqa_ctx_sizes"])
+    per_size = 2  # the suite's fixture: one true and one false instance per size (a stderr needs two rows)
     for group in ("flenqa", "flenqa_cot"):
         g = res["results"][group]
         assert 0.0 <= g["acc,none"] <= 1.0 and isinstance(g["acc_stderr,none"], float)
-        for size in SIZES:  # accuracy-vs-length, aggregated over the three tasks
+        for size in sizes:  # accuracy-vs-length, aggregated over the three tasks
             assert isinstance(g[f"acc_ctx{size},none"], float), g
     for task in ("monorel", "pir", "ruletaker"):
         for cot in (False, True):
@@ -55,13 +31,13 @@ def test_flenqa_direct_and_cot_on_vllm(lm_eval_run, smollm2_dir, fixture_dir):
             scores = res["results"][name]
             assert "NON-OFFICIAL DATA: fixture" in scores["alias"]
             assert res["configs"][name]["generation_kwargs"]["max_gen_toks"] == 400
-            for size in SIZES:
+            for size in sizes:
                 assert isinstance(scores[f"acc_ctx{size}_stderr,none"], float), scores  # numeric, not "N/A"
             assert any(k.startswith("acc_pad_") for k in scores) and any(k.startswith("acc_disp_") for k in scores)
             rows = list(Path(res["_dir"]).glob(f"samples_{name}_2*.jsonl"))
             assert len(rows) == 1
             samples = [json.loads(line) for line in rows[0].open()]
-            assert sorted(s["doc"]["ctx_size"] for s in samples) == sorted(SIZES * PER_SIZE)
+            assert sorted(s["doc"]["ctx_size"] for s in samples) == sorted(sizes * per_size)
             for s in samples:
                 prompt = s["arguments"]["gen_args_0"]["arg_0"]
                 assert render_prompt(s["doc"]) in prompt and prompt.count("<|im_start|>user") == 1

@@ -14,31 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from harness_ext.runner import lm_eval_env, vllm_model_args
+from harness_ext.runner import lm_eval_env
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
-META = {"lengths": [400, 800], "depths": [0.0, 0.5, 1.0], "num_samples": 3}
 
 
-def test_vllm_cli_kv_retrieval_group(lm_eval_run, smollm2_dir):
-    res = lm_eval_run(
-        [
-            "--tasks",
-            "kv_retrieval",
-            "--model",
-            "vllm",
-            "--model_args",
-            vllm_model_args(smollm2_dir, 2048),
-            "--apply_chat_template",
-            "--metadata",
-            json.dumps(META),
-            "--log_samples",
-        ],
-        "vllm_kv",
-    )
+def test_vllm_cli_kv_retrieval_group(smollm2_vllm_suite):
+    res, meta = smollm2_vllm_suite, smollm2_vllm_suite["_meta"]
+    per_task = len(meta["lengths"]) * len(meta["depths"]) * meta["num_samples"]
     for task in ("kv_retrieval_simple", "kv_retrieval_simple_template", "kv_retrieval_multisubkey"):
         scores = res["results"][task]
-        assert res["n-samples"][task]["effective"] == 18
+        assert res["n-samples"][task]["effective"] == per_task
         for metric in ("value_acc", "dict_acc", "both_acc"):
             for suffix in ("", "_len400", "_len800", "_depth0.00", "_depth0.50", "_depth1.00", "_len800_depth1.00"):
                 assert 0.0 <= scores[f"{metric}{suffix},none"] <= 1.0

@@ -1,4 +1,8 @@
-"""`lm_eval --tasks mdqa20 --model vllm` on SmolLM2 (CPU) over the labelled fixture mirror, chat template on."""
+"""`lm_eval --tasks mdqa20 --model vllm` on SmolLM2 (CPU) over the labelled fixture mirror, chat template on.
+
+The run is the session's `smollm2_vllm_suite` (tests/conftest.py): 20-document fixture built from the real
+oracle file, `mdqa_num_questions` 2 (the same 2 questions in every task).
+"""
 
 from __future__ import annotations
 
@@ -7,21 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from harness_ext.runner import vllm_model_args
-from kv_tasks.mdqa.fixture import build_fixture
 from kv_tasks.mdqa.utils import render_prompt
 
 POSITIONS = (1, 2, 5, 10, 15, 20)
 TASKS = [f"mdqa20_pos{p}" for p in POSITIONS] + ["mdqa_closedbook", "mdqa_oracle"]
-LIMIT = 2
-
-
-@pytest.fixture(scope="module")
-def fixture_dir(tmp_path_factory, shared_data):
-    out = tmp_path_factory.mktemp("mdqa-fixture")
-    oracle = shared_data / "lost-in-the-middle" / "qa_data" / "nq-open-oracle.jsonl.gz"
-    build_fixture(oracle, out, settings=(20,), num_questions=100, progress=False)
-    return out
 
 
 def _samples(res: dict, task: str) -> list[dict]:
@@ -31,25 +24,9 @@ def _samples(res: dict, task: str) -> list[dict]:
 
 
 @pytest.mark.vllm
-def test_mdqa20_on_vllm(lm_eval_run, smollm2_dir, fixture_dir):
-    meta = {"mdqa_mirror": str(fixture_dir), "allow_unofficial_data": True}
-    res = lm_eval_run(
-        [
-            "--tasks",
-            "mdqa20",
-            "--model",
-            "vllm",
-            "--model_args",
-            vllm_model_args(smollm2_dir, 4096),
-            "--apply_chat_template",
-            "--limit",
-            str(LIMIT),
-            "--metadata",
-            json.dumps(meta),
-            "--log_samples",
-        ],
-        "vllm_mdqa20",
-    )
+def test_mdqa20_on_vllm(smollm2_vllm_suite):
+    res = smollm2_vllm_suite
+    num_questions = res["_meta"]["mdqa_num_questions"]
     assert set(TASKS) <= set(res["results"])
     questions = None
     for task in TASKS:
@@ -59,7 +36,7 @@ def test_mdqa20_on_vllm(lm_eval_run, smollm2_dir, fixture_dir):
         assert "NON-OFFICIAL DATA: fixture" in scores["alias"]  # the fixture is marked in the table...
         assert res["configs"][task]["metadata"]["needles_data_official"] is False  # ...and in the metadata
         rows = _samples(res, task)
-        assert len(rows) == LIMIT
+        assert len(rows) == num_questions
         # paired design: the same questions, in the same order, in every task
         order = [r["doc"]["question"] for r in sorted(rows, key=lambda r: r["doc_id"])]
         questions = questions or order
