@@ -16,7 +16,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/test-deps.sh
-	$(PY) -m pytest -q -rs
+	$(PY) -m pytest -q -rs --durations=15
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kv_generation.py
