@@ -18,7 +18,6 @@ nothing falls back silently from one origin to another.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -31,6 +30,7 @@ from pathlib import Path
 
 from harness_ext.errors import NeedlesError
 from harness_ext.paths import cache_dir
+from kv_tasks.dataset_cache import file_sha256
 
 ALLOW_UNOFFICIAL_ENV = "NEEDLES_ALLOW_UNOFFICIAL_DATA"
 ALLOW_UNOFFICIAL_KEY = "allow_unofficial_data"
@@ -181,14 +181,6 @@ def allow_unofficial(metadata: dict | None = None) -> bool:
 def mirror_root(source: Source, metadata: dict | None = None) -> Path | None:
     value = (metadata or {}).get(source.mirror_key) or os.environ.get(source.mirror_env)
     return Path(str(value)).expanduser().resolve() if value else None
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def fixture_label(root: Path) -> str | None:

@@ -51,6 +51,7 @@ from harness_ext.finetune_data import (
     train_spec,
     write_docs,
 )
+from kv_tasks.dataset_cache import file_sha256
 
 # vLLM accepts only these LoRA ranks (vllm.config.lora.MaxLoRARanks); lm-eval's default is 16.
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -223,14 +224,6 @@ def _versions() -> dict:
         except PackageNotFoundError:
             out[pkg] = None
     return out
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _write_json(path: Path, obj) -> None:
@@ -706,7 +699,7 @@ def _save_outputs(
             "adapter": str(adapter) if adapter else None,
             "model": str(model_dir) if model_dir else None,
             "files": {
-                p.name: _sha256_file(p) for p in sorted(target.iterdir()) if p.suffix in {".safetensors", ".json"}
+                p.name: file_sha256(p) for p in sorted(target.iterdir()) if p.suffix in {".safetensors", ".json"}
             },
         }
         if adapter:
