@@ -2,8 +2,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.needles-setup
+# Tests that start no engine and train nothing (see tests/conftest.py for the "heavy" mark).
+FAST := -m "not heavy"
 
-.PHONY: setup demo test bench lint format
+.PHONY: setup demo test test-fast bench lint format
 
 $(STAMP): pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh
@@ -18,11 +20,17 @@ test: $(STAMP)
 	bash scripts/test-deps.sh
 	$(PY) -m pytest -q -rs --durations=15
 
+test-fast: $(STAMP)
+	bash scripts/test-deps.sh
+	$(PY) -m pytest -q -rs --durations=10 $(FAST)
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kv_generation.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
+	$(PY) scripts/check_import_cycles.py
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix . && $(VENV)/bin/ruff format .

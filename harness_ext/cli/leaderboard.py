@@ -1,0 +1,66 @@
+"""``needles leaderboard``: lm-eval outputs -> tidy CSV (upsert), wide pivot, Markdown, HTML and PNG plots."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _leaderboard(args: argparse.Namespace) -> int:
+    from harness_ext.core.output_files import check_output, write_output
+    from harness_ext.reporting import leaderboard as lb
+    from harness_ext.reporting.plots import all_plots
+    from harness_ext.reporting.plots import available as plots_available
+
+    for path, what in ((args.output, "leaderboard CSV"), (args.pivot, "pivot CSV"), (args.markdown, "Markdown report"),
+                       (args.html, "HTML report")):  # fmt: skip
+        check_output(path, what)
+    if args.plots_dir:
+        check_output(Path(args.plots_dir) / "plot.png", "plot")
+    if args.output:
+        rows, changed = lb.export(args.inputs, Path(args.output), args.model_name, args.adapter_name)
+        print(f"{args.output}: {len(rows)} rows ({changed} added or changed)", file=sys.stderr)
+    else:
+        rows = lb.collect_rows(args.inputs, args.model_name, args.adapter_name)
+    if not rows:
+        print("warning: no numeric metrics found in the inputs", file=sys.stderr)
+    if args.pivot:
+        write_output(args.pivot, lb.pivot_csv_text(rows), "pivot CSV")
+    if args.markdown:
+        text = lb.render_markdown(rows, args.title)
+        sys.stdout.write(text) if args.markdown == "-" else write_output(args.markdown, text, "Markdown report")
+    if args.html and not args.plots_dir and not plots_available():
+        print("warning: matplotlib is not installed; the HTML page has no plots", file=sys.stderr)
+        plots = {}
+    else:
+        plots = all_plots(rows) if (args.plots_dir or args.html) else {}
+    if args.plots_dir:
+        for name, png in plots.items():
+            write_output(Path(args.plots_dir) / f"{name}.png", png, "plot")
+    if args.html:
+        write_output(args.html, lb.render_html(rows, args.title, plots), "HTML report")
+    if not any((args.output, args.pivot, args.markdown, args.html, args.plots_dir)):
+        sys.stdout.write(lb.to_csv_text(rows))  # no target: the tidy CSV goes to stdout
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "leaderboard",
+        help="export lm-eval results to a tidy leaderboard CSV and render views",
+        description="Read lm-eval output folders / results_*.json files (and leaderboard CSVs, e.g. the reference "
+        "leaderboards in leaderboards/) and write a tidy long CSV, upserting into --output. Views: --pivot "
+        "(wide CSV), --markdown, --html (self-contained page with plots), --plots-dir (PNG files).",
+    )
+    p.add_argument("inputs", nargs="+", help="lm-eval --output_path folders, results_*.json files or leaderboard CSVs")
+    p.add_argument("-o", "--output", help="tidy CSV to create or upsert into (written atomically)")
+    p.add_argument("--pivot", help="write the wide pivot (models x task/metric/length/position) as CSV")
+    p.add_argument("--markdown", help="write a Markdown report ('-' for stdout)")
+    p.add_argument("--html", help="write a self-contained HTML report")
+    p.add_argument("--plots-dir", help="write PNG plots (mdqa.png, kv.png, flenqa.png, as the data allows)")
+    p.add_argument("--model-name", help="model name for runs (default: last path component of pretrained=)")
+    p.add_argument("--adapter-name", help="adapter name for runs (default: from lora_local_path= / peft=)")
+    p.add_argument("--title", default="lm-eval-needles leaderboard")
+    p.set_defaults(func=_leaderboard)

@@ -1,0 +1,48 @@
+"""``needles plot {mdqa,kv,flenqa} RESULTS... -o out.png``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from harness_ext.core.errors import NeedlesError
+
+_WHAT = {
+    "mdqa": "MDQA per-position results (tasks mdqa<N>_pos<P>, or <metric>_pos<P> keys; baselines mdqa_closedbook)",
+    "kv": "KV-retrieval length x depth breakdowns (<metric>_len<N>_depth<F> keys)",
+    "flenqa": "FLenQA length breakdowns (tasks flenqa_monorel/pir/ruletaker, <metric>_ctx<N> or _len<N> keys)",
+}
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from harness_ext.core.output_files import check_output, write_output
+    from harness_ext.reporting import plots
+    from harness_ext.reporting.leaderboard import collect_rows
+    from harness_ext.tasklib import breakdowns as names
+
+    check_output(args.output, "plot")
+    rows = collect_rows(args.inputs)
+    default = {"mdqa": names.MDQA_METRIC, "kv": names.KV_METRIC, "flenqa": names.FLENQA_METRIC}[args.kind]
+    metric = args.metric or default
+    png = plots.PLOTS[args.kind](rows, metric, args.filter)
+    if png is None:
+        found = sorted({f"{r['task']}:{r['metric']}" for r in rows})
+        raise NeedlesError(
+            f"nothing to plot: the inputs hold no {_WHAT[args.kind]} for metric {metric!r}; "
+            f"found {found[:12]}{' ...' if len(found) > 12 else ''}",
+            fix="pass the right results, or choose --metric",
+        )
+    write_output(args.output, png, "plot")
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("plot", help="plot accuracy by position (MDQA), length x depth (KV) or length (FLenQA)")
+    p.add_argument("kind", choices=sorted(_WHAT), help="; ".join(f"{k}: {v}" for k, v in _WHAT.items()))
+    p.add_argument("inputs", nargs="+", help="lm-eval output folders, results_*.json files or leaderboard CSVs")
+    p.add_argument("-o", "--output", required=True, help="PNG file to write")
+    p.add_argument("--metric", help="metric to plot (default: best_subspan_em / both_acc / acc)")
+    p.add_argument("--filter", help="lm-eval filter to plot (default: none, else the first one)")
+    p.set_defaults(func=_plot)

@@ -1,0 +1,1 @@
+"""Foundation used by every layer: errors, cache paths, atomic writes and hashing, sandboxed templates, statistics, tokenizers."""

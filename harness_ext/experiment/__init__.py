@@ -1,0 +1,1 @@
+"""Workflows that chain the layers below: score -> finetune -> score -> paired comparison."""

@@ -1,0 +1,233 @@
+"""The paper's central loop in one call: score the base model, finetune it, score the result, compare.
+
+Both scores come from the real ``lm_eval --model vllm`` on the same held-out documents (the
+finetuning data uses another generator seed and is hash-checked against them); the adapter run
+uses exactly the command the finetune manifest prints (``lora_local_path`` + ``max_lora_rank``).
+The comparison is paired: per-document outcomes joined on ``doc_id`` (document hashes must
+match), an exact one-sided McNemar test on the discordant pairs (harness_ext.core.stats).
+
+The training recipe and the held-out evaluation set are the packaged
+``harness_ext/finetune/configs/smollm2_kv_lora.yaml`` (also shipped as
+examples/finetune/smollm2_kv_lora.yaml for ``needles finetune --config``).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from harness_ext.core.atomic_io import write_atomic, write_json_atomic
+from harness_ext.core.errors import NeedlesError
+from harness_ext.core.stats import mcnemar_one_sided
+from harness_ext.finetune.config import packaged_config, read_yaml
+
+LOOP_CONFIG = "smollm2_kv_lora.yaml"
+# keys of the packaged recipe that the loop sets itself (model, folders, the task it scores)
+_SET_BY_THE_LOOP = ("model", "output_dir", "method", "eval_tasks", "eval_metadata")
+
+
+def _packaged_defaults() -> tuple[dict, dict]:
+    values = read_yaml(packaged_config(LOOP_CONFIG))
+    return {k: v for k, v in values.items() if k not in _SET_BY_THE_LOOP}, dict(values["eval_metadata"])
+
+
+# LoRA that fits ~5 minutes of CPU training for SmolLM2-135M, and the held-out evaluation set
+DEFAULT_TRAINING, DEFAULT_EVAL_METADATA = _packaged_defaults()
+
+
+def mcnemar_exact(b: int, c: int) -> dict:
+    """Exact McNemar on discordant pairs: b = base right / new wrong, c = base wrong / new right.
+
+    ``p_greater``: one-sided P(X >= c) for X ~ Binomial(b + c, 1/2) (the new model is better);
+    ``p_two_sided``: twice the smaller tail, capped at 1.
+    """
+    # core.stats tests "candidate worse than baseline": with the base model as that candidate, its
+    # losses are the c pairs only the finetuned model got right
+    p_greater = mcnemar_one_sided(losses=c, wins=b)
+    p_less = mcnemar_one_sided(losses=b, wins=c)
+    return {"b": b, "c": c, "p_greater": p_greater, "p_two_sided": min(1.0, 2 * min(p_greater, p_less))}
+
+
+def load_samples(output_path: Path, task: str) -> list[dict]:
+    """The per-document rows lm_eval logged for ``task`` under ``output_path`` (--log_samples)."""
+    found = sorted(glob.glob(str(Path(output_path) / "**" / f"samples_{task}_*.jsonl"), recursive=True))
+    if not found:
+        raise NeedlesError(f"no samples_{task}_*.jsonl under {output_path}", fix="run lm_eval with --log_samples")
+    with open(found[-1], encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def paired_outcomes(base_rows: list[dict], new_rows: list[dict], metric: str) -> list[tuple[float, float]]:
+    """Per-document (base, new) metric values joined on doc_id; refuses different documents."""
+    base = {r["doc_id"]: r for r in base_rows}
+    new = {r["doc_id"]: r for r in new_rows}
+    if base.keys() != new.keys():
+        raise NeedlesError("the two runs scored different document ids", fix="use the same task metadata and --limit")
+    pairs = []
+    for doc_id in sorted(base):
+        a, b = base[doc_id], new[doc_id]
+        if a.get("doc_hash") != b.get("doc_hash"):
+            raise NeedlesError(f"document {doc_id} differs between the runs (doc_hash)", fix="use the same metadata")
+        if metric not in a or metric not in b:
+            raise NeedlesError(f"metric {metric!r} is not in the logged samples", fix="use value_acc or both_acc")
+        pairs.append((float(a[metric]), float(b[metric])))
+    return pairs
+
+
+def compare(base_rows: list[dict], new_rows: list[dict], metrics: list[str], test_metric: str) -> dict:
+    """Per metric: both accuracies and the paired McNemar test; ``p_value`` is the test metric's one-sided p."""
+    out = {"n": len(base_rows), "metrics": {}}
+    for metric in metrics:
+        pairs = paired_outcomes(base_rows, new_rows, metric)
+        n = len(pairs)
+        b = sum(1 for x, y in pairs if x > y)
+        c = sum(1 for x, y in pairs if y > x)
+        out["metrics"][metric] = {
+            "base": sum(x for x, _ in pairs) / n,
+            "finetuned": sum(y for _, y in pairs) / n,
+            **mcnemar_exact(b, c),
+        }
+    out["test_metric"] = test_metric
+    out["p_value"] = out["metrics"][test_metric]["p_greater"]
+    return out
+
+
+def format_table(comparison: dict, base_name: str, alpha: float) -> str:
+    """The comparison as a Markdown table (the test metric starred) and its verdict."""
+    lines = [
+        f"Paired comparison on {comparison['n']} held-out documents "
+        f"(exact one-sided McNemar, alpha={alpha}; b = only base right, c = only finetuned right)",
+        "",
+        f"| metric | {base_name} | finetuned | delta | b | c | p (one-sided) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for metric, r in comparison["metrics"].items():
+        star = " *" if metric == comparison["test_metric"] else ""
+        lines.append(
+            f"| {metric}{star} | {r['base']:.3f} | {r['finetuned']:.3f} | {r['finetuned'] - r['base']:+.3f} | "
+            f"{r['b']} | {r['c']} | {r['p_greater']:.2g} |"
+        )
+    lines.append("")
+    lines.append(
+        f"* test metric: {comparison['test_metric']}, p = {comparison['p_value']:.3g} -> "
+        + ("significant" if comparison["p_value"] < alpha else "NOT significant")
+    )
+    return "\n".join(lines)
+
+
+def run_loop(
+    model: str = "smollm2",
+    output_dir: str | Path = "outputs/loop",
+    task: str = "kv_retrieval_simple",
+    eval_metadata: dict | None = None,
+    config: str | Path | None = None,
+    overrides: dict | None = None,
+    metric: str = "value_acc",
+    alpha: float = 0.05,
+    log: Callable[[str], None] | None = None,
+) -> dict:
+    """Score base -> LoRA-finetune -> score adapter -> paired comparison. Returns a result dict.
+
+    ``overrides``: FinetuneConfig fields over DEFAULT_TRAINING (and over ``config``, a YAML file),
+    e.g. ``{"data": {"num_samples": 200}, "max_steps": 40}`` for a smaller training budget.
+    Writes OUTPUT_DIR/{eval_base,finetune,eval_finetuned}/ and OUTPUT_DIR/comparison.{json,md}.
+    """
+    from harness_ext.finetune.config import load_config, validate_hparams
+    from harness_ext.finetune.data import check_lengths, format_docs, prepare_docs
+    from harness_ext.finetune.manifest import eval_max_model_len
+    from harness_ext.finetune.modeling import load_base, model_max_length
+    from harness_ext.finetune.recipe import finetune
+    from harness_ext.finetune.rundir import check_output_dir
+    from harness_ext.plugin.runner import load_results, run_lm_eval, vllm_eval_command
+
+    log = log or (lambda msg: print(f"[needles loop] {msg}", file=sys.stderr, flush=True))
+    out = Path(output_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    eval_metadata = dict(DEFAULT_EVAL_METADATA if eval_metadata is None else eval_metadata)
+    values = {**DEFAULT_TRAINING, **(overrides or {})}
+    values["data"] = {**DEFAULT_TRAINING["data"], **((overrides or {}).get("data") or {})}
+    if config:
+        values = {**(overrides or {})}
+    values |= {
+        "model": model,
+        "output_dir": str(out / "finetune"),
+        "eval_tasks": [task],
+        "eval_metadata": eval_metadata,
+    }
+    cfg = load_config(config, values)
+    timings: dict[str, float] = {}
+
+    # 0. validate everything and build the data once before any slow step (fail fast)
+    validate_hparams(cfg)
+    check_output_dir(Path(cfg.output_dir), cfg.resume)  # before the base model is scored, not after
+    base_path, model_config, tokenizer = load_base(cfg)
+    _spec, _tasks, docs, leak = prepare_docs(cfg, tokenizer, base_path)
+    seq_len = check_lengths(
+        format_docs(tokenizer, docs, cfg.system_prompt), model_max_length(model_config), cfg.max_length
+    )
+    max_len = eval_max_model_len(seq_len, leak.eval_max_tokens, model_max_length(model_config))
+
+    results: dict[str, dict] = {}
+
+    def score(name: str, argv: list[str]) -> None:
+        t = time.perf_counter()
+        run_dir = out / f"eval_{name}"
+        args = _strip_output(argv[2:])
+        path = run_lm_eval(args, run_dir, log_file=out / f"eval_{name}.log")
+        results[name] = {
+            "results": load_results(path)["results"][task],
+            "samples": load_samples(run_dir, task),
+            "command": shlex.join(["lm_eval", "run", *args, "--output_path", str(run_dir)]),
+        }
+        timings[f"eval_{name}_s"] = round(time.perf_counter() - t, 1)
+
+    log("1/3 scoring the base model with lm_eval --model vllm")
+    score("base", vllm_eval_command(base_path, [task], eval_metadata, max_len))
+    log("2/3 finetuning (LoRA)")
+    t = time.perf_counter()
+    manifest = finetune(cfg)
+    timings["finetune_s"] = round(time.perf_counter() - t, 1)
+    log("3/3 scoring the finetuned model with the manifest's lm_eval command")
+    score("finetuned", manifest["eval_argv"])
+
+    comparison = compare(
+        results["base"]["samples"], results["finetuned"]["samples"], ["value_acc", "dict_acc", "both_acc"], metric
+    )
+    table = format_table(comparison, "base", alpha)
+    result = {
+        "task": task,
+        "eval_metadata": eval_metadata,
+        "model": manifest["base_model"],
+        "adapter": manifest["outputs"]["adapter"],
+        "final_loss": manifest["final_loss"],
+        "training": manifest["training"],
+        "comparison": comparison,
+        "significant": comparison["p_value"] < alpha,
+        "alpha": alpha,
+        "commands": {"base": results["base"]["command"], "finetuned": results["finetuned"]["command"]},
+        "timings": timings,
+        "table": table,
+    }
+    write_json_atomic(out / "comparison.json", result)
+    write_atomic(out / "comparison.md", table + "\n")
+    print(table)
+    return result
+
+
+def _strip_output(args: list[str]) -> list[str]:
+    """Drop --output_path VALUE (the loop chooses its own folders)."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+            continue
+        if a == "--output_path":
+            skip = True
+            continue
+        out.append(a)
+    return out

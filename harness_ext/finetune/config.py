@@ -1,0 +1,261 @@
+"""The finetuning configuration: the ``FinetuneConfig`` dataclass, its YAML loading and its validation.
+
+Every field carries its command-line flag in ``dataclasses.field`` metadata (see :func:`option`):
+help text, flag name, choices, argument group and numeric bounds. ``harness_ext.finetune.args``
+turns that metadata into argparse flags and :func:`check_bounds` into checks, so a new option is
+one line here. YAML keys are the field names; ``data`` holds KVSpec fields
+(``harness_ext/tasklib/kv_generator.py``), whose flags come from :class:`DataOptions`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from harness_ext.core.errors import NeedlesError
+
+DEFAULT_LR = {"lora": 2e-4, "full": 5e-6}  # full: the paper's Mistral recipe (2 epochs, batch 16)
+BATCHING_MODES = ("grouped", "padded", "packed")
+LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the wheel with the package
+
+GROUP_DATA = "training data (same generator as the kv_retrieval tasks)"
+GROUP_EVAL = "evaluation set (its documents are never trained on)"
+GROUP_LORA = "LoRA"
+GROUP_OPTIM = "optimisation"
+GROUP_OUTPUTS = "checkpoints and outputs"
+
+
+def option(
+    default: Any = None,
+    help: str | None = None,  # noqa: A002 - the argparse keyword
+    *,
+    factory: Any = None,
+    flag: str | tuple[str, ...] | None = "",
+    group: str | None = None,
+    choices: tuple | None = None,
+    negatable: bool = False,
+    gt: float | None = None,
+    ge: float | None = None,
+    lt: float | None = None,
+    label: str | None = None,
+    fix: str | None = None,
+    expand: type | None = None,
+) -> Any:
+    """A dataclass field with its flag: ``flag`` "" derives ``--field-name``, None means no flag;
+    ``gt``/``ge``/``lt`` bound a number (None values pass); ``expand`` names a dataclass whose fields
+    are flags for the keys of this dict-valued field."""
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "group": group,
+        "choices": choices,
+        "negatable": negatable,
+        "gt": gt,
+        "ge": ge,
+        "lt": lt,
+        "label": label,
+        "fix": fix,
+        "expand": expand,
+    }
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclass
+class DataOptions:
+    """Flags for keys of ``FinetuneConfig.data`` (None: not given, the YAML or the default stands)."""
+
+    variant: str | None = option(choices=("simple", "multisubkey"))
+    answer_template: bool | None = option(negatable=True)
+    num_samples: int | None = option(
+        help="documents per length (default 350)", ge=1, label="data.num_samples", fix="use e.g. --num-samples 350"
+    )
+    seed: int | None = option(
+        flag="--data-seed",
+        help="generator seed (default 0; the eval tasks use 1000)",
+        ge=0,
+        label="data.seed",
+        fix="use e.g. --data-seed 0",
+    )
+    lengths: list[int] | None = option(help="prompt token targets (default 256)")
+    num_dicts: int | None = option(
+        help="fixed dictionary count instead of token targets",
+        ge=1,
+        label="data.num_dicts",
+        fix="use e.g. --num-dicts 10",
+    )
+    depths: list[float] | None = option(help="gold depths in [0,1] (default: uniform)")
+
+
+def _default_data() -> dict:
+    return {"variant": "simple", "num_samples": 350, "seed": 0, "lengths": [256]}
+
+
+@dataclass
+class FinetuneConfig:
+    """Everything a run depends on. YAML keys and --flags use these names."""
+
+    model: str = option("smollm2", "local HF folder, downloaded hub id, or smollm2 (default)")
+    output_dir: str = option(
+        "outputs/finetune", "output folder (default outputs/finetune)", flag=("-o", "--output-dir")
+    )
+    method: str = option("lora", choices=tuple(DEFAULT_LR))
+    # training data: KVSpec fields; depths default to uniform
+    data: dict = option(factory=_default_data, group=GROUP_DATA, flag=None, expand=DataOptions)
+    system_prompt: str | None = option(
+        None, "system message for every training example (default none)", group=GROUP_DATA
+    )
+    # the evaluation set this run will be scored on: its documents must not be trained on
+    eval_tasks: list[str] = option(
+        factory=lambda: ["kv_retrieval_simple"], help="default kv_retrieval_simple", group=GROUP_EVAL
+    )
+    eval_metadata: dict = option(
+        factory=dict, help="lm_eval --metadata JSON, e.g. '{\"lengths\":[256]}'", group=GROUP_EVAL
+    )
+    lora_r: int = option(16, group=GROUP_LORA, gt=0, label="LoRA rank r", fix="use e.g. --lora-r 16")
+    lora_alpha: float = option(32, group=GROUP_LORA, gt=0, fix="use e.g. --lora-alpha 32 (often 2 x rank)")
+    lora_dropout: float = option(0.05, group=GROUP_LORA, ge=0.0, lt=1.0, fix="use e.g. 0.05")
+    target_modules: list[str] = option(factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"], group=GROUP_LORA)
+    epochs: float = option(2.0, group=GROUP_OPTIM, gt=0, fix="use e.g. --epochs 2")
+    max_steps: int | None = option(None, group=GROUP_OPTIM, ge=1, fix="drop --max-steps to train by epochs")
+    learning_rate: float | None = option(
+        None,
+        "default 2e-4 (LoRA), 5e-6 (full)",
+        flag="--lr",
+        group=GROUP_OPTIM,
+        gt=0,
+        fix="use e.g. 2e-4 for LoRA, 5e-6 for full finetuning",
+    )
+    batch_size: int = option(4, "micro-batch per device (default 4)", group=GROUP_OPTIM, ge=1)
+    grad_accum: int = option(1, group=GROUP_OPTIM, ge=1)
+    warmup_ratio: float = option(0.05, group=GROUP_OPTIM, ge=0.0, lt=1.0, fix="use e.g. 0.05")
+    lr_scheduler: str = option("cosine", group=GROUP_OPTIM, choices=LR_SCHEDULERS)
+    weight_decay: float = option(0.0, group=GROUP_OPTIM, ge=0.0)
+    max_grad_norm: float = option(1.0, group=GROUP_OPTIM, ge=0.0, fix="use e.g. 1.0 (0 turns clipping off)")
+    gradient_checkpointing: bool = option(False, group=GROUP_OPTIM, negatable=True)
+    batching: str = option("grouped", group=GROUP_OPTIM, choices=BATCHING_MODES)
+    # packed: tokens per row (default batch_size * longest example)
+    pack_tokens: int | None = option(None, group=GROUP_OPTIM, ge=1)
+    max_length: int | None = option(None, "refuse data longer than this (never truncates)", group=GROUP_OPTIM, ge=1)
+    seed: int = option(0, "LoRA init, dropout and batch order (default 0)", group=GROUP_OPTIM, ge=0)
+    attn_implementation: str = option("sdpa", "sdpa (default), eager, flash_attention_2", group=GROUP_OPTIM)
+    trust_remote_code: bool = option(False, group=GROUP_OPTIM)
+    save_every: int = option(0, "checkpoint every N steps", group=GROUP_OUTPUTS, ge=0)
+    keep_checkpoints: int = option(2, group=GROUP_OUTPUTS, ge=1)
+    resume: bool = option(False, "continue from the latest checkpoint", group=GROUP_OUTPUTS)
+    stop_after_steps: int | None = option(
+        None, "end this session after N steps (checkpointed)", group=GROUP_OUTPUTS, ge=1
+    )
+    merge: bool = option(False, "also save the merged model", group=GROUP_OUTPUTS)
+    log_every: int = option(1, flag=None, ge=1)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> FinetuneConfig:
+        """A config from YAML-style values; unknown keys are refused."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise NeedlesError(f"unknown finetune option(s) {unknown}", fix=f"use options among {sorted(known)}")
+        return cls(**values)
+
+    def lr(self) -> float:
+        """The learning rate in use: the configured one, or the method's default."""
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LR[self.method]
+
+
+def packaged_config(name: str) -> Path:
+    """A config file shipped inside the package (``harness_ext/finetune/configs/NAME``)."""
+    path = CONFIG_DIR / name
+    if not path.is_file():
+        shipped = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+        raise NeedlesError(f"no packaged finetune config {name!r}", fix=f"use one of {shipped}")
+    return path
+
+
+def read_yaml(path: str | Path) -> dict:
+    """The mapping in a YAML file, or a NeedlesError naming the file."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise NeedlesError(f"cannot read the config {path}: {exc}", fix="pass a readable YAML file") from None
+    if not isinstance(values, dict):
+        raise NeedlesError(f"{path} is not a mapping of options", fix="write `key: value` lines")
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> FinetuneConfig:
+    """Defaults < YAML file < explicit overrides (CLI flags). ``data`` dicts merge key by key."""
+    values: dict = read_yaml(path) if path else {}
+    for key, value in (overrides or {}).items():
+        if key == "data" and isinstance(value, dict):
+            base = dict(values.get("data") or _default_data())
+            base.update(value)
+            values["data"] = base
+        else:
+            values[key] = value
+    return FinetuneConfig.from_dict(values)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_bounds(obj: Any, skip_groups: tuple[str, ...] = ()) -> None:
+    """Refuse any field of the dataclass ``obj`` outside its ``gt``/``ge``/``lt`` bounds (None passes)."""
+    for f in dataclasses.fields(obj):
+        meta, value = f.metadata, getattr(obj, f.name)
+        if meta.get("group") in skip_groups or value is None or all(meta.get(k) is None for k in ("gt", "ge", "lt")):
+            continue
+        label = meta.get("label") or f.name
+        if not _is_number(value):
+            raise NeedlesError(
+                f"{label}={value!r} is not a number",
+                fix="write a number (YAML reads 2e-4 as text: write 2.0e-4)",
+            )
+        gt, ge, lt = meta.get("gt"), meta.get("ge"), meta.get("lt")
+        if lt is not None:
+            if not (ge if ge is not None else gt) <= value < lt:  # only ge is combined with lt
+                low = ge if ge is not None else gt
+                raise NeedlesError(
+                    f"{label}={value} is not in [{low:g}, {lt:g})", fix=meta.get("fix") or "use e.g. 0.05"
+                )
+        elif gt is not None and not value > gt:
+            wanted = "positive" if gt == 0 else f"above {gt}"
+            raise NeedlesError(f"{label}={value} must be {wanted}", fix=meta.get("fix") or f"set {f.name} above {gt}")
+        elif ge is not None and not value >= ge:
+            wanted = f"at least {ge:g}"
+            raise NeedlesError(
+                f"{label}={value} must be {wanted}", fix=meta.get("fix") or f"set {f.name} to {ge:g} or more"
+            )
+
+
+def validate_data(data: dict) -> None:
+    """The numeric bounds of the training-data options (the KV generator checks the rest)."""
+    if not isinstance(data, dict):
+        raise NeedlesError(f"data={data!r} is not a mapping", fix="write data: {num_samples: 350, lengths: [256]}")
+    names = {f.name for f in dataclasses.fields(DataOptions)}
+    check_bounds(DataOptions(**{k: v for k, v in data.items() if k in names}))
+
+
+def validate_hparams(cfg: FinetuneConfig) -> None:
+    """Checks that need no model: fail before loading anything."""
+    validate_data(cfg.data)
+    if cfg.method not in DEFAULT_LR:
+        raise NeedlesError(f"unknown method {cfg.method!r}", fix="use method lora or full")
+    if cfg.method == "lora" and not cfg.target_modules:
+        raise NeedlesError("no LoRA target modules", fix="use e.g. --target-modules q_proj k_proj v_proj o_proj")
+    check_bounds(cfg, skip_groups=() if cfg.method == "lora" else (GROUP_LORA,))  # LoRA options matter only for LoRA
+    if cfg.batching not in BATCHING_MODES:
+        raise NeedlesError(f"unknown batching {cfg.batching!r}", fix=f"use one of {list(BATCHING_MODES)}")
+    if cfg.lr_scheduler not in LR_SCHEDULERS:
+        raise NeedlesError(
+            f"unknown lr_scheduler {cfg.lr_scheduler!r}", fix="use cosine, linear, constant or constant_with_warmup"
+        )

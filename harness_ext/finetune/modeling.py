@@ -1,0 +1,95 @@
+"""The base model of a finetune: name -> folder, config and tokenizer, LoRA targets, merging an adapter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from harness_ext.core.errors import NeedlesError
+
+EMBEDDED_MODEL = "smollm2"
+MODEL_FIX = "pass a local model folder, a downloaded hub id, or smollm2"
+
+
+def looks_like_path(name: str) -> bool:
+    """True for names only a file system path can mean: hub ids are ``name`` or ``org/name``."""
+    return name.startswith(("/", "~", ".")) or "\\" in name or name.count("/") > 1
+
+
+def resolve_model(name: str) -> str:
+    """``smollm2`` -> the embedded model folder; an existing folder -> its absolute path; a hub id stays.
+
+    A path-like name that does not exist is refused here (transformers would call it a bad repo id)."""
+    if name == EMBEDDED_MODEL:
+        from harness_ext.data.models import smollm2_path
+
+        return str(smollm2_path())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise NeedlesError(f"model {name!r} is a file, not a model folder", fix=MODEL_FIX)
+        return str(path.resolve())
+    if looks_like_path(name):
+        raise NeedlesError(f"no such model folder: {name}", fix=MODEL_FIX + " (check the path)")
+    return name
+
+
+def model_max_length(config: Any) -> int | None:
+    """The context length a transformers config declares (None if it declares none)."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def linear_module_names(model: Any) -> set[str]:
+    """Short names of the linear layers LoRA can target (e.g. q_proj, down_proj)."""
+    import torch
+
+    names = set()
+    for full_name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv1d)) or type(module).__name__ == "Conv1D":
+            names.add(full_name.rsplit(".", 1)[-1])
+    return names
+
+
+def check_target_modules(model: Any, targets: list[str]) -> None:
+    """Refuse LoRA target names the model has no linear layer for."""
+    available = linear_module_names(model)
+    unknown = [t for t in targets if t not in available and t != "all-linear"]
+    if unknown:
+        raise NeedlesError(
+            f"unknown LoRA target module(s) {unknown} for {type(model).__name__}",
+            fix=f"use names among {sorted(available)} (or all-linear)",
+        )
+
+
+def load_base(cfg: Any) -> tuple[str, Any, Any]:
+    """(resolved model path, its config, its tokenizer); a model without chat template is refused."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from harness_ext.finetune.data import require_chat_template
+
+    base = resolve_model(cfg.model)
+    try:
+        model_config = AutoConfig.from_pretrained(base, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise NeedlesError(f"cannot load model {cfg.model!r}: {str(exc).splitlines()[0]}", fix=MODEL_FIX) from None
+    require_chat_template(tokenizer, cfg.model)
+    return base, model_config, tokenizer
+
+
+def merge_adapter(base: str, adapter: Path, target: Path, trust_remote_code: bool = False) -> Path:
+    """base + adapter -> one plain model folder. Done from the saved adapter on the main process, so
+    it works the same after FSDP / DeepSpeed training (sharded weights are never merged in place)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+    merged.save_pretrained(target)
+    AutoTokenizer.from_pretrained(adapter).save_pretrained(target)
+    return target

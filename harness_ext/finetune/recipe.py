@@ -1,0 +1,398 @@
+"""The finetuning recipe: synthetic KV data in, an adapter (or model) and its eval command out.
+
+One readable workflow in the torchtune-recipe style, a thin layer over transformers + peft +
+accelerate, as one class with three steps:
+
+    FinetuneRecipe(cfg).setup()   validate (before anything slow), claim the output folder, data
+                                  (generate, leakage check, chat format), model (+ LoRA), schedule,
+                                  optimizer, accelerate.prepare, --resume
+                       .train()   the optimisation loop, checkpoints every --save-every steps
+                       .save()    adapter / model (+ merged), manifest.json and the lm_eval command
+
+Distribution, mixed precision, gradient accumulation and checkpoint state are accelerate's
+(no home-made distribution code): ``accelerate launch --config_file examples/accelerate/fsdp.yaml
+-m harness_ext.finetune --config run.yaml`` runs the same code on many GPUs.
+
+Loss: token-level cross-entropy on the assistant answer only. Logits are computed only where
+the loss needs them (``logits_to_keep``): with left padding every answer ends at the last
+position, so a 256-token prompt with a 25-token answer projects 26 positions onto the
+vocabulary instead of 281.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from harness_ext.core.atomic_io import write_atomic, write_json_atomic
+from harness_ext.data.dataset_cache import file_sha256
+from harness_ext.finetune import rundir
+from harness_ext.finetune.config import FinetuneConfig, validate_hparams
+from harness_ext.finetune.data import (
+    check_lengths,
+    collate,
+    data_summary,
+    format_docs,
+    label_tokens,
+    loss_sum,
+    plan_batches,
+    prepare_docs,
+    train_spec,
+    write_docs,
+)
+from harness_ext.finetune.manifest import build_manifest, eval_max_model_len
+from harness_ext.finetune.modeling import (
+    check_target_modules,
+    load_base,
+    merge_adapter,
+    model_max_length,
+    resolve_model,
+)
+from harness_ext.plugin.runner import adapter_rank, vllm_eval_command
+
+
+class _Batches:
+    """A batch sampler over a precomputed list of micro-batches (all epochs, in order)."""
+
+    def __init__(self, plan: list[list[int]]):
+        self.plan = plan
+
+    def __iter__(self):
+        return iter(self.plan)
+
+    def __len__(self) -> int:
+        return len(self.plan)
+
+
+class FinetuneRecipe:
+    """One finetuning run: ``setup()``, ``train()``, ``save()`` (or ``run()`` for all three)."""
+
+    def __init__(self, cfg: FinetuneConfig, progress: bool = True):
+        self.cfg = cfg
+        self.progress = progress
+        self.out = Path(cfg.output_dir).expanduser().resolve()
+        self.history: list[dict] = []
+        self.start_step = 0
+        self._lock: rundir.OutputLock | None = None
+
+    def say(self, msg: str) -> None:
+        if self.accelerator.is_main_process:
+            print(f"[needles finetune] {msg}", file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Everything that can fail does so here, before the first optimizer step."""
+        cfg = self.cfg
+        validate_hparams(cfg)
+        train_spec(cfg.data)  # the data options and the model's name, before anything is loaded
+        resolve_model(cfg.model)
+        import torch
+        from accelerate import Accelerator
+
+        self.on_gpu = torch.cuda.is_available()
+        self.mixed = os.environ.get("ACCELERATE_MIXED_PRECISION") or (
+            "bf16" if self.on_gpu and torch.cuda.is_bf16_supported() else "no"
+        )
+        self.accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=self.mixed)
+        # every process checks the folder: a raise on one rank only would leave the others waiting
+        self._lock = rundir.OutputLock(self.out, self.accelerator.process_index).acquire()
+        rundir.check_output_dir(self.out, cfg.resume)
+        self._setup_data()
+        self._setup_model()
+        self._setup_optimisation()
+        self._resume()
+        a = self.accelerator
+        self.say(
+            f"{cfg.method} on {type(a.unwrap_model(self.model)).__name__} ({self.n_trainable:,} of "
+            f"{self.n_total:,} parameters trainable), {self.total_steps} steps x {self.micro_per_step} micro-batches "
+            f"of {cfg.batch_size}, batching={cfg.batching}, {'bf16' if self.mixed == 'bf16' else 'fp32'} on "
+            f"{a.device}, {a.num_processes} process(es)"
+        )
+
+    def _setup_data(self) -> None:
+        cfg = self.cfg
+        self.base, self.model_config, self.tokenizer = load_base(cfg)
+        t0 = time.perf_counter()
+        self.spec, self.tasks, self.docs, self.leak = prepare_docs(cfg, self.tokenizer, self.base)
+        self.examples = format_docs(self.tokenizer, self.docs, cfg.system_prompt)
+        self.seq_len = check_lengths(self.examples, model_max_length(self.model_config), cfg.max_length)
+        self.summary = data_summary(self.examples)
+        self.say(
+            f"data: {self.summary['examples']} examples, {self.summary['min_len']}-{self.seq_len} tokens, generated "
+            f"and checked against {self.leak.eval_docs} eval docs of {self.tasks} in "
+            f"{time.perf_counter() - t0:.1f}s (no overlap)"
+        )
+
+    def _setup_model(self) -> None:
+        import torch
+        from accelerate.utils import set_seed
+        from transformers import AutoModelForCausalLM
+
+        cfg = self.cfg
+        set_seed(cfg.seed)
+        lora_bf16 = self.on_gpu and cfg.method == "lora" and self.mixed == "bf16"
+        model = AutoModelForCausalLM.from_pretrained(
+            self.base,
+            dtype=torch.bfloat16 if lora_bf16 else torch.float32,
+            attn_implementation=cfg.attn_implementation,
+            trust_remote_code=cfg.trust_remote_code,
+        )
+        model.config.use_cache = False
+        if cfg.method == "lora":
+            from peft import LoraConfig, get_peft_model
+
+            check_target_modules(model, list(cfg.target_modules))
+            lora = LoraConfig(
+                r=int(cfg.lora_r),
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                target_modules=list(cfg.target_modules),
+                bias="none",
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, lora)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if cfg.method == "lora":
+                model.enable_input_require_grads()
+        self.n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        self.n_total = sum(p.numel() for p in model.parameters())
+        self.model = model
+
+    def _plan(self) -> list[list[int]]:
+        """Micro-batches for every epoch, planned up front (deterministic in the seed)."""
+        cfg = self.cfg
+        lengths = [len(e) for e in self.examples]
+        n_epochs = math.ceil(cfg.epochs) if cfg.max_steps is None else 10**6
+        per_epoch = len(plan_batches(lengths, cfg.batch_size, cfg.batching, cfg.seed, 0, cfg.pack_tokens))
+        self.micro_per_step = cfg.grad_accum * self.accelerator.num_processes
+        if cfg.max_steps is not None:
+            total_steps = cfg.max_steps
+        else:
+            total_steps = max(1, math.floor(cfg.epochs * per_epoch / self.micro_per_step))
+        plan: list[list[int]] = []
+        epoch = 0
+        while len(plan) < total_steps * self.micro_per_step and epoch < n_epochs:
+            plan += plan_batches(lengths, cfg.batch_size, cfg.batching, cfg.seed, epoch, cfg.pack_tokens)
+            epoch += 1
+        plan = plan[: total_steps * self.micro_per_step]
+        self.total_steps = len(plan) // self.micro_per_step
+        return plan
+
+    def _setup_optimisation(self) -> None:
+        import torch
+        from transformers import get_scheduler
+
+        cfg, accelerator, model = self.cfg, self.accelerator, self.model
+        plan = self._plan()
+        tok = self.tokenizer
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        loader = torch.utils.data.DataLoader(
+            self.examples, batch_sampler=_Batches(plan), collate_fn=lambda b: collate(b, cfg.batching, pad_id)
+        )
+        decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr())
+        # accelerate steps a prepared scheduler once per process per optimizer step: count in those units
+        processes = accelerator.num_processes
+        warmup = int(round(cfg.warmup_ratio * self.total_steps)) * processes
+        scheduler = get_scheduler(
+            cfg.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=self.total_steps * processes
+        )
+        ds_plugin = getattr(accelerator.state, "deepspeed_plugin", None)
+        if ds_plugin is not None:  # our batch sampler has no batch_size attribute for DeepSpeed's "auto"
+            ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
+        prepared = accelerator.prepare(model, optimizer, loader, scheduler)
+        self.model, self.optimizer, self.loader, self.scheduler = prepared
+        if cfg.method == "lora":
+            rundir.save_only_trainable(accelerator)
+
+    def _resume(self) -> None:
+        self.fingerprint = rundir.config_fingerprint(self.cfg)
+        if not self.cfg.resume:
+            return
+        path, state = rundir.latest_state(self.out, self.fingerprint)
+        self.accelerator.load_state(str(path), strict=False)  # LoRA checkpoints hold only the adapter
+        rundir.check_restored(path, self.model)
+        self.start_step, self.history = state["step"], state["history"]
+        self.say(f"resumed from {path} at step {self.start_step}/{self.total_steps}")
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> list[dict]:
+        """Optimizer steps from ``start_step`` to the end (or ``stop_after_steps``); returns the history."""
+        import torch
+        from tqdm.auto import tqdm
+
+        cfg, accelerator, model = self.cfg, self.accelerator, self.model
+        optimizer, scheduler = self.optimizer, self.scheduler
+        start_step, total_steps = self.start_step, self.total_steps
+        model.train()
+        loader = self.loader
+        it = iter(accelerator.skip_first_batches(loader, start_step * cfg.grad_accum) if start_step else loader)
+        bar = tqdm(
+            total=total_steps,
+            initial=start_step,
+            disable=not (self.progress and accelerator.is_main_process),
+            desc="finetune",
+            unit="step",
+            dynamic_ncols=True,
+            file=sys.stderr,
+        )
+        last_stop = cfg.stop_after_steps + start_step if cfg.stop_after_steps else total_steps
+        tokens_seen, t_start = 0, time.perf_counter()
+        for step in range(start_step + 1, min(total_steps, last_stop) + 1):
+            step_loss, step_tokens, step_labels = 0.0, 0, 0
+            for micro in range(cfg.grad_accum):
+                batch = next(it)
+                # Dropout masks come from (seed, micro-batch, rank) alone, so a resumed run repeats an
+                # uninterrupted one exactly (a DataLoader iterator draws from the global RNG when it
+                # starts, which happens at a different point after --resume).
+                micro_index = (step - 1) * cfg.grad_accum + micro
+                torch.manual_seed(cfg.seed * 1_000_003 + micro_index * 1_009 + accelerator.process_index)
+                with accelerator.accumulate(model):
+                    n_labels = max(label_tokens(batch), 1)
+                    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+                    keep = batch["logits_to_keep"]
+                    keep = keep.to(accelerator.device) if torch.is_tensor(keep) else keep
+                    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+                    loss = loss_sum(logits, batch) / n_labels
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                step_loss += float(loss.detach()) / cfg.grad_accum
+                mask = batch.get("attention_mask")
+                step_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+                step_labels += n_labels
+            tokens_seen += step_tokens
+            elapsed = time.perf_counter() - t_start
+            row = {
+                "step": step,
+                "loss": round(step_loss, 5),
+                "lr": scheduler.get_last_lr()[0],
+                "tokens": step_tokens,
+                "label_tokens": step_labels,
+                "elapsed_s": round(elapsed, 2),
+            }
+            self.history.append(row)
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                rate = f"{tokens_seen / max(elapsed, 1e-9):.0f}"
+                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=rate, lr=f"{row['lr']:.2e}")
+            periodic = cfg.save_every and step % cfg.save_every == 0
+            if (periodic or step == last_stop) and step < total_steps:
+                rundir.save_checkpoint(
+                    accelerator, self.out, step, self.history, self.fingerprint, cfg.keep_checkpoints
+                )
+        bar.close()
+        accelerator.wait_for_everyone()
+        return self.history
+
+    # ------------------------------------------------------------------ save
+    def manifest(self) -> dict:
+        """The run's manifest as it stands (stopped early or finished)."""
+        history = self.history
+        stopped = history[-1]["step"] < self.total_steps if history else self.start_step < self.total_steps
+        return build_manifest(
+            self.cfg,
+            self.base,
+            self.spec,
+            self.docs,
+            self.summary,
+            self.leak,
+            self.seq_len,
+            (self.n_trainable, self.n_total),
+            self.total_steps,
+            history,
+            stopped,
+        )
+
+    def save(self) -> dict:
+        """Adapter or full model (+ merged), training docs/log, eval commands and manifest; returns the manifest.
+
+        A session stopped early (``stop_after_steps``) saves nothing here: its checkpoint holds the state."""
+        cfg, accelerator = self.cfg, self.accelerator
+        manifest = self.manifest()
+        if manifest["training"]["stopped_early"]:
+            self.say(f"stopped after step {self.history[-1]['step']} of {self.total_steps}; continue with --resume")
+            return manifest
+        main, out = accelerator.is_main_process, self.out
+        state = accelerator.get_state_dict(self.model)  # gathers FSDP / ZeRO-3 shards
+        target = out / ("adapter" if cfg.method == "lora" else "model")
+        accelerator.unwrap_model(self.model).save_pretrained(
+            target, state_dict=state, is_main_process=main, save_function=accelerator.save
+        )
+        if main:
+            self.tokenizer.save_pretrained(target)
+            merged = None
+            if cfg.merge and cfg.method == "lora":
+                merged = merge_adapter(self.base, target, out / "merged", cfg.trust_remote_code)
+            write_docs(out / "train_docs.jsonl", self.docs)
+            self._record_outputs(manifest, target, merged)
+            write_json_atomic(out / "train_log.json", self.history)
+            write_json_atomic(out / rundir.MANIFEST, manifest)
+        accelerator.wait_for_everyone()
+        self.say(f"final loss {manifest['final_loss']:.4f}; outputs in {out}")
+        self.say("score it with:\n  " + manifest.get("eval_command", ""))
+        return manifest
+
+    def _record_outputs(self, manifest: dict, target: Path, merged: Path | None) -> None:
+        """Output files, hashes and the lm_eval commands that score them, into the manifest and eval_command.sh."""
+        cfg, out = self.cfg, self.out
+        max_len = eval_max_model_len(self.seq_len, self.leak.eval_max_tokens, model_max_length(self.model_config))
+        adapter = target if cfg.method == "lora" else None
+        full = target if cfg.method == "full" else None
+
+        def command(output: str, **kwargs: Any) -> list[str]:
+            return vllm_eval_command(
+                self.base,
+                self.tasks,
+                cfg.eval_metadata,
+                max_len,
+                output_path=out / output,
+                on_gpu=self.on_gpu,
+                **kwargs,
+            )
+
+        argv = command("eval", adapter=adapter, merged=full)
+        manifest["outputs"] = {
+            "dir": str(out),
+            "adapter": str(adapter) if adapter else None,
+            "model": str(full or merged) if (full or merged) else None,
+            "files": {
+                p.name: file_sha256(p) for p in sorted(target.iterdir()) if p.suffix in {".safetensors", ".json"}
+            },
+        }
+        if adapter:
+            manifest["outputs"]["lora_rank"] = adapter_rank(adapter)
+        manifest["eval_argv"] = argv
+        manifest["eval_command"] = shlex.join(argv)
+        lines = [manifest["eval_command"]]
+        if merged:
+            manifest["eval_command_merged"] = shlex.join(command("eval_merged", merged=merged))
+            lines.append("# or, the merged model:\n# " + manifest["eval_command_merged"])
+        write_atomic(out / "eval_command.sh", "#!/bin/sh\n" + "\n".join(lines) + "\n")
+
+    # ------------------------------------------------------------------ all three
+    def run(self) -> dict:
+        """setup -> train -> save; the output folder is released however it ends."""
+        try:
+            self.setup()
+            self.train()
+            return self.save()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+
+
+def finetune(cfg: FinetuneConfig, progress: bool = True) -> dict:
+    """Run the whole recipe; returns the manifest (also written to OUTPUT_DIR/manifest.json)."""
+    return FinetuneRecipe(cfg, progress).run()

@@ -1,0 +1,146 @@
+"""A run's output folder: one run at a time, no silent overwrite of a finished run, checkpoints for --resume.
+
+Exclusive use is an OS file lock (``fcntl.lockf``) on ``.needles-finetune.lock``: process N of
+a run locks byte N, so the ranks of one ``accelerate launch`` share the folder and a second run
+collides on every rank alike (no rank waits for another that already gave up). The lock goes
+away with the process, so a crashed run never leaves a stale lock behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from harness_ext.core.atomic_io import write_json_atomic
+from harness_ext.core.errors import NeedlesError
+
+MANIFEST = "manifest.json"
+LOCK_FILE = ".needles-finetune.lock"
+STATE_FILE = "needles_state.json"
+# options that may change between a run and its --resume (outputs and checkpointing only)
+RESUMABLE_OPTIONS = ("output_dir", "resume", "stop_after_steps", "save_every", "keep_checkpoints", "merge", "log_every")
+
+
+class OutputLock:
+    """Exclusive use of an output folder by one run (all of its processes)."""
+
+    def __init__(self, out: Path, rank: int = 0):
+        self.out, self.rank, self._file = Path(out), rank, None
+
+    def acquire(self) -> OutputLock:
+        try:
+            import fcntl
+        except ImportError:  # no POSIX locks (Windows): nothing to hold
+            return self
+        self.out.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.out / LOCK_FILE, "a+b")  # noqa: SIM115 - held until release()
+        try:
+            fcntl.lockf(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, self.rank)
+        except OSError:
+            self._file.close()
+            self._file = None
+            raise NeedlesError(
+                f"{self.out} is in use by another finetune run",
+                fix="wait until that run ends, or pass another --output-dir",
+            ) from None
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops the lock
+            self._file = None
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def list_checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints under OUT/checkpoints, oldest first."""
+    root = Path(out) / "checkpoints"
+    found = [p for p in root.glob("step-*") if (p / STATE_FILE).is_file()] if root.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def check_output_dir(out: Path, resume: bool) -> None:
+    """Refuse to start over a finished run or over another run's checkpoints (unless resuming)."""
+    if resume:
+        return
+    if (Path(out) / MANIFEST).is_file():
+        raise NeedlesError(
+            f"{out} already holds a finished run ({MANIFEST})",
+            fix="pass another --output-dir (or delete that folder to redo the run)",
+        )
+    if list_checkpoints(out):
+        raise NeedlesError(f"{out} already holds checkpoints of a run", fix="pass --resume or use a new --output-dir")
+
+
+def config_fingerprint(cfg: Any) -> str:
+    """What must not change between a run and its --resume (outputs/checkpoint knobs may)."""
+    d = dataclasses.asdict(cfg)
+    for key in RESUMABLE_OPTIONS:
+        d.pop(key)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def latest_state(out: Path, fingerprint: str) -> tuple[Path, dict]:
+    """The newest checkpoint and its state, refused when missing or written with another configuration."""
+    found = list_checkpoints(out)
+    if not found:
+        raise NeedlesError(
+            f"--resume: no checkpoint under {Path(out) / 'checkpoints'}",
+            fix="run without --resume (and with --save-every N) first",
+        )
+    state = json.loads((found[-1] / STATE_FILE).read_text())
+    if state["config_fingerprint"] != fingerprint:
+        raise NeedlesError(
+            f"--resume: {found[-1]} was written with another configuration",
+            fix="resume with the same options (only output/checkpoint options may change)",
+        )
+    return found[-1], state
+
+
+def save_checkpoint(accelerator: Any, out: Path, step: int, history: list[dict], fingerprint: str, keep: int) -> None:
+    """accelerate's full training state plus our step/history; only the newest ``keep`` are kept."""
+    path = Path(out) / "checkpoints" / f"step-{step}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        write_json_atomic(path / STATE_FILE, {"step": step, "history": history, "config_fingerprint": fingerprint})
+        for old in list_checkpoints(out)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def check_restored(path: Path, model: Any) -> None:
+    """strict=False must not hide a checkpoint that lacks trainable weights (plain, non-sharded saves)."""
+    weights = Path(path) / "model.safetensors"
+    if not weights.is_file():
+        return  # FSDP / DeepSpeed write their own (sharded) formats and load them strictly
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        saved = set(f.keys())
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and n not in saved]
+    if missing:
+        raise NeedlesError(
+            f"--resume: {path} lacks {len(missing)} trained tensors (e.g. {missing[0]})",
+            fix="resume from a checkpoint of the same run, or start again without --resume",
+        )
+
+
+def save_only_trainable(accelerator: Any) -> None:
+    """LoRA checkpoints keep only the adapter weights (the frozen base is not copied each time)."""
+
+    def pre_save(models: list, weights: list, output_dir: str) -> None:
+        for i, model in enumerate(models):
+            if i < len(weights):
+                keep = {n for n, p in model.named_parameters() if p.requires_grad}
+                weights[i] = {k: v for k, v in weights[i].items() if k in keep}
+
+    accelerator.register_save_state_pre_hook(pre_save)

@@ -1,0 +1,1 @@
+"""Retrieval heads: detection, probes, comparison between models, knockout."""

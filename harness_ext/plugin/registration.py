@@ -1,0 +1,136 @@
+"""What the plugin changes inside lm-eval, all idempotent.
+
+* ``TaskManager`` also indexes this plugin's task folder (precedence: lm-eval built-ins <
+  this plugin < the user's ``--include_path``), so plain ``lm_eval --tasks kv_retrieval`` works.
+* ``generate_until`` of the vLLM and HF backends refuses, before generating, any prompt of this
+  plugin's tasks that does not fit the model with ``max_gen_toks`` (lm-eval would silently
+  truncate it from the left, which destroys a long-context score).
+* A :class:`NeedlesError` reaching the top of a program prints as a message, not a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
+
+from harness_ext.core.errors import NeedlesError, debug, print_error
+
+_MARK = "_needles_patched"
+
+
+def tasks_dir() -> Path:
+    """The folder lm-eval scans for this plugin's task YAMLs."""
+    # Located, not imported: the library never imports the task folders (they import it).
+    spec = importlib.util.find_spec("kv_tasks")
+    if spec is None or not spec.submodule_search_locations:
+        raise NeedlesError(
+            "the kv_tasks package is not installed", fix="reinstall lm-eval-needles (bash scripts/setup.sh)"
+        )
+    return Path(next(iter(spec.submodule_search_locations))).resolve()
+
+
+@functools.lru_cache(maxsize=1)
+def plugin_task_names() -> frozenset[str]:
+    names = set()
+    for yml in tasks_dir().rglob("*.yaml"):
+        for line in yml.read_text(encoding="utf-8").splitlines():
+            m = re.match(r"^task:\s*([A-Za-z0-9_\-]+)\s*$", line)
+            if m:
+                names.add(m.group(1))
+    return frozenset(names)
+
+
+def _with_plugin_path(include_path):
+    ours = str(tasks_dir())
+    paths = (
+        []
+        if include_path is None
+        else list(include_path)
+        if isinstance(include_path, (list, tuple))
+        else [include_path]
+    )
+    if any(os.path.realpath(str(p)) == ours for p in paths):
+        return include_path
+    return [ours, *paths]
+
+
+def patch_task_manager(module) -> None:
+    cls = module.TaskManager
+    if getattr(cls, _MARK, False):
+        return
+    original = cls.__init__
+
+    @functools.wraps(original)
+    def __init__(self, verbosity=None, include_path=None, include_defaults=True, metadata=None):
+        original(self, verbosity, _with_plugin_path(include_path), include_defaults, metadata)
+        self.include_path = include_path  # report what the user passed, not our addition
+
+    cls.__init__ = __init__
+    setattr(cls, _MARK, True)
+    install_excepthook()
+
+
+# ------------------------------------------------------------------------------ length guard
+def check_prompt_lengths(lm, requests) -> None:
+    """Raise if a plugin task's prompt plus ``max_gen_toks`` exceeds the model's context."""
+    ours = plugin_task_names()
+    limit = int(lm.max_length)
+    worst: dict[str, tuple[int, int, int]] = {}  # task -> (count, longest prompt, gen tokens)
+    for req in requests:
+        task = getattr(req, "task_name", None)
+        if task not in ours:
+            continue
+        context, gen_kwargs = req.args[0], (req.args[1] if len(req.args) > 1 else {}) or {}
+        gen = int(gen_kwargs.get("max_gen_toks", getattr(lm, "max_gen_toks", 256)))
+        n = len(lm.tok_encode(context))
+        if n + gen > limit:
+            count, longest, _ = worst.get(task, (0, 0, gen))
+            worst[task] = (count + 1, max(longest, n), gen)
+    if worst:
+        lines = [
+            f"task {t}: {c} prompt(s) do not fit; longest {n} tokens + max_gen_toks {g} = {n + g} > model limit {limit}"
+            for t, (c, n, g) in sorted(worst.items())
+        ]
+        raise NeedlesError(
+            "prompts longer than the model's context (lm-eval would silently cut them from the left):\n  "
+            + "\n  ".join(lines),
+            fix="lower the target lengths (e.g. --metadata '{\"lengths\": [2048]}') or raise max_model_len / "
+            "max_length in --model_args if the model supports a longer context",
+        )
+
+
+def patch_generation(module) -> None:
+    for cls_name in ("VLLM", "HFLM"):
+        cls = getattr(module, cls_name, None)
+        if cls is None or getattr(cls.generate_until, _MARK, False):
+            continue
+        original = cls.generate_until
+
+        @functools.wraps(original)
+        def generate_until(self, requests, *args, _original=original, **kwargs):
+            check_prompt_lengths(self, requests)
+            return _original(self, requests, *args, **kwargs)
+
+        setattr(generate_until, _MARK, True)
+        cls.generate_until = generate_until
+    install_excepthook()
+
+
+# ------------------------------------------------------------------------------ errors
+def install_excepthook() -> None:
+    if getattr(sys.excepthook, _MARK, False):
+        return
+    previous = sys.excepthook
+
+    def hook(exc_type, exc, tb):
+        if isinstance(exc, NeedlesError) and not debug():
+            print_error(exc, leading_newline=True)
+            return
+        previous(exc_type, exc, tb)
+
+    setattr(hook, _MARK, True)
+    sys.excepthook = hook

@@ -1,0 +1,249 @@
+"""PNG plots from leaderboard rows: MDQA accuracy by gold position, KV length x depth heatmap, FLenQA by length.
+
+Each function returns PNG bytes, or None when the rows hold nothing to plot. Task and metric names come from
+harness_ext.tasklib.breakdowns.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+from collections.abc import Callable, Iterable
+
+from harness_ext.core.errors import NeedlesError
+from harness_ext.reporting.leaderboard_rows import Row
+from harness_ext.reporting.leaderboard_views import latest
+from harness_ext.tasklib import breakdowns as names
+
+_STYLE = {"dpi": 110}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError:
+        raise NeedlesError(
+            "plots need matplotlib, which is not installed", fix="pip install 'lm-eval-needles[plots]'"
+        ) from None
+
+    matplotlib.use("Agg")  # no display on CI or here
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _literal_text(fn: Callable[..., bytes | None]) -> Callable[..., bytes | None]:
+    """Draw every text of the plot literally: model and task names come from results files, and a name with two
+    ``$`` would otherwise be parsed as mathtext (and a malformed one would crash the plot)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: object, **kwargs: object) -> bytes | None:
+        try:
+            import matplotlib
+        except ImportError:  # the plot function reports it (or has nothing to plot)
+            return fn(*args, **kwargs)
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    # No "Software" text chunk: the same data gives the same bytes across matplotlib patch releases.
+    fig.savefig(buf, format="png", dpi=_STYLE["dpi"], bbox_inches="tight", metadata={"Software": None})
+    _pyplot().close(fig)
+    return buf.getvalue()
+
+
+def _label(row: Row) -> str:
+    return row["model"] + (f" + {row['adapter']}" if row["adapter"] else "")
+
+
+def _pick_filter(rows: list[Row], wanted: str | None) -> list[Row]:
+    """Keep one filter per plot: the requested one, else "none" when present, else the first seen."""
+    filters = sorted({r["filter"] for r in rows})
+    if not filters:
+        return rows
+    chosen = wanted if wanted is not None else ("none" if "none" in filters else filters[0])
+    return [r for r in rows if r["filter"] == chosen]
+
+
+Curve = dict[int, tuple[float, float | None]]  # x (position or length) -> (value, stderr)
+
+
+def mdqa_series(
+    rows: Iterable[Row], metric: str = names.MDQA_METRIC, filt: str | None = None
+) -> tuple[dict[tuple[str, str], Curve], dict[str, float], dict[str, float]]:
+    """(curves {(model, setting): {position: (value, stderr)}}, closed-book {model: value}, oracle {model: value}).
+
+    The setting keeps different document counts apart: ``mdqa20`` for the ``mdqa20_pos<P>`` subtasks, else the
+    task name (e.g. ``mdqa_sweep``, whose per-position scores are ``<metric>_pos<P>`` keys).
+    """
+    cells = _pick_filter([r for r in latest(rows) if r["metric"] == metric], filt)
+    curves: dict[tuple[str, str], dict[int, tuple[float, float | None]]] = {}
+    closed: dict[str, float] = {}
+    oracle: dict[str, float] = {}
+    for r in cells:
+        value = float(r["value"])
+        if r["task"] == names.MDQA_CLOSEDBOOK and not r["position"]:
+            closed[_label(r)] = value
+        elif r["task"] == names.MDQA_ORACLE and not r["position"]:
+            oracle[_label(r)] = value
+        elif r["task"].startswith("mdqa") and r["position_kind"] == "doc" and not r["length"]:
+            m = names.MDQA_POSITION_TASK.match(r["task"])
+            setting = f"mdqa{m.group(1)}" if m else r["task"]
+            stderr = float(r["stderr"]) if r["stderr"] else None
+            curves.setdefault((_label(r), setting), {})[int(r["position"])] = (value, stderr)
+    return curves, closed, oracle
+
+
+@_literal_text
+def mdqa_plot(
+    rows: Iterable[Row], metric: str = names.MDQA_METRIC, filt: str | None = None, oracle: bool = False
+) -> bytes | None:
+    """One line per model (and setting); closed-book accuracy as a dashed line in the model's colour."""
+    from matplotlib.lines import Line2D
+
+    curves, closed, oracles = mdqa_series(rows, metric, filt)
+    if not curves:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.2), layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "-.", (0, (5, 1)), (0, (3, 1, 1, 1, 1, 1))]  # one per setting, when several are plotted
+    settings = sorted({s for _, s in curves})
+    models = sorted({m for m, _ in curves})
+    positions = sorted({p for c in curves.values() for p in c})
+    handles = []
+    for (model, setting), points in sorted(curves.items()):
+        color = colors[models.index(model) % len(colors)]
+        xs = sorted(points)
+        ax.errorbar(xs, [points[x][0] for x in xs], yerr=[points[x][1] or 0.0 for x in xs], marker="o", color=color,
+                    capsize=3, linestyle=styles[settings.index(setting) % len(styles)])  # fmt: skip
+        label = model if len(settings) == 1 else f"{model} ({setting})"
+        handles.append(Line2D([], [], color=color, marker="o", label=label))
+    for model in models:
+        color = colors[models.index(model) % len(colors)]
+        if model in closed:
+            ax.axhline(closed[model], color=color, linestyle="--", linewidth=1)
+        if oracle and model in oracles:
+            ax.axhline(oracles[model], color=color, linestyle=":", linewidth=1)
+    if any(m in closed for m in models):
+        handles.append(Line2D([], [], color="gray", linestyle="--", label="closed-book (same colour)"))
+    if oracle and any(m in oracles for m in models):
+        handles.append(Line2D([], [], color="gray", linestyle=":", label="oracle (same colour)"))
+    ax.set_xticks(positions)
+    ax.set_xlabel("Position of the document with the answer")
+    ax.set_ylabel(f"Accuracy ({metric})")
+    ax.set_title("MDQA: accuracy by gold document position")
+    ax.grid(alpha=0.3)
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _png(fig)
+
+
+def kv_cells(
+    rows: Iterable[Row], metric: str = names.KV_METRIC, filt: str | None = None
+) -> dict[tuple[str, str], dict[tuple[int, float], float]]:
+    """{(model label, task): {(length, depth): value}} for KV tasks."""
+    cells = _pick_filter([r for r in latest(rows) if r["metric"] == metric and names.KV_TASK.match(r["task"])], filt)
+    grids: dict[tuple[str, str], dict[tuple[int, float], float]] = {}
+    for r in cells:
+        if r["length"] and r["position_kind"] == "depth":
+            grids.setdefault((_label(r), r["task"]), {})[(int(r["length"]), float(r["position"]))] = float(r["value"])
+    return grids
+
+
+@_literal_text
+def kv_heatmap(rows: Iterable[Row], metric: str = names.KV_METRIC, filt: str | None = None) -> bytes | None:
+    grids = kv_cells(rows, metric, filt)
+    if not grids:
+        return None
+    plt = _pyplot()
+    n = len(grids)
+    cols = min(n, 3)
+    nrows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols + 1, 3.4 * nrows), squeeze=False, layout="constrained")
+    image = None
+    for i_ax, (ax, ((label, task), grid)) in enumerate(zip(axes.flat, sorted(grids.items()), strict=False)):
+        lengths = sorted({k[0] for k in grid})
+        depths = sorted({k[1] for k in grid})
+        matrix = [[grid.get((length, d), float("nan")) for d in depths] for length in lengths]
+        image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto", origin="lower")
+        for i, row in enumerate(matrix):
+            for j, v in enumerate(row):
+                if v == v:  # not NaN
+                    ax.text(
+                        j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="white" if v < 0.6 else "black"
+                    )
+        ax.set_xticks(range(len(depths)), [names.format_depth(d) for d in depths])
+        ax.set_yticks(range(len(lengths)), [str(x) for x in lengths])
+        ax.set_xlabel("Gold depth (0 = start, 1 = end)")
+        if i_ax % cols == 0:
+            ax.set_ylabel("Prompt length (tokens)")
+        ax.set_title(f"{label}\n{task}", fontsize=9)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    fig.colorbar(image, ax=axes.ravel().tolist(), label=f"Accuracy ({metric})")
+    return _png(fig)
+
+
+def flenqa_series(
+    rows: Iterable[Row], metric: str = names.FLENQA_METRIC, filt: str | None = None
+) -> dict[tuple[str, str], Curve]:
+    """{(model label, task): {ctx size: (value, stderr)}} from FLenQA length breakdowns (all dispersions)."""
+    cells = _pick_filter(
+        [r for r in latest(rows) if r["metric"] == metric and names.FLENQA_TASK.match(r["task"])], filt
+    )
+    series: dict[tuple[str, str], dict[int, tuple[float, float | None]]] = {}
+    for r in cells:
+        if r["length"] and not r["position"]:
+            stderr = float(r["stderr"]) if r["stderr"] else None
+            series.setdefault((_label(r), r["task"]), {})[int(r["length"])] = (float(r["value"]), stderr)
+    return series
+
+
+@_literal_text
+def flenqa_plot(rows: Iterable[Row], metric: str = names.FLENQA_METRIC, filt: str | None = None) -> bytes | None:
+    series = flenqa_series(rows, metric, filt)
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.2), layout="constrained")
+    sizes = sorted({s for points in series.values() for s in points})
+    for (label, task), points in sorted(series.items()):
+        xs = sorted(points)
+        ax.errorbar(
+            xs,
+            [points[x][0] for x in xs],
+            yerr=[points[x][1] or 0.0 for x in xs],
+            marker="o",
+            capsize=3,
+            label=f"{label}: {task}",
+        )
+    ax.set_xticks(sizes)
+    ax.set_xlabel("Input length (tokens)")
+    ax.set_ylabel(f"Accuracy ({metric})")
+    ax.set_title("FLenQA: accuracy by input length")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _png(fig)
+
+
+PLOTS = {"mdqa": mdqa_plot, "kv": kv_heatmap, "flenqa": flenqa_plot}
+
+
+def available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def all_plots(rows: list[Row]) -> dict[str, bytes]:
+    """Every plot the rows support, by file stem (for the HTML page and ``--plots-dir``)."""
+    out: dict[str, bytes] = {}
+    for name, fn in PLOTS.items():
+        png = fn(rows)
+        if png is not None:
+            out[name] = png
+    return out

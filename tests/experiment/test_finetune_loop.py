@@ -1,0 +1,48 @@
+"""The issue's acceptance test: LoRA finetuning raises SmolLM2's kv_retrieval accuracy, significantly.
+
+Real everything: `lm_eval --model vllm` scores the base model and the adapter (lora_local_path,
+max_lora_rank from the adapter) on the same held-out documents, peft trains on CPU in between,
+and an exact one-sided McNemar test on the paired outcomes must reject "no improvement".
+
+The loop itself runs once per session in the `finetuned_smollm2` fixture (tests/conftest.py), whose
+adapter the retrieval-head tests analyse too. Budget (2 cores): ~5 min of training + 2 evaluations
+of ~1 min.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import pytest
+
+from harness_ext.experiment.loop import DEFAULT_TRAINING, mcnemar_exact
+
+
+def test_mcnemar_exact_matches_the_binomial_tail():
+    assert mcnemar_exact(0, 0)["p_greater"] == 1.0
+    assert mcnemar_exact(0, 5)["p_greater"] == pytest.approx(1 / 32)
+    assert mcnemar_exact(2, 8)["p_greater"] == pytest.approx(56 / 1024)  # P(X >= 8 | n=10)
+    assert mcnemar_exact(8, 2)["p_greater"] == pytest.approx(1 - 11 / 1024)
+    assert mcnemar_exact(2, 8)["p_two_sided"] == pytest.approx(2 * 56 / 1024)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_lora_finetuning_significantly_improves_kv_retrieval(finetuned_smollm2):
+    result, out = finetuned_smollm2, finetuned_smollm2["output_dir"]
+    comparison = result["comparison"]
+    assert comparison["n"] == result["eval_metadata"]["num_samples"]  # every held-out document scored by both
+    value = comparison["metrics"]["value_acc"]
+    assert value["finetuned"] > value["base"]
+    assert result["significant"] and comparison["p_value"] < 0.05, result["table"]
+    # the adapter run used the manifest's command: vLLM + lora_local_path + max_lora_rank from the adapter
+    manifest = json.loads((out / "finetune" / "manifest.json").read_text())
+    argv = shlex.split(result["commands"]["finetuned"])
+    model_args = dict(kv.split("=", 1) for kv in argv[argv.index("--model_args") + 1].split(","))
+    assert model_args["lora_local_path"] == manifest["outputs"]["adapter"]
+    assert int(model_args["max_lora_rank"]) >= manifest["outputs"]["lora_rank"] == DEFAULT_TRAINING["lora_r"]
+    assert "lora_local_path" not in result["commands"]["base"]
+    # training documents never overlap the scored ones
+    assert manifest["leakage_check"]["overlap"] == 0 and manifest["leakage_check"]["eval_docs"] == comparison["n"]
+    print(result["table"], json.dumps(result["timings"]), sep="\n")
