@@ -108,30 +108,52 @@ def smollm2_vllm_suite(lm_eval_run, smollm2_dir, shared_data, tmp_path_factory) 
 
 
 @pytest.fixture(scope="session")
-def finetuned_smollm2(smollm2_dir, tmp_path_factory) -> dict:
-    """The finetuning issue's loop, run once per session: score SmolLM2, LoRA-finetune it on synthetic KV,
-    score the adapter (real lm_eval + vLLM + peft). The loop test asserts on it; the retrieval-head tests
-    analyse its adapter. Returns run_loop's result plus "output_dir".
+def finetuned_smollm2(smollm2_dir, shared_data, tmp_path_factory) -> dict:
+    """`needles experiment`, run once per session on real lm_eval + vLLM + peft: score SmolLM2 on a two-task
+    suite (held-out synthetic KV as the target, real closed-book NQ-Open questions as a guard), LoRA-finetune
+    it on synthetic KV, score the adapter. The experiment and loop tests assert on it; the retrieval-head tests
+    analyse its adapter. Returns the loop report of its KV task plus "output_dir", "experiment" (the verdict)
+    and "exit_code" (what `needles experiment` returned).
 
     CI budget: 240 training documents (60 LoRA steps; the demo uses 320 / 80 steps, measured at value_acc
     0.12 -> 0.94) and 40 held-out documents (the demo: 100). A 60-step run measured 0.10 -> 0.87 on 60
     documents. Override with NEEDLES_LOOP_SAMPLES / NEEDLES_LOOP_EPOCHS / NEEDLES_LOOP_EVAL_SAMPLES.
     """
-    from harness_ext.experiment.loop import DEFAULT_EVAL_METADATA, DEFAULT_TRAINING, run_loop
+    import yaml
 
-    overrides: dict = {
-        "data": dict(DEFAULT_TRAINING["data"], num_samples=int(os.environ.get("NEEDLES_LOOP_SAMPLES", 240)))
-    }
+    from harness_ext.cli import main
+    from harness_ext.experiment.loop import DEFAULT_EVAL_METADATA, DEFAULT_TRAINING, loop_report
+
+    data = dict(DEFAULT_TRAINING["data"], num_samples=int(os.environ.get("NEEDLES_LOOP_SAMPLES", 240)))
+    finetune = {"recipe": "smollm2_kv_lora.yaml", "data": data}
     if os.environ.get("NEEDLES_LOOP_EPOCHS"):
-        overrides["epochs"] = float(os.environ["NEEDLES_LOOP_EPOCHS"])
+        finetune["epochs"] = float(os.environ["NEEDLES_LOOP_EPOCHS"])
     eval_metadata = dict(DEFAULT_EVAL_METADATA, num_samples=int(os.environ.get("NEEDLES_LOOP_EVAL_SAMPLES", 40)))
-    out = tmp_path_factory.mktemp("loop")
-    result = run_loop(model=str(smollm2_dir), output_dir=out, eval_metadata=eval_metadata, overrides=overrides)
-    return {**result, "output_dir": out, "eval_metadata": eval_metadata}
+    config = {
+        "name": "ci",
+        "model": str(smollm2_dir),
+        "finetune": finetune,
+        "metadata": {
+            **eval_metadata,
+            "mdqa_mirror": str(shared_data / "lost-in-the-middle"),  # the real oracle file: official data
+            "mdqa_num_questions": 40,
+        },
+        "suite": [
+            {"task": "kv_retrieval_simple", "role": "target", "metric": "value_acc"},
+            {"task": "mdqa_closedbook", "role": "guard", "metric": "best_subspan_em", "margin": 0.1},
+        ],
+    }
+    root = tmp_path_factory.mktemp("experiment")
+    (root / "ci.yaml").write_text(yaml.safe_dump(config))
+    out = root / "out"
+    code = main(["experiment", str(root / "ci.yaml"), "-o", str(out)])
+    result = loop_report(out, "kv_retrieval_simple", eval_metadata)
+    experiment = json.loads((out / "comparison.json").read_text())
+    return {**result, "output_dir": out, "eval_metadata": eval_metadata, "experiment": experiment, "exit_code": code}
 
 
-# Session fixtures that start vLLM or train a model: any test using one is "heavy" (left out of `make test-fast`).
-HEAVY_FIXTURES = {"smollm2_vllm_suite", "finetuned_smollm2"}
+# Fixtures that run a model (vLLM, lm_eval on any backend) or train one: a test using one is "heavy" (not in `make test-fast`).
+HEAVY_FIXTURES = {"smollm2_vllm_suite", "finetuned_smollm2", "lm_eval_run"}
 
 
 def pytest_collection_modifyitems(config, items):

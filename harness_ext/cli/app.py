@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "harness_ext.cli.data",
     "harness_ext.cli.finetune",
     "harness_ext.cli.heads",
+    "harness_ext.cli.experiment",
 ]
 
 
@@ -30,6 +31,7 @@ regression gate and retrieval-head analysis. Tasks run through plain `lm_eval --
 Start here:
   needles demo                                   score SmolLM2 on synthetic KV, LoRA-finetune it, score again
   needles finetune --model MODEL --output-dir D  LoRA on synthetic KV data (prints the lm_eval command to score it)
+  needles experiment CONFIG.yaml                 base -> finetune -> finetuned on a suite: transfer + no-regression verdict
   needles gate --baseline A --candidate B        paired regression test between two lm_eval runs (exit 0/1/2)
 """
 

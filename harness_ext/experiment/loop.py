@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import glob
 import json
-import shlex
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -131,74 +129,52 @@ def run_loop(
     alpha: float = 0.05,
     log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Score base -> LoRA-finetune -> score adapter -> paired comparison. Returns a result dict.
+    """Score base -> LoRA-finetune -> score adapter -> paired comparison: ``needles experiment`` with a one-task
+    suite (same steps, same resumable folders), reported per KV metric. Returns a result dict.
 
     ``overrides``: FinetuneConfig fields over DEFAULT_TRAINING (and over ``config``, a YAML file),
     e.g. ``{"data": {"num_samples": 200}, "max_steps": 40}`` for a smaller training budget.
     Writes OUTPUT_DIR/{eval_base,finetune,eval_finetuned}/ and OUTPUT_DIR/comparison.{json,md}.
     """
-    from harness_ext.finetune.config import load_config, validate_hparams
-    from harness_ext.finetune.data import check_lengths, format_docs, prepare_docs
-    from harness_ext.finetune.manifest import eval_max_model_len
-    from harness_ext.finetune.modeling import load_base, model_max_length
-    from harness_ext.finetune.recipe import finetune
-    from harness_ext.finetune.rundir import check_output_dir
-    from harness_ext.plugin.runner import load_results, run_lm_eval, vllm_eval_command
+    from harness_ext.experiment.config import ExperimentConfig, SuiteTask
+    from harness_ext.experiment.run import run_experiment
 
-    log = log or (lambda msg: print(f"[needles loop] {msg}", file=sys.stderr, flush=True))
     out = Path(output_dir).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
     eval_metadata = dict(DEFAULT_EVAL_METADATA if eval_metadata is None else eval_metadata)
-    values = {**DEFAULT_TRAINING, **(overrides or {})}
-    values["data"] = {**DEFAULT_TRAINING["data"], **((overrides or {}).get("data") or {})}
     if config:
-        values = {**(overrides or {})}
-    values |= {
-        "model": model,
-        "output_dir": str(out / "finetune"),
-        "eval_tasks": [task],
-        "eval_metadata": eval_metadata,
-    }
-    cfg = load_config(config, values)
-    timings: dict[str, float] = {}
-
-    # 0. validate everything and build the data once before any slow step (fail fast)
-    validate_hparams(cfg)
-    check_output_dir(Path(cfg.output_dir), cfg.resume)  # before the base model is scored, not after
-    base_path, model_config, tokenizer = load_base(cfg)
-    _spec, _tasks, docs, leak = prepare_docs(cfg, tokenizer, base_path)
-    seq_len = check_lengths(
-        format_docs(tokenizer, docs, cfg.system_prompt), model_max_length(model_config), cfg.max_length
+        values = {**(overrides or {}), "recipe": str(config)}
+    else:
+        values = {**DEFAULT_TRAINING, **(overrides or {})}
+        values["data"] = {**DEFAULT_TRAINING["data"], **((overrides or {}).get("data") or {})}
+    for key in ("model", "output_dir", "eval_tasks", "eval_metadata"):
+        values.pop(key, None)
+    experiment = ExperimentConfig(
+        name="loop",
+        model=model,
+        suite=[SuiteTask(task=task, role="target", metric=metric)],
+        finetune=values,
+        metadata=eval_metadata,
+        alpha=alpha,
     )
-    max_len = eval_max_model_len(seq_len, leak.eval_max_tokens, model_max_length(model_config))
-
-    results: dict[str, dict] = {}
-
-    def score(name: str, argv: list[str]) -> None:
-        t = time.perf_counter()
-        run_dir = out / f"eval_{name}"
-        args = _strip_output(argv[2:])
-        path = run_lm_eval(args, run_dir, log_file=out / f"eval_{name}.log")
-        results[name] = {
-            "results": load_results(path)["results"][task],
-            "samples": load_samples(run_dir, task),
-            "command": shlex.join(["lm_eval", "run", *args, "--output_path", str(run_dir)]),
-        }
-        timings[f"eval_{name}_s"] = round(time.perf_counter() - t, 1)
-
-    log("1/3 scoring the base model with lm_eval --model vllm")
-    score("base", vllm_eval_command(base_path, [task], eval_metadata, max_len))
-    log("2/3 finetuning (LoRA)")
-    t = time.perf_counter()
-    manifest = finetune(cfg)
-    timings["finetune_s"] = round(time.perf_counter() - t, 1)
-    log("3/3 scoring the finetuned model with the manifest's lm_eval command")
-    score("finetuned", manifest["eval_argv"])
-
-    comparison = compare(
-        results["base"]["samples"], results["finetuned"]["samples"], ["value_acc", "dict_acc", "both_acc"], metric
+    run_experiment(
+        experiment, out, log=log or (lambda msg: print(f"[needles loop] {msg}", file=sys.stderr, flush=True))
     )
+    return loop_report(out, task, eval_metadata, metric, alpha)
+
+
+def loop_report(out: Path, task: str, eval_metadata: dict, metric: str = "value_acc", alpha: float = 0.05) -> dict:
+    """The loop's per-metric report (value/dict/both accuracy, exact McNemar each) of a finished experiment folder."""
+    out = Path(out)
+    plan = {s["name"]: s for s in json.loads((out / "plan.json").read_text(encoding="utf-8"))["steps"]}
+    manifest = json.loads((out / "finetune" / "manifest.json").read_text(encoding="utf-8"))
+    base_rows, new_rows = load_samples(out / "eval_base", task), load_samples(out / "eval_finetuned", task)
+    metrics = [m for m in ("value_acc", "dict_acc", "both_acc") if m in base_rows[0]] or [metric]
+    comparison = compare(base_rows, new_rows, metrics, metric)
     table = format_table(comparison, "base", alpha)
+    timings = {}
+    for name in ("eval_base", "finetune", "eval_finetuned"):
+        marker = json.loads((out / "steps" / f"{name}.json").read_text(encoding="utf-8"))
+        timings[f"{name}_s"] = marker["seconds"]
     result = {
         "task": task,
         "eval_metadata": eval_metadata,
@@ -209,25 +185,11 @@ def run_loop(
         "comparison": comparison,
         "significant": comparison["p_value"] < alpha,
         "alpha": alpha,
-        "commands": {"base": results["base"]["command"], "finetuned": results["finetuned"]["command"]},
+        "commands": {"base": plan["eval_base"]["command"], "finetuned": plan["eval_finetuned"]["command"]},
         "timings": timings,
         "table": table,
     }
-    write_json_atomic(out / "comparison.json", result)
-    write_atomic(out / "comparison.md", table + "\n")
+    write_json_atomic(out / "loop.json", result)
+    write_atomic(out / "loop.md", table + "\n")
     print(table)
     return result
-
-
-def _strip_output(args: list[str]) -> list[str]:
-    """Drop --output_path VALUE (the loop chooses its own folders)."""
-    out, skip = [], False
-    for a in args:
-        if skip:
-            skip = False
-            continue
-        if a == "--output_path":
-            skip = True
-            continue
-        out.append(a)
-    return out

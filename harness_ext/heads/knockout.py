@@ -156,7 +156,7 @@ def _se(x: np.ndarray) -> float:
     return float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
-def _ci95(diff: np.ndarray, seed: int) -> list[float]:
+def paired_ci95(diff: np.ndarray, seed: int) -> list[float]:
     """Two-sided 95% percentile bootstrap interval of the mean paired difference (resampling items)."""
     lo, hi = paired_bootstrap(diff, alpha=0.025, seed=seed).ci
     return [rounded(lo), rounded(hi)]
@@ -216,7 +216,7 @@ def run_knockouts(
                 "draw_sd": rounded(np.std(draw_means, ddof=1)) if n_draws > 1 else None,
                 "delta": rounded(diff.mean()),
                 "delta_stderr": rounded(_se(diff)),
-                "delta_ci95": _ci95(diff, seed),
+                "delta_ci95": paired_ci95(diff, seed),
                 "runs": [{k: v for k, v in r.items() if k != "per_doc"} for r in runs],
             }
         )
@@ -247,7 +247,7 @@ def _top_vs_random(per_doc: dict[str, np.ndarray], specs: Sequence[Knockout], se
                 "k": k,
                 "delta_top_minus_random": rounded(diff.mean()),
                 "stderr": rounded(_se(diff)),
-                "ci95": _ci95(diff, seed),
+                "ci95": paired_ci95(diff, seed),
             }
         )
     return out

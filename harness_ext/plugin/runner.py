@@ -93,13 +93,16 @@ def vllm_eval_command(
     merged: Path | None = None,
     output_path: Path | None = None,
     on_gpu: bool = False,
+    lora_rank: int | None = None,
 ) -> list[str]:
     """The lm_eval argv that scores a model with vLLM: ``base``, a peft adapter on it (lora_local_path,
-    max_lora_rank read from the adapter), or a ``merged`` / fully finetuned model folder."""
+    max_lora_rank read from the adapter, or from ``lora_rank`` for an adapter still to be trained), or a
+    ``merged`` / fully finetuned model folder."""
     pretrained = str(merged) if merged else base
     extra = ""
     if adapter is not None and merged is None:
-        extra = f"lora_local_path={adapter},max_lora_rank={vllm_lora_rank(adapter_rank(adapter))}"
+        rank = lora_rank if lora_rank is not None else adapter_rank(adapter)
+        extra = f"lora_local_path={adapter},max_lora_rank={vllm_lora_rank(rank)}"
     if on_gpu:
         args = f"pretrained={pretrained},max_model_len={max_model_len}" + (f",{extra}" if extra else "")
     else:

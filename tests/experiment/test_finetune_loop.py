@@ -46,3 +46,38 @@ def test_lora_finetuning_significantly_improves_kv_retrieval(finetuned_smollm2):
     # training documents never overlap the scored ones
     assert manifest["leakage_check"]["overlap"] == 0 and manifest["leakage_check"]["eval_docs"] == comparison["n"]
     print(result["table"], json.dumps(result["timings"]), sep="\n")
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_experiment_verdict_on_the_real_runs(finetuned_smollm2, capsys):
+    """`needles experiment` end to end (the session's fixture): the verdict follows from the tests, the exit code
+    from the verdict, and a rerun into the same folder redoes nothing."""
+    from harness_ext.cli import main
+
+    exp, out = finetuned_smollm2["experiment"], finetuned_smollm2["output_dir"]
+    kv, guard = exp["tasks"]
+    assert (kv["task"], kv["role"], guard["task"], guard["role"]) == (
+        "kv_retrieval_simple",
+        "target",
+        "mdqa_closedbook",
+        "guard",
+    )
+    assert kv["n"] == finetuned_smollm2["eval_metadata"]["num_samples"] and guard["n"] == 40
+    # the experiment's target test is the loop's McNemar on the same pairs
+    assert kv["p"] == pytest.approx(finetuned_smollm2["comparison"]["metrics"]["value_acc"]["p_greater"])
+    assert kv["verdict"] == "improved" and kv["ci"][0] > 0
+    for row in exp["tasks"]:
+        assert row["p_holm"] >= row["p"] and row["pass"] == (row["p_holm"] < exp["alpha"])
+        assert row["ci"][0] <= row["delta"] <= row["ci"][1]
+    assert exp["claim_holds"] == all(r["pass"] for r in exp["tasks"])
+    assert finetuned_smollm2["exit_code"] == (0 if exp["claim_holds"] else 1)
+    # outputs: comparison, leaderboard rows of both runs, the plan with every step's command
+    assert (out / "comparison.md").read_text().startswith("# Experiment ci: ")
+    board = (out / "leaderboard.csv").read_text()
+    assert "ci-finetuned" in board and "mdqa_closedbook" in board
+    # resumable: every step has its marker, so a rerun skips all five and gives the same verdict
+    capsys.readouterr()
+    code = main(["experiment", str(out.parent / "ci.yaml"), "-o", str(out)])
+    assert code == finetuned_smollm2["exit_code"]
+    assert capsys.readouterr().err.count("done before, skipped") == 5

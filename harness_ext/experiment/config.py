@@ -1,0 +1,139 @@
+"""The experiment config: a base model, its training (what ``needles finetune`` takes), and an evaluation
+suite of lm-eval tasks, each a ``target`` (must improve) or a ``guard`` (must not drop by more than its margin).
+
+YAML::
+
+    name: smollm2_cpu
+    model: smollm2
+    alpha: 0.05
+    max_model_len: 4096
+    finetune: {recipe: smollm2_kv_lora.yaml, data: {num_samples: 320}}   # FinetuneConfig keys
+    metadata: {lengths: [256], niah_lengths: [512]}                      # one --metadata for the suite
+    suite:
+      - {task: kv_retrieval_simple, role: target, metric: value_acc}
+      - {task: mdqa_closedbook, role: guard, metric: best_subspan_em, margin: 0.05}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from harness_ext.core.errors import NeedlesError
+
+ROLES = ("target", "guard")
+
+
+@dataclass(frozen=True)
+class SuiteTask:
+    """One entry of the suite: an lm-eval task or group, scored on one per-sample metric."""
+
+    task: str
+    role: str
+    metric: str
+    margin: float = 0.0  # guards: the largest drop tolerated, in the metric's units (0.01 = 1 point of accuracy)
+    filter: str = "none"  # lm-eval filter whose per-sample values are compared
+    label: str = ""  # how tables name it (default: the task)
+
+    @property
+    def name(self) -> str:
+        return self.label or self.task
+
+
+@dataclass
+class ExperimentConfig:
+    name: str
+    model: str
+    suite: list[SuiteTask]
+    finetune: dict = field(default_factory=dict)  # FinetuneConfig values; "recipe" names a packaged/YAML base
+    metadata: dict = field(default_factory=dict)
+    alpha: float = 0.05
+    max_model_len: int = 4096
+    bootstrap_iters: int = 10000
+    seed: int = 0
+    gen_kwargs: str | None = None  # lm_eval --gen_kwargs for both evaluations
+    limit: int | None = None  # lm_eval --limit (a smoke run; the comparison is then on fewer documents)
+    on_gpu: bool = False  # vLLM's GPU defaults instead of the CPU engine options
+    reference: str | None = None  # a CSV of published numbers shown beside ours (leaderboards/...)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(dict.fromkeys(t.task for t in self.suite))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _fail(path: str, problem: str, fix: str) -> NeedlesError:
+    return NeedlesError(f"experiment config {path}: {problem}", fix=fix)
+
+
+def _suite_entry(path: str, i: int, raw: object) -> SuiteTask:
+    where = f"suite[{i}]"
+    if not isinstance(raw, dict):
+        raise _fail(path, f"{where} is not a mapping", "write `- {task: NAME, role: target, metric: METRIC}`")
+    known = {f.name for f in dataclasses.fields(SuiteTask)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise _fail(path, f"{where} has unknown key(s) {unknown}", f"use keys among {sorted(known)}")
+    for key in ("task", "role", "metric"):
+        if not isinstance(raw.get(key), str) or not raw.get(key):
+            raise _fail(
+                path, f"{where} needs a {key}", "e.g. {task: kv_retrieval_simple, role: target, metric: value_acc}"
+            )
+    if raw["role"] not in ROLES:
+        raise _fail(
+            path, f"{where} role {raw['role']!r} is neither target nor guard", "use role: target or role: guard"
+        )
+    margin = raw.get("margin", 0.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
+        raise _fail(path, f"{where} margin {margin!r} is not a number >= 0", "e.g. margin: 0.01 (one point)")
+    if raw["role"] == "target" and margin:
+        raise _fail(path, f"{where} is a target with a margin", "margins belong to guards; drop it")
+    return SuiteTask(**{**raw, "margin": float(margin)})
+
+
+def experiment_from_dict(values: dict, path: str = "<dict>") -> ExperimentConfig:
+    """A validated config; every problem names the key and the fix."""
+    if not isinstance(values, dict):
+        raise _fail(path, "is not a mapping", "write `key: value` lines (see examples/experiments/)")
+    known = {f.name for f in dataclasses.fields(ExperimentConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise _fail(path, f"unknown key(s) {unknown}", f"use keys among {sorted(known)}")
+    for key in ("name", "model"):
+        if not isinstance(values.get(key), str) or not values.get(key):
+            raise _fail(path, f"needs a {key}", f"add `{key}: ...`")
+    suite = values.get("suite")
+    if not isinstance(suite, list) or not suite:
+        raise _fail(path, "needs a non-empty suite", "add `suite:` with one `- {task, role, metric}` per task")
+    entries = [_suite_entry(path, i, raw) for i, raw in enumerate(suite)]
+    if not any(e.role == "target" for e in entries):
+        raise _fail(path, "has no target task", "mark at least one suite task `role: target`")
+    names = [e.name for e in entries]
+    if len(set(names)) != len(names):
+        raise _fail(path, f"suite names repeat: {names}", "give repeated tasks a distinct `label`")
+    alpha = values.get("alpha", 0.05)
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 0.5:
+        raise _fail(path, f"alpha {alpha!r} is not between 0 and 0.5", "e.g. alpha: 0.05")
+    for key, lo in (("max_model_len", 64), ("bootstrap_iters", 100), ("seed", 0), ("limit", 1)):
+        v = values.get(key)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+            raise _fail(path, f"{key} {v!r} is not an integer >= {lo}", f"fix `{key}:`")
+    for key in ("finetune", "metadata"):
+        if not isinstance(values.get(key, {}), dict):
+            raise _fail(path, f"{key} is not a mapping", f"write `{key}: {{...}}`")
+    return ExperimentConfig(**{**values, "suite": entries})
+
+
+def load_experiment(path: str | Path) -> ExperimentConfig:
+    """Read and validate an experiment YAML (safe loader)."""
+    from harness_ext.finetune.config import read_yaml
+
+    path = Path(path)
+    if not path.is_file():
+        problem = "is a folder" if path.is_dir() else "does not exist"
+        raise NeedlesError(f"experiment config {path} {problem}", fix="pass a YAML file (see examples/experiments/)")
+    return experiment_from_dict(read_yaml(path), str(path))

@@ -1,0 +1,71 @@
+"""What an experiment will cost, printed before it starts: training tokens, prompt and generated tokens.
+
+Counted from the config alone (no model or data loaded): training tokens from the finetune data spec,
+prompt tokens of the synthetic families from their length targets; the prompts of data read at run time
+(MDQA, FLenQA, lm-eval's general tasks) are listed as not estimated rather than guessed.
+"""
+
+from __future__ import annotations
+
+from harness_ext.experiment.config import ExperimentConfig
+
+# (metadata key of the lengths, of the sample count, of the depths, default lengths/samples/depth count, max new tokens)
+_FAMILIES = {
+    "kv_retrieval": ("lengths", "num_samples", "depths", (1024, 3072), 10, 5, 64),
+    "niah": ("niah_lengths", "niah_num_samples", "niah_depths", (1024, 2048), 6, 5, 50),
+}
+_GROUP_TASKS = {"kv_retrieval": 3, "niah": 1}
+
+
+def _family(task: str) -> str | None:
+    for family in _FAMILIES:
+        if task == family or task.startswith(family + "_"):
+            return family
+    return None
+
+
+def estimate(cfg: ExperimentConfig, ft) -> dict:
+    """{"training_tokens", "eval": [{task, documents, prompt_tokens, max_generated_tokens}], "not_estimated": [...]}.
+
+    ``ft`` is the experiment's resolved FinetuneConfig (its recipe and overrides applied).
+    """
+    lengths = ft.data.get("lengths") or [256]
+    samples = int(ft.data.get("num_samples", 0))
+    per_epoch = samples * (sum(lengths) / len(lengths))
+    epochs = float(ft.epochs)
+    if ft.max_steps:  # a step budget: batch x accumulation x steps examples, at most the epochs'
+        epochs = min(epochs, ft.max_steps * ft.batch_size * ft.grad_accum / max(samples, 1))
+    training = int(per_epoch * epochs)
+    rows, unknown = [], []
+    for task in cfg.tasks:
+        family = _family(task)
+        if family is None:
+            unknown.append(task)
+            continue
+        len_key, n_key, d_key, d_lengths, d_n, d_depths, max_new = _FAMILIES[family]
+        lens = cfg.metadata.get(len_key) or d_lengths
+        lens = [lens] if isinstance(lens, int) else list(lens)
+        n = int(cfg.metadata.get(n_key, d_n))
+        depths = cfg.metadata.get(d_key, [0] * d_depths)
+        n_depths = 1 if depths is None else len(depths) if isinstance(depths, list) else 1
+        subtasks = _GROUP_TASKS[family] if task == family else 1
+        docs = n * len(lens) * n_depths * subtasks
+        if cfg.limit:
+            docs = min(docs, cfg.limit * subtasks)
+        prompt = int(docs * sum(lens) / len(lens))
+        rows.append({"task": task, "documents": docs, "prompt_tokens": prompt, "max_generated_tokens": docs * max_new})
+    return {"training_tokens": training, "epochs": epochs, "eval": rows, "not_estimated": unknown}
+
+
+def format_estimate(est: dict) -> str:
+    lines = [
+        f"[needles experiment] cost estimate: training ~{est['training_tokens']:,} tokens ({est['epochs']:g} epochs)"
+    ]
+    for r in est["eval"]:
+        lines.append(
+            f"  {r['task']}: {r['documents']:,} documents, ~{r['prompt_tokens']:,} prompt tokens, "
+            f"<= {r['max_generated_tokens']:,} generated tokens, per evaluation (x2: base and finetuned)"
+        )
+    if est["not_estimated"]:
+        lines.append(f"  not estimated (their data is read at run time): {', '.join(est['not_estimated'])}")
+    return "\n".join(lines)

@@ -1,0 +1,209 @@
+"""``needles experiment``: score the base model on the suite, finetune, score the finetuned model on the same
+documents, then the paired comparison and its verdict, leaderboard rows and plots. Each step is resumable.
+
+Outputs under OUT: ``plan.json`` (every step and its command), ``steps/*.json`` (finished-step markers),
+``eval_base/``, ``finetune/``, ``eval_finetuned/``, ``comparison.{json,md}``, ``leaderboard.csv``, ``plots/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from harness_ext.core.atomic_io import write_atomic, write_json_atomic
+from harness_ext.core.errors import NeedlesError
+from harness_ext.experiment.config import ExperimentConfig
+from harness_ext.experiment.steps import Step, StepRunner
+from harness_ext.experiment.verdict import compare_runs, to_markdown
+
+KV_TASK = re.compile(r"^kv_retrieval_(simple|simple_template|multisubkey)$")
+
+
+def finetune_config(cfg: ExperimentConfig, out: Path):
+    """The FinetuneConfig of the experiment: its recipe (packaged name or YAML path) < its `finetune` keys."""
+    from harness_ext.finetune.config import load_config, packaged_config, validate_hparams
+
+    values = dict(cfg.finetune)
+    recipe = values.pop("recipe", None)
+    path = None
+    if recipe:
+        path = Path(recipe) if Path(recipe).is_file() else packaged_config(str(recipe))
+    kv_tasks = [t for t in cfg.tasks if KV_TASK.match(t)]
+    kv_keys = ("lengths", "depths", "num_samples", "seed", "num_dicts")
+    values |= {
+        "model": cfg.model,
+        "output_dir": str(out / "finetune"),
+        # the KV documents the suite scores must never be trained on (checked by hash in the recipe)
+        "eval_tasks": kv_tasks or ["kv_retrieval_simple"],
+        "eval_metadata": {k: v for k, v in cfg.metadata.items() if k in kv_keys},
+    }
+    ft = load_config(path, values)
+    validate_hparams(ft)
+    return ft
+
+
+def eval_argv(
+    cfg: ExperimentConfig,
+    base: str,
+    out: Path,
+    adapter: Path | None = None,
+    merged: Path | None = None,
+    lora_rank: int | None = None,
+) -> list[str]:
+    """The lm_eval command that scores the suite (the same documents for the base and the finetuned model)."""
+    from harness_ext.plugin.runner import vllm_eval_command
+
+    argv = vllm_eval_command(
+        base,
+        cfg.tasks,
+        cfg.metadata,
+        cfg.max_model_len,
+        adapter=adapter,
+        merged=merged,
+        output_path=out,
+        on_gpu=cfg.on_gpu,
+        lora_rank=lora_rank,
+    )
+    if cfg.gen_kwargs:
+        argv += ["--gen_kwargs", cfg.gen_kwargs]
+    if cfg.limit:
+        argv += ["--limit", str(cfg.limit)]
+    return argv
+
+
+def _lm_eval(argv: list[str], out: Path) -> dict:
+    from harness_ext.plugin.runner import run_lm_eval
+
+    args = list(argv[2:])
+    i = args.index("--output_path")
+    del args[i : i + 2]
+    path = run_lm_eval(args, out, log_file=out.parent / f"{out.name}.log")
+    return {"results": str(path)}
+
+
+def run_experiment(
+    cfg: ExperimentConfig, out: str | Path, log: Callable[[str], None] | None = None, config_path: str | None = None
+) -> dict:
+    """Run (or resume) the experiment into ``out``; returns the comparison (also in OUT/comparison.json)."""
+    import yaml
+
+    from harness_ext.finetune.modeling import resolve_model
+    from harness_ext.finetune.recipe import finetune
+    from harness_ext.finetune.rundir import list_checkpoints
+
+    out = Path(out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    base = resolve_model(cfg.model)
+    ft = finetune_config(cfg, out)  # every option checked before the first slow step
+    ft_yaml = out / "finetune.yaml"
+    write_atomic(ft_yaml, yaml.safe_dump(dataclasses.asdict(ft), sort_keys=False))
+    tuned = out / "finetune" / ("adapter" if ft.method == "lora" else "model")
+    adapter, merged = (tuned, None) if ft.method == "lora" else (None, tuned)
+    base_argv = eval_argv(cfg, base, out / "eval_base")
+    tuned_argv = eval_argv(cfg, base, out / "eval_finetuned", adapter=adapter, merged=merged, lora_rank=ft.lora_r)
+
+    def train() -> dict:
+        done_manifest = Path(ft.output_dir) / "manifest.json"
+        if done_manifest.is_file():  # written atomically, last: the run finished before its marker was
+            manifest = json.loads(done_manifest.read_text(encoding="utf-8"))
+            return {"manifest": str(done_manifest), "final_loss": manifest["final_loss"]}
+        resume = bool(list_checkpoints(Path(ft.output_dir)))
+        manifest = finetune(dataclasses.replace(ft, resume=resume))
+        return {"manifest": str(Path(ft.output_dir) / "manifest.json"), "final_loss": manifest["final_loss"]}
+
+    def compare() -> dict:
+        comparison = compare_runs(done["eval_base"]["results"], done["eval_finetuned"]["results"], cfg)
+        write_json_atomic(out / "comparison.json", comparison)
+        write_atomic(out / "comparison.md", to_markdown(comparison, reference_numbers(cfg)))
+        return {"comparison": str(out / "comparison.json"), "claim_holds": comparison["claim_holds"]}
+
+    done: dict[str, dict] = {}
+    runner = StepRunner(out, log)
+    reproduce = ["needles", "experiment", config_path or str(out / "experiment.yaml"), "-o", str(out)]
+    steps = [
+        Step("eval_base", base_argv, lambda: _lm_eval(base_argv, out / "eval_base"), out / "eval_base"),
+        Step("finetune", ["needles", "finetune", "--config", str(ft_yaml)], train, out / "finetune", keep_partial=True),
+        Step(
+            "eval_finetuned", tuned_argv, lambda: _lm_eval(tuned_argv, out / "eval_finetuned"), out / "eval_finetuned"
+        ),
+        Step("compare", reproduce, compare),
+        Step("report", reproduce, lambda: report(cfg, done, out)),
+    ]
+    write_atomic(out / "experiment.yaml", yaml.safe_dump(_plain(cfg), sort_keys=False))
+    runner.write_plan(steps, {"name": cfg.name, "model": base, "config": str(out / "experiment.yaml")})
+    for step in steps:  # run one at a time so later steps see earlier outputs
+        done.update(runner.run([step]))
+    comparison = compare_runs(done["eval_base"]["results"], done["eval_finetuned"]["results"], cfg)
+    return comparison
+
+
+def _plain(cfg: ExperimentConfig) -> dict:
+    d = cfg.to_dict()
+    d["suite"] = [
+        {k: v for k, v in e.items() if v not in ("", None) and not (k == "filter" and v == "none")} for e in d["suite"]
+    ]
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def reference_numbers(cfg: ExperimentConfig) -> dict:
+    """Published numbers to show beside ours: {suite task name: text}, from the config's reference CSV."""
+    if not cfg.reference:
+        return {}
+    import csv
+
+    path = Path(cfg.reference)
+    if not path.is_file():
+        from harness_ext.core.paths import templates_dir
+
+        path = templates_dir().parent / "leaderboards" / cfg.reference
+    if not path.is_file():
+        raise NeedlesError(f"reference CSV {cfg.reference} not found", fix="name a file in leaderboards/ or a path")
+    out: dict[str, str] = {}
+    with open(path, encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            task, value = row.get("task"), row.get("value")
+            if task and value:
+                out.setdefault(task, "")
+                out[task] += ("; " if out[task] else "") + f"{row.get('model', '')}: {value}"
+    return out
+
+
+def report(cfg: ExperimentConfig, done: dict, out: Path) -> dict:
+    """Leaderboard rows of both runs (the finetuned one named by its adapter) and the plots they support."""
+    from harness_ext.core.output_files import write_output
+    from harness_ext.reporting.leaderboard_csv import collect_rows, export
+    from harness_ext.reporting.plots import all_plots, available
+
+    board = out / "leaderboard.csv"
+    export([done["eval_base"]["results"]], board)
+    export([done["eval_finetuned"]["results"]], board, adapter=f"{cfg.name}-finetuned")
+    written = []
+    if available():
+        rows = collect_rows([done["eval_base"]["results"]]) + collect_rows(
+            [done["eval_finetuned"]["results"]], adapter=f"{cfg.name}-finetuned"
+        )
+        for name, png in all_plots(rows).items():
+            write_output(out / "plots" / f"{name}.png", png, "plot")
+            written.append(str(out / "plots" / f"{name}.png"))
+    else:
+        print("[needles experiment] matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)
+    return {"leaderboard": str(board), "plots": written}
+
+
+def describe_plan(cfg: ExperimentConfig, out: Path) -> str:
+    """The commands the experiment will run, for --dry-run (nothing is loaded or written)."""
+    ft = finetune_config(cfg, out)
+    tuned = out / "finetune" / ("adapter" if ft.method == "lora" else "model")
+    adapter, merged = (tuned, None) if ft.method == "lora" else (None, tuned)
+    return "\n".join(
+        [
+            shlex.join(eval_argv(cfg, cfg.model, out / "eval_base")),
+            f"needles finetune --config {out / 'finetune.yaml'}",
+            shlex.join(eval_argv(cfg, cfg.model, out / "eval_finetuned", adapter, merged, ft.lora_r)),
+        ]
+    )

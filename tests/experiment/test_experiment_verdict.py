@@ -1,0 +1,188 @@
+"""`needles experiment` on planted per-sample files: a known improvement and a known regression give the
+verdicts and exit codes they must, and a finished step is never rerun (the evaluations and the training are
+planted as finished steps, so only the comparison and the report run here)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness_ext.cli import main
+from harness_ext.experiment.config import experiment_from_dict
+from harness_ext.experiment.verdict import compare_runs
+
+DATE = "2026-01-01T00-00-00.000000"
+
+
+def write_run(folder: Path, per_task: dict[str, tuple[str, list[float]]], model: str) -> Path:
+    """An lm-eval results file and sample logs: {task: (metric, per-document values)}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    results, configs = {}, {}
+    for task, (metric, values) in per_task.items():
+        results[task] = {"alias": task, f"{metric},none": sum(values) / len(values), f"{metric}_stderr,none": 0.05}
+        configs[task] = {"task": task, "metadata": {"needles_data_sha256": "ab" * 32}}
+        rows = [
+            {"doc_id": i, "filter": "none", "doc_hash": f"{task}{i}", "prompt_hash": f"p{i}", "target_hash": f"t{i}",
+             metric: v}
+            for i, v in enumerate(values)
+        ]  # fmt: skip
+        (folder / f"samples_{task}_{DATE}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = {
+        "results": results,
+        "configs": configs,
+        "versions": dict.fromkeys(per_task, 1.0),
+        "n-shot": dict.fromkeys(per_task, 0),
+        "higher_is_better": {t: {m: True} for t, (m, _) in per_task.items()},
+        "n-samples": {t: {"original": len(v), "effective": len(v)} for t, (_, v) in per_task.items()},
+        "config": {"model": "vllm", "model_args": f"pretrained={model}"},
+        "date": 1795240155.5,
+    }
+    path = folder / f"results_{DATE}.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+KV = "kv_retrieval_simple"
+GUARD = "mdqa_closedbook"
+N = 60
+BASE_KV = [1.0] * 10 + [0.0] * 50
+BETTER_KV = [1.0] * 40 + [0.0] * 20  # 30 documents newly right, none lost
+GUARD_VALUES = [1.0] * 20 + [0.0] * 40
+DROPPED_GUARD = [0.0] * 60  # the finetuned model lost every answer: a 33-point drop
+
+
+def config(margin: float = 0.05) -> dict:
+    return {
+        "name": "planted",
+        "model": "smollm2",
+        "alpha": 0.05,
+        "bootstrap_iters": 2000,
+        "finetune": {"recipe": "smollm2_kv_lora.yaml"},
+        "metadata": {"lengths": [256], "depths": None, "num_samples": N},
+        "suite": [
+            {"task": KV, "role": "target", "metric": "value_acc"},
+            {"task": GUARD, "role": "guard", "metric": "best_subspan_em", "margin": margin},
+        ],
+    }
+
+
+def plant(out: Path, guard_after: list[float], smollm2_dir: Path) -> None:
+    """Finished eval_base / finetune / eval_finetuned steps, as an interrupted experiment leaves them."""
+    base = write_run(
+        out / "eval_base", {KV: ("value_acc", BASE_KV), GUARD: ("best_subspan_em", GUARD_VALUES)}, str(smollm2_dir)
+    )
+    new = write_run(
+        out / "eval_finetuned",
+        {KV: ("value_acc", BETTER_KV), GUARD: ("best_subspan_em", guard_after)},
+        str(smollm2_dir),
+    )
+    steps = out / "steps"
+    steps.mkdir(parents=True)
+    markers = {"eval_base": {"results": str(base)}, "finetune": {"manifest": "planted", "final_loss": 0.1},
+               "eval_finetuned": {"results": str(new)}}  # fmt: skip
+    for name, outputs in markers.items():
+        (steps / f"{name}.json").write_text(json.dumps({"name": name, "command": "planted", "outputs": outputs}))
+
+
+def test_improvement_and_held_guard_make_the_claim_hold(tmp_path, smollm2_dir, capsys):
+    out = tmp_path / "exp"
+    plant(out, GUARD_VALUES, smollm2_dir)
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(config()))
+    assert main(["experiment", str(tmp_path / "exp.yaml"), "-o", str(out)]) == 0
+    printed = capsys.readouterr()
+    assert "CLAIM HOLDS" in printed.out and "done before, skipped" in printed.err
+    comparison = json.loads((out / "comparison.json").read_text())
+    kv, guard = comparison["tasks"]
+    assert kv["verdict"] == "improved" and kv["delta"] == pytest.approx(0.5) and kv["p"] < 1e-8
+    assert kv["discordant"] == {"only_base_right": 0, "only_finetuned_right": 30}
+    assert kv["ci"][0] > 0 and kv["p_holm"] >= kv["p"]
+    assert guard["verdict"] == "held (non-inferior)" and guard["delta"] == 0.0 and guard["p_holm"] < 0.05
+    # the report: leaderboard rows of both runs, the finetuned one under its adapter name
+    rows = (out / "leaderboard.csv").read_text()
+    assert "planted-finetuned" in rows and rows.count(KV) >= 2
+    # nothing that had finished was run again, and the plan names the command of every step
+    plan = json.loads((out / "plan.json").read_text())
+    assert [s["name"] for s in plan["steps"]] == ["eval_base", "finetune", "eval_finetuned", "compare", "report"]
+    assert json.loads((out / "steps" / "finetune.json").read_text())["command"] == "planted"
+    assert "lora_local_path=" in plan["steps"][2]["command"] and "lm_eval run" in plan["steps"][0]["command"]
+
+
+def test_a_regressed_guard_makes_the_claim_fail_with_exit_1(tmp_path, smollm2_dir, capsys):
+    out = tmp_path / "exp"
+    plant(out, DROPPED_GUARD, smollm2_dir)
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(config()))
+    assert main(["experiment", str(tmp_path / "exp.yaml"), "-o", str(out)]) == 1
+    assert "CLAIM NOT SHOWN" in capsys.readouterr().out
+    guard = json.loads((out / "comparison.json").read_text())["tasks"][1]
+    assert guard["verdict"].startswith("not shown") and guard["delta"] == pytest.approx(-1 / 3)
+    assert guard["ci"][1] < -0.05  # the whole interval lies beyond the margin
+
+
+def test_no_improvement_is_not_a_pass(tmp_path, smollm2_dir):
+    base = write_run(tmp_path / "a", {KV: ("value_acc", BASE_KV), GUARD: ("best_subspan_em", GUARD_VALUES)}, "m")
+    same = write_run(tmp_path / "b", {KV: ("value_acc", BASE_KV), GUARD: ("best_subspan_em", GUARD_VALUES)}, "m")
+    comparison = compare_runs(base, same, experiment_from_dict(config()))
+    assert not comparison["claim_holds"] and comparison["tasks"][0]["verdict"] == "no significant improvement"
+
+
+def test_continuous_metrics_use_the_paired_bootstrap(tmp_path):
+    rng = __import__("numpy").random.default_rng(0)
+    before = rng.uniform(0, 0.5, 80)
+    after = before + 0.2 + rng.normal(0, 0.01, 80)
+    cfg = experiment_from_dict(
+        {**config(), "suite": [{"task": "niah_single", "role": "target", "metric": "rouge1_recall"}]}
+    )
+    a = write_run(tmp_path / "a", {"niah_single": ("rouge1_recall", list(before))}, "m")
+    b = write_run(tmp_path / "b", {"niah_single": ("rouge1_recall", list(after))}, "m")
+    row = compare_runs(a, b, cfg)["tasks"][0]
+    assert row["method"].startswith("paired bootstrap") and row["verdict"] == "improved"
+    assert row["ci"][0] < row["delta"] < row["ci"][1] and row["delta"] == pytest.approx(0.2, abs=0.01)
+
+
+def test_different_documents_are_refused(tmp_path):
+    a = write_run(tmp_path / "a", {KV: ("value_acc", BASE_KV), GUARD: ("best_subspan_em", GUARD_VALUES)}, "m")
+    b = write_run(tmp_path / "b", {KV: ("value_acc", BASE_KV[:-1]), GUARD: ("best_subspan_em", GUARD_VALUES)}, "m")
+    with pytest.raises(Exception, match="sample sets differ"):
+        compare_runs(a, b, experiment_from_dict(config()))
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"suite": []}, "non-empty suite"),
+        ({"suite": [{"task": KV, "role": "guard", "metric": "value_acc"}]}, "no target"),
+        ({"suite": [{"task": KV, "role": "boss", "metric": "value_acc"}]}, "neither target nor guard"),
+        ({"suite": [{"task": KV, "role": "target", "metric": "value_acc", "margin": 0.1}]}, "target with a margin"),
+        (
+            {
+                "suite": [
+                    {"task": KV, "role": "guard", "metric": "x", "margin": -1},
+                    {"task": GUARD, "role": "target", "metric": "y"},
+                ]
+            },
+            "margin -1",
+        ),
+        ({"alpha": 0.7}, "alpha 0.7"),
+        ({"sweet": 1}, "unknown key"),
+        ({"max_model_len": "big"}, "max_model_len"),
+    ],
+)
+def test_bad_configs_are_refused_by_name(change, message, tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**config(), **change}))
+    assert main(["experiment", str(tmp_path / "bad.yaml"), "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "fix:" in err and not (tmp_path / "out").exists()
+
+
+def test_dry_run_prints_the_cost_and_commands_and_runs_nothing(tmp_path, capsys):
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(config()))
+    assert main(["experiment", str(tmp_path / "exp.yaml"), "-o", str(tmp_path / "out"), "--dry-run"]) == 0
+    cap = capsys.readouterr()
+    assert "cost estimate: training ~81,920 tokens" in cap.err  # 320 documents x 256 tokens x 1 epoch
+    assert "kv_retrieval_simple: 60 documents, ~15,360 prompt tokens" in cap.err
+    assert "not estimated" in cap.err and GUARD in cap.err
+    assert cap.out.count("lm_eval run") == 2 and "needles finetune --config" in cap.out
+    assert not (tmp_path / "out").exists()
