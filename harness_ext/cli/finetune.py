@@ -30,8 +30,18 @@ def _export_openai(args: argparse.Namespace) -> int:
 
 
 def _loop(args: argparse.Namespace) -> int:
+    from harness_ext.core.errors import NeedlesError
     from harness_ext.experiment.loop import run_loop
+    from harness_ext.finetune.args import options_from_args
+    from harness_ext.finetune.config import check_bounds
+    from harness_ext.finetune.openai_ft import OpenAIJobOptions
 
+    job = options_from_args(OpenAIJobOptions, args)
+    check_bounds(job)  # the loop shares finetune's flags: a bad value is refused even where it is unused
+    if job.backend != "hf":
+        raise NeedlesError(
+            "--backend openai cannot be scored locally by the loop", fix="drop --backend for `needles loop`"
+        )
     overrides = overrides_from_args(args)
     overrides.pop("output_dir", None)
     overrides.pop("eval_metadata", None)

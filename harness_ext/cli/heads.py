@@ -10,79 +10,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
 import sys
 import time
 from pathlib import Path
-from typing import NoReturn
 
-from harness_ext.core.errors import NeedlesError, print_error
-
-DEFAULT_NEEDLES = "retrieval-head/needles.jsonl"
-DEFAULT_THRESHOLD = 0.1  # = heads.scores.DEFAULT_THRESHOLD (a test checks); `needles --help` imports no numpy
-DEFAULT_MDQA = {"mdqa_num_documents": 10, "mdqa_positions": [1, 5, 10], "mdqa_num_questions": 4}
-SCORES_HELP = "a heads.json of `needles heads`, or a published head_score/<model>.json (format detected)"
-
-
-def _shared_needles() -> Path:
-    root = Path(os.environ.get("NEEDLES_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
-    return root / DEFAULT_NEEDLES
-
-
-def _model_path(name: str) -> str:
-    if name == "smollm2":
-        from harness_ext.data.models import smollm2_path
-
-        return str(smollm2_path())
-    return name
-
-
-# ----------------------------------------------------------------------------------- input checks
-def _check_counts(args: argparse.Namespace, minimum: int, names: tuple[str, ...], fix: str) -> None:
-    for name in names:
-        value = getattr(args, name, None)
-        values = value if isinstance(value, list) else [value]
-        bad = [v for v in values if v is not None and v < minimum]
-        if bad:
-            flag = "--" + name.replace("_", "-")
-            raise NeedlesError(f"{flag} {bad[0]} is below {minimum}", fix=fix)
-
-
-def _check_depths(args: argparse.Namespace, names: tuple[str, ...]) -> None:
-    for name in names:
-        bad = [d for d in getattr(args, name) if not 0.0 <= d <= 1.0]
-        if bad:
-            flag = "--" + name.replace("_", "-")
-            raise NeedlesError(f"{flag} {bad[0]} is outside [0, 1]", fix="give relative depths such as 0 0.5 1")
-
-
-def _check_threshold(value: float | None) -> None:
-    if value is not None and not (math.isfinite(value) and value >= 0):
-        raise NeedlesError(
-            f"--threshold {value} is not a score", fix="use a non-negative number such as 0.1 (Wu et al.)"
-        )
-
-
-def _check_output_dir(path: Path) -> None:
-    if path.exists() and not path.is_dir():
-        raise NeedlesError(f"--output-dir {path} is a file", fix="pass a folder (it is created when missing)")
-    _check_parents(path, "--output-dir")
-
-
-def _check_output_file(path: Path) -> None:
-    if path.is_dir():
-        raise NeedlesError(f"--output {path} is a folder", fix=f"pass a file name, e.g. {path / 'compare.json'}")
-    _check_parents(path, "--output")
-
-
-def _check_parents(path: Path, flag: str) -> None:
-    """The nearest existing ancestor must be a folder, or the write would fail after all the work."""
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise NeedlesError(f"{flag} {path}: {parent} is a file", fix="pass a path inside a folder")
-            return
+from harness_ext.cli.heads_checks import (
+    DEFAULT_MDQA,
+    DEFAULT_NEEDLES,
+    DEFAULT_THRESHOLD,
+    SCORES_HELP,
+    check_counts,
+    check_depths,
+    check_output_dir,
+    check_output_file,
+    check_threshold,
+    eval_set,
+    model_path,
+    shared_needles,
+    usage_error,
+)
+from harness_ext.cli.heads_patch import register_patch
+from harness_ext.core.errors import NeedlesError
 
 
 def _mdqa_metadata(args: argparse.Namespace) -> dict:
@@ -103,17 +51,17 @@ def _mdqa_metadata(args: argparse.Namespace) -> dict:
 
 def _check_run_args(args: argparse.Namespace) -> None:
     """Everything that can be checked without the model: numbers, paths, JSON options."""
-    _check_counts(args, 1, ("lengths", "kv_lengths", "eval_lengths"), "give prompt lengths in tokens, e.g. 512")
-    _check_counts(
+    check_counts(args, 1, ("lengths", "kv_lengths", "eval_lengths"), "give prompt lengths in tokens, e.g. 512")
+    check_counts(
         args,
         1,
         ("kv_samples", "eval_samples", "draws", "batch_size", "eval_max_new_tokens"),
         "use a positive whole number",
     )
-    _check_counts(args, 0, ("extra_tokens", "seed", "kv_seed", "eval_seed"), "use 0 or a positive whole number")
-    _check_depths(args, ("depths", "kv_depths", "eval_depths"))
-    _check_threshold(args.threshold)
-    _check_output_dir(Path(args.output_dir))
+    check_counts(args, 0, ("extra_tokens", "seed", "kv_seed", "eval_seed"), "use 0 or a positive whole number")
+    check_depths(args, ("depths", "kv_depths", "eval_depths"))
+    check_threshold(args.threshold)
+    check_output_dir(Path(args.output_dir))
     _mdqa_metadata(args)
 
 
@@ -193,7 +141,7 @@ def _run(args: argparse.Namespace) -> int:
     saved = load_head_scores(args.scores) if args.scores else None
     if (not saved and "niah" in args.probes) or (specs and args.knockout_task == "niah"):
         hp.load_needles(args.needles)  # a missing needles file should not wait for the model
-    lm = load_model(_model_path(args.model), args.adapter, args.dtype, args.chat_template)
+    lm = load_model(model_path(args.model), args.adapter, args.dtype, args.chat_template)
     grid = (saved.num_layers, saved.num_heads) if saved else (lm.ctl.num_layers, lm.ctl.num_heads)
     if grid != (lm.ctl.num_layers, lm.ctl.num_heads):
         raise NeedlesError(
@@ -204,7 +152,7 @@ def _run(args: argparse.Namespace) -> int:
         check_knockout(spec, grid[0] * grid[1])
     # Inputs are built before any file is written, so their errors leave no partial output.
     probes = _build_probes(lm, args) if not saved else []
-    evalset = _eval_set(lm, args) if specs else None
+    evalset = eval_set(lm, args) if specs else None
     if saved is None:
         rep = _detect(lm, probes, args, out_dir)
         print(_format_heads(rep))
@@ -225,27 +173,6 @@ def _knockout_specs(args: argparse.Namespace) -> list:
     from harness_ext.heads.knockout import parse_knockout
 
     return [parse_knockout(s) for s in args.knockout or []]
-
-
-def _eval_set(lm, args: argparse.Namespace, task: str | None = None):
-    from harness_ext.heads import knockout as hk
-    from harness_ext.heads import probes as hp
-
-    if (task or args.knockout_task) == "niah":
-        # A haystack seed of its own, so the eval prompts are not the probes the heads were found on.
-        probes = hp.niah_probes(
-            lm.tokenizer, hp.load_needles(args.needles), args.eval_lengths, args.eval_depths, lm.chat, args.eval_seed
-        )
-        return hk.niah_eval_set(probes, max_new_tokens=args.eval_max_new_tokens + 16)
-    docs = hp.kv_docs(
-        lm.tokenizer,
-        args.eval_lengths,
-        args.eval_depths,
-        args.eval_samples,
-        args.eval_seed,
-        answer_template=args.kv_answer_template,
-    )
-    return hk.kv_eval_set(lm, docs, args.eval_max_new_tokens)
 
 
 def _knockout(lm, saved, specs: list, evalset, args: argparse.Namespace, out_dir: Path) -> None:
@@ -274,10 +201,10 @@ def _knockout(lm, saved, specs: list, evalset, args: argparse.Namespace, out_dir
 
 # ----------------------------------------------------------------------------------- compare
 def _compare(args: argparse.Namespace) -> int:
-    _check_threshold(args.threshold)
-    _check_counts(args, 1, ("top_k",), "use a positive whole number")
+    check_threshold(args.threshold)
+    check_counts(args, 1, ("top_k",), "use a positive whole number")
     if args.output:
-        _check_output_file(Path(args.output))
+        check_output_file(Path(args.output))
     from harness_ext.heads.compare import compare, format_compare
     from harness_ext.heads.scorefile import load_head_scores, write_json
 
@@ -291,134 +218,6 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 # ----------------------------------------------------------------------------------- patch
-def _patch(args: argparse.Namespace) -> int:
-    """Cross-model activation patching: every input, both head files and the two models' configs and
-    tokenizers are checked before any weights load."""
-    _check_counts(
-        args, 1, ("eval_lengths", "eval_samples", "draws", "eval_max_new_tokens"), "use a positive whole number"
-    )
-    _check_counts(args, 0, ("seed", "eval_seed"), "use 0 or a positive whole number")
-    _check_depths(args, ("eval_depths",))
-    _check_threshold(args.threshold)
-    _check_output_dir(Path(args.output_dir))
-    from harness_ext.heads import patch_sets as ps
-    from harness_ext.heads import probes as hp
-    from harness_ext.heads.model import check_adapter_path, check_model_path, load_model
-    from harness_ext.heads.patch_compat import check_compatible
-    from harness_ext.heads.patch_report import format_patch
-    from harness_ext.heads.patching import run_patching
-    from harness_ext.heads.scorefile import load_head_scores, write_json
-
-    specs = ps.parse_sets(args.sets)
-    source_scores, target_scores = load_head_scores(args.source_heads), load_head_scores(args.target_heads)
-    source, target = _model_path(args.source), _model_path(args.target)
-    for model, adapter in ((source, args.source_adapter), (target, args.target_adapter)):
-        check_model_path(model)
-        if adapter:
-            check_adapter_path(adapter)
-    arch = check_compatible(source, target)
-    ps.check_grids(source_scores, target_scores, arch["num_layers"], arch["num_heads"])
-    sets = ps.resolve_sets(specs, source_scores, target_scores, args.draws, args.seed, args.threshold)
-    if args.task == "niah":
-        args.needles = args.needles or str(_shared_needles())
-        hp.load_needles(args.needles)  # a missing needles file should not wait for the models
-    tgt = load_model(target, args.target_adapter, args.dtype, args.chat_template)
-    src = load_model(source, args.source_adapter, args.dtype, args.chat_template)
-    evalset = _eval_set(tgt, args, args.task)
-    result = run_patching(src, tgt, evalset, sets, args.site, args.continuation, args.seed, progress=not args.quiet)
-    result["source"] = {k: src.info[k] for k in sorted(src.info)}
-    result["target"] = {k: tgt.info[k] for k in sorted(tgt.info)}
-    result["architecture"] = arch
-    result["head_files"] = {
-        "source": {"file": str(args.source_heads), **source_scores.describe()},
-        "target": {"file": str(args.target_heads), **target_scores.describe()},
-        "threshold_override": args.threshold,
-    }
-    result["eval"] = {
-        "task": args.task,
-        "lengths": args.eval_lengths,
-        "depths": args.eval_depths,
-        "num_samples": args.eval_samples,
-        "seed": args.eval_seed,
-        "answer_template": args.kv_answer_template,
-    }
-    out = Path(args.output_dir) / "patch.json"
-    write_json(out, result)
-    print(format_patch(result))
-    print(f"wrote {out}")
-    return 0
-
-
-def _register_patch(sub2: argparse._SubParsersAction) -> None:
-    c = sub2.add_parser(
-        "patch",
-        help="patch attention heads from a source model into a target model and score the task",
-        description="Cross-model activation patching per attention head (Zhao, Yin, Durrett 2025): run each "
-        "eval prompt through the source (e.g. the real-data finetune) and the target (e.g. a synthetic-data "
-        "finetune); in the target, replace the chosen heads' output by the source's at every position of the "
-        "prompt and of the continuation; score the task per item and report each set's paired delta vs the "
-        "unpatched target with a 95% bootstrap interval. Source and target must share architecture and tokenizer.",
-    )
-    c.add_argument("--source", required=True, help="model the head outputs are taken from (HF folder)")
-    c.add_argument("--source-adapter", help="peft LoRA adapter merged into the source")
-    c.add_argument("--target", required=True, help="model that is patched (HF folder)")
-    c.add_argument("--target-adapter", help="peft LoRA adapter merged into the target")
-    c.add_argument("--source-heads", required=True, help=f"the source's head scores: {SCORES_HELP}")
-    c.add_argument("--target-heads", required=True, help=f"the target's head scores: {SCORES_HELP}")
-    c.add_argument(
-        "--sets",
-        nargs="+",
-        default=["intersection", "complement", "random:10"],
-        metavar="SET",
-        help="head sets to patch: intersection (source and target heads), complement (source heads not in the "
-        "target's set), random:K (K heads outside both sets, --draws draws), top:K (source's top K), or a list "
-        "L-H,L-H (default: intersection complement random:10)",
-    )
-    c.add_argument("--threshold", type=float, default=None, help="retrieval head: score > this (default: each file's)")
-    c.add_argument("--draws", type=int, default=5, help="random:K draws to average")
-    c.add_argument("--seed", type=int, default=0, help="random:K draw seed and bootstrap seed")
-    c.add_argument(
-        "--site",
-        choices=["result", "z"],
-        default="result",
-        help="result: the head's contribution to the residual stream (its o_proj slice applied; default); "
-        "z: the head's slice of the input to o_proj",
-    )
-    c.add_argument(
-        "--continuation",
-        choices=["teacher-forced", "regenerate"],
-        default="teacher-forced",
-        help="teacher-forced (default): feed the unpatched target's greedy tokens, score the patched argmax at "
-        "each position; regenerate: greedy decoding of the patched target, the source re-run on the same tokens",
-    )
-    c.add_argument("--task", choices=["kv", "niah"], default="kv", help="task scored (kv: value_acc; niah: ROUGE)")
-    c.add_argument("--needles", default=None, help=f"needles JSONL for --task niah (default: {DEFAULT_NEEDLES})")
-    c.add_argument("--eval-lengths", type=int, nargs="+", default=[512], help="eval prompt tokens")
-    c.add_argument("--eval-depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    c.add_argument("--eval-samples", type=int, default=12, help="eval (kv): base samples per length")
-    c.add_argument("--eval-seed", type=int, default=1000, help="eval data seed (kv: the task's default)")
-    c.add_argument("--eval-max-new-tokens", type=int, default=32)
-    c.add_argument("--kv-answer-template", action="store_true", help="KV prompts that ask for the answer template")
-    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    c.add_argument("--chat-template", dest="chat_template", action="store_true", default=None)
-    c.add_argument("--no-chat-template", dest="chat_template", action="store_false")
-    c.add_argument("-o", "--output-dir", default="heads-out", help="where patch.json is written")
-    c.add_argument("-q", "--quiet", action="store_true", help="no per-item progress lines")
-    c.set_defaults(func=_patch)
-    c.error = _usage_error(c)  # type: ignore[method-assign]
-
-
-# ----------------------------------------------------------------------------------- parser
-def _usage_error(parser: argparse.ArgumentParser):
-    """argparse's own errors (unknown choice, not a number) in the plugin's error format, exit 2."""
-
-    def error(message: str) -> NoReturn:
-        print_error(NeedlesError(message, fix=f"see `{parser.prog} --help`"))
-        sys.exit(2)
-
-    return error
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "heads",
@@ -478,7 +277,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("-q", "--quiet", action="store_true", help="no per-probe progress lines")
     p.set_defaults(func=_run_checked)
-    p.error = _usage_error(p)  # type: ignore[method-assign]
+    p.error = usage_error(p)  # type: ignore[method-assign]
 
     sub2 = p.add_subparsers(dest="heads_command", metavar="[compare|patch]")
     c = sub2.add_parser(
@@ -493,11 +292,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--top-k", type=int, default=10)
     c.add_argument("-o", "--output", help="write the comparison as JSON")
     c.set_defaults(func=_compare)
-    c.error = _usage_error(c)  # type: ignore[method-assign]
-    _register_patch(sub2)
+    c.error = usage_error(c)  # type: ignore[method-assign]
+    register_patch(sub2)
 
 
 def _run_checked(args: argparse.Namespace) -> int:
     if args.needles is None:
-        args.needles = str(_shared_needles())
+        args.needles = str(shared_needles())
     return _run(args)

@@ -26,7 +26,9 @@ KV_TASK = re.compile(r"^kv_retrieval_(simple|simple_template|multisubkey)$")
 
 def finetune_config(cfg: ExperimentConfig, out: Path):
     """The FinetuneConfig of the experiment: its recipe (packaged name or YAML path) < its `finetune` keys."""
+    from harness_ext.core.output_files import check_output_dir
     from harness_ext.finetune.config import load_config, packaged_config, validate_hparams
+    from harness_ext.finetune.data import train_spec
 
     values = dict(cfg.finetune)
     recipe = values.pop("recipe", None)
@@ -44,6 +46,8 @@ def finetune_config(cfg: ExperimentConfig, out: Path):
     }
     ft = load_config(path, values)
     validate_hparams(ft)
+    train_spec(ft.data)  # the training data's spec too: a bad one must not wait for the base model's scores
+    check_output_dir(out, "experiment folder")
     return ft
 
 
@@ -97,9 +101,9 @@ def run_experiment(
     from harness_ext.finetune.rundir import list_checkpoints
 
     out = Path(out).expanduser().resolve()
-    out.mkdir(parents=True, exist_ok=True)
     base = resolve_model(cfg.model)
-    ft = finetune_config(cfg, out)  # every option checked before the first slow step
+    ft = finetune_config(cfg, out)  # every option checked before the first slow step or the first file
+    out.mkdir(parents=True, exist_ok=True)
     ft_yaml = out / "finetune.yaml"
     write_atomic(ft_yaml, yaml.safe_dump(dataclasses.asdict(ft), sort_keys=False))
     tuned = out / "finetune" / ("adapter" if ft.method == "lora" else "model")

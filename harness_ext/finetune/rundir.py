@@ -32,6 +32,9 @@ class OutputLock:
         self.out, self.rank, self._file = Path(out), rank, None
 
     def acquire(self) -> OutputLock:
+        from harness_ext.core.output_files import check_output_dir as check_writable
+
+        check_writable(self.out, "output folder")
         try:
             import fcntl
         except ImportError:  # no POSIX locks (Windows): nothing to hold
@@ -70,6 +73,9 @@ def list_checkpoints(out: Path) -> list[Path]:
 
 def check_output_dir(out: Path, resume: bool) -> None:
     """Refuse to start over a finished run or over another run's checkpoints (unless resuming)."""
+    from harness_ext.core.output_files import check_output_dir as check_writable
+
+    check_writable(out, "output folder")
     if resume:
         return
     if (Path(out) / MANIFEST).is_file():

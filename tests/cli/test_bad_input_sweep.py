@@ -59,16 +59,36 @@ BASE: dict[tuple[str, ...], list[str]] = {
     ("loop",): ["--model", "{TINY}", "-o", "{OUT}/loop", "--num-samples", "4", "--num-dicts", "4", "--max-steps", "1"],
     ("heads",): ["--model", "{TINY}", "-o", "{OUT}/heads", "--lengths", "128", "--depths", "0.5", "--probes", "niah"],
     ("heads", "compare"): ["{HEADS}", "{HEADS}", "-o", "{OUT}/compare.json"],
+    ("heads", "patch"): [
+        "--source",
+        "{TINY}",
+        "--target",
+        "{TINY}",
+        "--source-heads",
+        "{TINY_HEADS}",
+        "--target-heads",
+        "{TINY_HEADS}",
+        "--sets",
+        "top:1",
+        "--eval-lengths",
+        "128",
+        "--eval-samples",
+        "1",
+        "-o",
+        "{OUT}/patch",
+    ],
+    ("experiment",): ["{EXPERIMENT}", "-o", "{OUT}/exp"],
 }
 
 # Flags for which zero is a meaningful value (seeds, ratios that may be off, "0 = disabled").
 ZERO_OK = {
-    "seed", "data_seed", "kv_seed", "depths", "kv_depths", "eval_depths", "warmup_ratio", "weight_decay",
+    "seed", "data_seed", "kv_seed", "eval_seed", "depths", "kv_depths", "eval_depths", "warmup_ratio", "weight_decay",
     "lora_dropout", "max_drop", "keep_checkpoints", "save_every", "threshold", "extra_tokens", "max_grad_norm",
 }  # fmt: skip
 OUTPUT_DESTS = {"output", "out", "output_dir", "report", "summary", "pivot", "markdown", "html", "plots_dir"}
 INPUT_DESTS = {"config", "inputs", "paths", "a", "b", "baseline", "candidate", "mirror", "oracle", "tokenizer", "scores",
-               "needles", "adapter"}  # fmt: skip
+               "needles", "adapter", "source", "target", "source_heads", "target_heads", "source_adapter",
+               "target_adapter"}  # fmt: skip
 NOT_A_PATH = {("models",), ("data", "list")}
 
 
@@ -175,6 +195,20 @@ def env(tmp_path_factory, shared_data, tiny_llama_dir, smollm2_dir) -> dict[str,
     (root / "truncated.json").write_text('{"results": {"kv_retrieval_simple": {"value_acc,n')
     (root / "bad.yaml").write_text("model: [unclosed\n  - : :")
     (root / "afile").write_text("a file, not a folder\n")
+    (root / "tiny_heads.json").write_text(
+        json.dumps({"schema": "needles.heads/1", "scores": [[0.9, 0.0], [0.0, 0.5]], "threshold": 0.1, "model": {}})
+    )
+    (root / "exp.yaml").write_text(
+        json.dumps(
+            {
+                "name": "sweep",
+                "model": str(tiny_llama_dir),
+                "finetune": {"data": {"num_samples": 4, "num_dicts": 4, "lengths": None}, "max_steps": 1},
+                "metadata": {"num_dicts": 4, "num_samples": 2, "lengths": None},
+                "suite": [{"task": "kv_retrieval_simple", "role": "target", "metric": "value_acc"}],
+            }
+        )
+    )
     with gzip.open(root / "truncated.jsonl.gz", "wt") as f:
         f.write('{"question": "who')
     litm = shared_data / "lost-in-the-middle"
@@ -192,6 +226,8 @@ def env(tmp_path_factory, shared_data, tiny_llama_dir, smollm2_dir) -> dict[str,
         "TRUNCATED_JSON": str(root / "truncated.json"),
         "INVALID_YAML": str(root / "bad.yaml"),
         "AFILE": str(root / "afile"),
+        "TINY_HEADS": str(root / "tiny_heads.json"),
+        "EXPERIMENT": str(root / "exp.yaml"),
     }
 
 

@@ -186,3 +186,16 @@ def test_dry_run_prints_the_cost_and_commands_and_runs_nothing(tmp_path, capsys)
     assert "not estimated" in cap.err and GUARD in cap.err
     assert cap.out.count("lm_eval run") == 2 and "needles finetune --config" in cap.out
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["smollm2_cpu.yaml", "paper_mistral7b.yaml"])
+def test_shipped_experiments_validate_and_dry_run(name, capsys, tmp_path, monkeypatch):
+    """The shipped configs parse, resolve their recipes and print a plan (the 7B one only ever runs on a GPU)."""
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the paper config names its recipe by repo path
+    path = Path("examples/experiments") / name
+    assert main(["experiment", str(path), "-o", str(tmp_path / "out"), "--dry-run"]) == 0
+    cap = capsys.readouterr()
+    assert "cost estimate" in cap.err and cap.out.count("lm_eval run") == 2
+    if name.startswith("paper"):
+        assert "training ~2,730,000 tokens (2 epochs)" in cap.err  # 350 x 3,900 tokens x 2 epochs
+        assert "lora_local_path" not in cap.out and "pretrained=" in cap.out.splitlines()[-1]  # full finetune
