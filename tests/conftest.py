@@ -157,9 +157,13 @@ HEAVY_FIXTURES = {"smollm2_vllm_suite", "finetuned_smollm2", "lm_eval_run"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """`heavy` = starts an engine or trains: marked explicitly, by the vllm/slow marks, or by a heavy fixture."""
+    """`heavy` = runs lm-eval, a model or training: marked explicitly, by the vllm/slow marks, by a heavy fixture,
+    or by living in tests/kv_tasks (the task folders through lm-eval)."""
     for item in items:
         if item.get_closest_marker("heavy"):
+            continue
+        if "tests/kv_tasks/" in item.nodeid or item.nodeid.startswith("kv_tasks/"):
+            item.add_marker(pytest.mark.heavy)  # the task folders through the real lm_eval CLI / TaskManager
             continue
         if item.get_closest_marker("vllm") or item.get_closest_marker("slow"):
             item.add_marker(pytest.mark.heavy)

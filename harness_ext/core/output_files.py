@@ -1,4 +1,4 @@
-"""Writing the reporting outputs: atomic writes whose failures are user errors, and a lock for read-modify-write.
+"""Writing outputs: atomic writes whose failures are user errors, early checks of output paths, and a lock for read-modify-write.
 
 An output path that cannot be written (its parent is a file, no permission, a read-only disk) is a NeedlesError
 naming the path, never a traceback. ``locked`` serialises processes that update the same file (two CI jobs

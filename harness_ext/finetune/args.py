@@ -18,7 +18,7 @@ import typing
 from collections.abc import Iterable
 from typing import Any
 
-from harness_ext.finetune.config import FinetuneConfig, load_config
+from harness_ext.finetune.config import FinetuneConfig, flag_names, load_config
 from harness_ext.finetune.openai_ft import OpenAIJobOptions
 
 
@@ -31,16 +31,6 @@ def json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("expected a JSON object")
     return value
-
-
-def flag_names(f: dataclasses.Field) -> tuple[str, ...]:
-    """The option strings of a field ("" in metadata: ``--field-name``; None: no flag)."""
-    flag = f.metadata.get("flag", "")
-    if flag is None:
-        return ()
-    if flag == "":
-        return ("--" + f.name.replace("_", "-"),)
-    return (flag,) if isinstance(flag, str) else tuple(flag)
 
 
 def flag_dest(f: dataclasses.Field) -> str | None:

@@ -204,6 +204,16 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     return FinetuneConfig.from_dict(values)
 
 
+def flag_names(f: dataclasses.Field) -> tuple[str, ...]:
+    """The option strings of a field ("" in metadata: ``--field-name``; None: no flag)."""
+    flag = f.metadata.get("flag", "")
+    if flag is None:
+        return ()
+    if flag == "":
+        return ("--" + f.name.replace("_", "-"),)
+    return (flag,) if isinstance(flag, str) else tuple(flag)
+
+
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -214,7 +224,9 @@ def check_bounds(obj: Any, skip_groups: tuple[str, ...] = ()) -> None:
         meta, value = f.metadata, getattr(obj, f.name)
         if meta.get("group") in skip_groups or value is None or all(meta.get(k) is None for k in ("gt", "ge", "lt")):
             continue
-        label = meta.get("label") or f.name
+        names = flag_names(f)
+        flag = f" ({max(names, key=len)})" if names else ""  # the user typed the flag, maybe not the field name
+        label = (meta.get("label") or f.name) + flag
         if not _is_number(value):
             raise NeedlesError(
                 f"{label}={value!r} is not a number",

@@ -170,10 +170,12 @@ def export_openai(
     cfg: Any, output: str | Path, openai_model: str = "gpt-3.5-turbo-1106", max_tokens: int | None = None
 ) -> dict:
     """Write the training data as OpenAI chat-finetuning JSONL (validated first); returns its statistics."""
+    from harness_ext.core.output_files import check_output
     from harness_ext.finetune.data import docs_sha256
 
     if max_tokens is not None and max_tokens < 1:
         raise NeedlesError(f"max_tokens={max_tokens} must be at least 1", fix="drop --max-tokens to use the model's")
+    check_output(output, "OpenAI JSONL file")  # before the data is generated
     docs, rows, spec, leak = build_rows(cfg)
     stats = validate_rows(rows, max_tokens or TOKEN_LIMITS.get(openai_model, DEFAULT_TOKEN_LIMIT))
     write_rows(Path(output), rows)

@@ -14,8 +14,8 @@ import threading
 
 import pytest
 
-from harness_ext.data.sources import LOST_IN_THE_MIDDLE, fetch, file_sha256
 from harness_ext.core.errors import NeedlesError
+from harness_ext.data.sources import LOST_IN_THE_MIDDLE, fetch, file_sha256
 
 ORACLE = "qa_data/nq-open-oracle.jsonl.gz"
 OTHER = "qa_data/20_total_documents/nq-open-20_total_documents_gold_at_9.jsonl.gz"

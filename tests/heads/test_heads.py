@@ -267,6 +267,7 @@ def test_compare_overlap_and_rank_correlation():
 
 
 # ------------------------------------------------------------------------------ CLI end to end (tiny model)
+@pytest.mark.heavy  # runs lm-eval or a model in a subprocess
 def test_cli_is_deterministic_and_writes_scores_heatmap_and_list(tiny_llama_dir, shared_data, mdqa_meta, tmp_path):
     mdqa = json.dumps(dict(mdqa_meta, mdqa_positions=[5], mdqa_num_questions=1))
     args = [
@@ -316,6 +317,7 @@ def test_cli_is_deterministic_and_writes_scores_heatmap_and_list(tiny_llama_dir,
     assert cmp["appeared"] == [] and cmp["disappeared"] == []
 
 
+@pytest.mark.heavy  # runs lm-eval or a model in a subprocess
 def test_cli_knockout_on_saved_scores(tiny_llama_dir, tmp_path):
     scores = np.array([[0.9, 0.0], [0.0, 0.3]])
     report = _report(scores) | {"num_layers": 2, "num_heads": 2}

@@ -31,6 +31,7 @@ def test_interpreter_start_imports_nothing_of_ours():
     assert "harness_ext" not in trace and "kv_tasks" not in trace
 
 
+@pytest.mark.heavy  # runs lm-eval or a model in a subprocess
 def test_fresh_interpreter_task_manager_finds_plugin_tasks(tmp_path):
     # a user include_path with a task of the same name wins over the plugin (lm-eval precedence)
     (tmp_path / "mine.yaml").write_text(
@@ -61,6 +62,7 @@ def test_fresh_interpreter_task_manager_finds_plugin_tasks(tmp_path):
     assert out["finders"] == 1
 
 
+@pytest.mark.heavy  # runs lm-eval or a model in a subprocess
 def test_lm_eval_ls_lists_plugin_tasks():
     proc = subprocess.run([sys.executable, "-m", "lm_eval", "ls", "tasks"], capture_output=True, text=True, cwd="/")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -106,6 +108,7 @@ def test_wheel_ships_templates_hooks_and_tasks(wheel):
     assert "[lm_eval.tasks]" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
+@pytest.mark.heavy  # runs lm-eval or a model in a subprocess
 def test_regular_wheel_install_registers_and_renders(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run(

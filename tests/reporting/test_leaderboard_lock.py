@@ -9,8 +9,8 @@ import time
 
 from runs_fixture import write_run
 
-from harness_ext.reporting import leaderboard as lb
 from harness_ext.core.output_files import lock_path, locked
+from harness_ext.reporting import leaderboard as lb
 
 PROCESSES, UPSERTS = 4, 6
 

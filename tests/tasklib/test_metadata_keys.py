@@ -88,6 +88,7 @@ def test_wrong_types_and_ranges_fail_clearly(call, match):
         call()
 
 
+@pytest.mark.heavy  # runs lm-eval or a model in a subprocess
 def test_lm_eval_cli_refuses_a_metadata_typo(tiny_llama_dir):
     """The user's view: `lm_eval --metadata '{"lenghts": [512]}'` stops with the fix, not a default-length run."""
     proc = subprocess.run(

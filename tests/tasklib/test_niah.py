@@ -18,15 +18,13 @@ import pytest
 
 import harness_ext.tasklib.niah_haystack
 from harness_ext.core.errors import NeedlesError
+from harness_ext.core.metadata import LM_EVAL_KEYS
 from harness_ext.core.tokenizers import load_tokenizer
 from harness_ext.data.sources import RETRIEVAL_HEAD, RETRIEVAL_HEAD_NEEDLES
 from harness_ext.tasklib.breakdowns import parse_name
-from harness_ext.tasklib.metrics import niah_success, rouge1_recall
-from harness_ext.core.metadata import LM_EVAL_KEYS
 from harness_ext.tasklib.metadata_keys import FAMILY_KEYS
+from harness_ext.tasklib.metrics import niah_success, rouge1_recall
 from harness_ext.tasklib.niah import niah_dataset, process_results, spec_from_metadata
-
-OTHER_FAMILY_KEYS = frozenset().union(*(k for f, k in FAMILY_KEYS.items() if f != "niah")) | LM_EVAL_KEYS
 from harness_ext.tasklib.niah_haystack import (
     extract_text,
     load_haystack,
@@ -37,6 +35,7 @@ from harness_ext.tasklib.niah_haystack import (
 )
 from harness_ext.tasklib.token_budget import count_plain, count_tokens
 
+OTHER_FAMILY_KEYS = frozenset().union(*(k for f, k in FAMILY_KEYS.items() if f != "niah")) | LM_EVAL_KEYS
 LENGTHS = [512, 1024]
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
