@@ -225,11 +225,11 @@ def check_bounds(obj: Any, skip_groups: tuple[str, ...] = ()) -> None:
         if meta.get("group") in skip_groups or value is None or all(meta.get(k) is None for k in ("gt", "ge", "lt")):
             continue
         names = flag_names(f)
-        flag = f" ({max(names, key=len)})" if names else ""  # the user typed the flag, maybe not the field name
-        label = (meta.get("label") or f.name) + flag
+        via = f" (set by {max(names, key=len)})" if names else ""  # the user typed the flag, maybe not the field
+        label = meta.get("label") or f.name
         if not _is_number(value):
             raise NeedlesError(
-                f"{label}={value!r} is not a number",
+                f"{label}={value!r} is not a number{via}",
                 fix="write a number (YAML reads 2e-4 as text: write 2.0e-4)",
             )
         gt, ge, lt = meta.get("gt"), meta.get("ge"), meta.get("lt")
@@ -237,15 +237,17 @@ def check_bounds(obj: Any, skip_groups: tuple[str, ...] = ()) -> None:
             if not (ge if ge is not None else gt) <= value < lt:  # only ge is combined with lt
                 low = ge if ge is not None else gt
                 raise NeedlesError(
-                    f"{label}={value} is not in [{low:g}, {lt:g})", fix=meta.get("fix") or "use e.g. 0.05"
+                    f"{label}={value} is not in [{low:g}, {lt:g}){via}", fix=meta.get("fix") or "use e.g. 0.05"
                 )
         elif gt is not None and not value > gt:
             wanted = "positive" if gt == 0 else f"above {gt}"
-            raise NeedlesError(f"{label}={value} must be {wanted}", fix=meta.get("fix") or f"set {f.name} above {gt}")
+            raise NeedlesError(
+                f"{label}={value} must be {wanted}{via}", fix=meta.get("fix") or f"set {f.name} above {gt}"
+            )
         elif ge is not None and not value >= ge:
             wanted = f"at least {ge:g}"
             raise NeedlesError(
-                f"{label}={value} must be {wanted}", fix=meta.get("fix") or f"set {f.name} to {ge:g} or more"
+                f"{label}={value} must be {wanted}{via}", fix=meta.get("fix") or f"set {f.name} to {ge:g} or more"
             )
 
 

@@ -6,14 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from harness_ext.core.errors import NeedlesError
+from harness_ext.core.paths import local_or_hub
 
 EMBEDDED_MODEL = "smollm2"
 MODEL_FIX = "pass a local model folder, a downloaded hub id, or smollm2"
-
-
-def looks_like_path(name: str) -> bool:
-    """True for names only a file system path can mean: hub ids are ``name`` or ``org/name``."""
-    return name.startswith(("/", "~", ".")) or "\\" in name or name.count("/") > 1
 
 
 def resolve_model(name: str) -> str:
@@ -24,14 +20,7 @@ def resolve_model(name: str) -> str:
         from harness_ext.data.models import smollm2_path
 
         return str(smollm2_path())
-    path = Path(name).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise NeedlesError(f"model {name!r} is a file, not a model folder", fix=MODEL_FIX)
-        return str(path.resolve())
-    if looks_like_path(name):
-        raise NeedlesError(f"no such model folder: {name}", fix=MODEL_FIX + " (check the path)")
-    return name
+    return local_or_hub(name, "model")
 
 
 def model_max_length(config: Any) -> int | None:

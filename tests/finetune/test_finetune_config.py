@@ -167,6 +167,9 @@ def test_a_missing_model_folder_is_named_and_a_hub_id_stays_allowed(tmp_path, ca
     assert code == 2 and "is a file, not a model folder" in err
     assert resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert resolve_model("gpt2") == "gpt2"
+    with pytest.raises(NeedlesError, match="holds no config.json"):
+        resolve_model(str(tmp_path))  # a folder, but no model in it
+    (tmp_path / "config.json").write_text("{}")
     assert resolve_model(str(tmp_path)) == str(tmp_path.resolve())
 
 

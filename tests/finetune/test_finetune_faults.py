@@ -1,0 +1,56 @@
+"""Finetuning killed hard (SIGKILL) after a checkpoint and resumed with --resume ends exactly where an
+uninterrupted run ends: the same adapter weights and the same loss history (CPU, fixed seed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+EVAL_META = {"lengths": [128], "depths": None, "num_samples": 4}
+
+
+def _argv(model: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "harness_ext.finetune", "--model", str(model), "-o", str(out),
+        "--num-samples", "24", "--lengths", "128", "--eval-metadata", json.dumps(EVAL_META),
+        "--batch-size", "2", "--lr", "5e-3", "--lora-r", "8", "--lora-alpha", "16", "--lora-dropout", "0.1",
+        "--epochs", "1", "--save-every", "1", "--keep-checkpoints", "2", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.heavy
+def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(tiny_llama_dir, tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run(_argv(tiny_llama_dir, straight), check=True, capture_output=True, timeout=600)
+
+    proc = subprocess.Popen(_argv(tiny_llama_dir, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while not (killed / "checkpoints" / "step-2" / "needles_state.json").is_file():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)  # no cleanup, no final save: whatever was mid-write stays half-written
+    assert proc.wait() == -signal.SIGKILL
+    assert not (killed / "manifest.json").exists()
+
+    # without --resume the folder's checkpoints are protected; with it the run continues from the newest complete one
+    refused = subprocess.run(_argv(tiny_llama_dir, killed), capture_output=True, text=True, timeout=600)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = subprocess.run(_argv(tiny_llama_dir, killed, "--resume"), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+
+    a = load_file(straight / "adapter" / "adapter_model.safetensors")
+    b = load_file(killed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    history = [json.loads((d / "train_log.json").read_text()) for d in (straight, killed)]
+    assert [r["loss"] for r in history[0]] == [r["loss"] for r in history[1]] and len(history[0]) == 12
