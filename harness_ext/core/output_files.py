@@ -42,25 +42,30 @@ def output_error(path: str | Path, exc: OSError, what: str = "output") -> Needle
     )
 
 
+def _unwritable(path: Path, folder: bool) -> str | None:
+    """Why ``path`` (a file, or with ``folder`` a folder to write into) clearly cannot be written, else None."""
+    try:
+        if folder and path.exists() and not path.is_dir():
+            return f"{path} is a file, not a folder"
+        if not folder and path.is_dir():
+            return f"{path} is a folder"
+        for parent in [path, *path.parents] if folder else path.parents:
+            if parent.exists():
+                if not parent.is_dir():
+                    return f"{parent} is a file, not a folder"
+                if not os.access(parent, os.W_OK | os.X_OK):
+                    return f"no permission to write in {parent}"
+                return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
 def check_output(path: str | Path | None, what: str = "output") -> None:
-    """Fail early, before any work, when ``path`` clearly cannot be written (a folder, under a file, read-only)."""
+    """Fail early, before any work, when the file ``path`` clearly cannot be written (a folder, under a file, read-only)."""
     if path is None or str(path) == "-":
         return
-    path = Path(path)
-    problem = None
-    try:
-        if path.is_dir():
-            problem = f"{path} is a folder"
-        else:
-            for parent in path.parents:
-                if parent.exists():
-                    if not parent.is_dir():
-                        problem = f"{parent} is a file, not a folder"
-                    elif not os.access(parent, os.W_OK | os.X_OK):
-                        problem = f"no permission to write in {parent}"
-                    break
-    except OSError as exc:
-        problem = exc.strerror or str(exc)
+    problem = _unwritable(Path(path), folder=False)
     if problem:
         raise NeedlesError(
             f"cannot write the {what} {path}: {problem}", fix="choose an output path in a folder you can write to"
@@ -71,21 +76,7 @@ def check_output_dir(path: str | Path | None, what: str = "output folder") -> No
     """Fail early when a folder to write into cannot be one (it is a file, it lies under a file, read-only)."""
     if path is None:
         return
-    path = Path(path)
-    problem = None
-    try:
-        if path.exists() and not path.is_dir():
-            problem = f"{path} is a file, not a folder"
-        else:
-            for parent in [path, *path.parents]:
-                if parent.exists():
-                    if not parent.is_dir():
-                        problem = f"{parent} is a file, not a folder"
-                    elif not os.access(parent, os.W_OK | os.X_OK):
-                        problem = f"no permission to write in {parent}"
-                    break
-    except OSError as exc:
-        problem = exc.strerror or str(exc)
+    problem = _unwritable(Path(path), folder=True)
     if problem:
         raise NeedlesError(f"cannot write the {what} {path}: {problem}", fix="choose a folder you can write to")
 
