@@ -1,4 +1,4 @@
-"""Where the plugin keeps caches: one root, overridable, never inside the repo."""
+"""Where things are: the cache root (overridable, never inside the repo), the templates, and model-path checks."""
 
 from __future__ import annotations
 

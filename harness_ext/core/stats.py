@@ -1,4 +1,4 @@
-"""Statistics for the regression gate. One-sided throughout: H1 is "the candidate is worse".
+"""The one statistics module (gate, experiment verdicts, knockout, patching). One-sided: H1 "the candidate is worse".
 
 - Binary per-sample metrics: exact McNemar (binomial test on the discordant pairs, computed with integers),
   Newcombe's score interval for a paired difference of proportions, and an exact minimum detectable effect.
