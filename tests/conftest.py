@@ -11,6 +11,10 @@ import pytest
 from harness_ext.plugin.runner import load_results, run_lm_eval
 
 REPO = Path(__file__).resolve().parents[1]
+# CI passes NEEDLES_SHARED_DATA relative to the checkout (../shared/data); tests that change the working
+# folder, and the subprocesses they start, must still find it.
+if os.environ.get("NEEDLES_SHARED_DATA"):
+    os.environ["NEEDLES_SHARED_DATA"] = str(Path(os.environ["NEEDLES_SHARED_DATA"]).resolve())
 
 
 @pytest.fixture(scope="session")
