@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import shutil
@@ -13,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from harness_ext.cli import finetune as finetune_cmd
+from harness_ext.cli import main as cli_main
 from harness_ext.finetune.config import FinetuneConfig, load_config
 from harness_ext.finetune.recipe import finetune
 from harness_ext.plugin.runner import VLLM_LORA_RANKS, vllm_lora_rank
@@ -22,18 +21,8 @@ EVAL_META = {"lengths": [128], "depths": None, "num_samples": 4}
 
 
 def needles(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run `needles <argv>` through this module's own registration (as harness_ext/cli/main.py does)."""
-    from harness_ext.core.errors import NeedlesError
-
-    parser = argparse.ArgumentParser(prog="needles")
-    sub = parser.add_subparsers(dest="command", required=True)
-    finetune_cmd.register(sub)
-    args = parser.parse_args(argv)
-    try:
-        code = int(args.func(args) or 0)
-    except NeedlesError as exc:
-        print(f"needles: error: {exc.problem}\n  fix: {exc.fix}", file=__import__("sys").stderr)
-        code = 2
+    """`needles <argv>` through the real CLI (parser, error printer, exit code)."""
+    code = cli_main(argv)
     out = capsys.readouterr()
     return code, out.out, out.err
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from harness_ext.cli import finetune as finetune_cmd
+from harness_ext.cli import main as cli_main
 from harness_ext.core.errors import NeedlesError
 from harness_ext.finetune.args import finetune_parser, overrides_from_args
 from harness_ext.finetune.config import FinetuneConfig, load_config, packaged_config, read_yaml, validate_hparams
@@ -57,18 +58,8 @@ def option_strings(parser: argparse.ArgumentParser) -> list[str]:
 
 
 def needles(argv: list[str], capsys) -> tuple[int, str, str]:
-    """`needles <argv>` through the real registration; errors print as the CLI prints them."""
-    from harness_ext.core.errors import print_error
-
-    parser = argparse.ArgumentParser(prog="needles")
-    sub = parser.add_subparsers(dest="command", required=True)
-    finetune_cmd.register(sub)
-    args = parser.parse_args(argv)
-    try:
-        code = int(args.func(args) or 0)
-    except NeedlesError as exc:
-        print_error(exc)
-        code = 2
+    """`needles <argv>` through the real CLI (parser, error printer, exit code)."""
+    code = cli_main(argv)
     out = capsys.readouterr()
     return code, out.out, out.err
 

@@ -7,19 +7,17 @@ allowed mock: no network).
 
 from __future__ import annotations
 
-import argparse
 import email.parser
 import email.policy
 import itertools
 import json
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from harness_ext.cli import finetune as finetune_cmd
+from harness_ext.cli import main as cli_main
 from harness_ext.core.errors import NeedlesError
 from harness_ext.finetune.openai_ft import SYSTEM_MESSAGE, validate_rows
 
@@ -245,15 +243,8 @@ def fake_openai(monkeypatch):
 
 
 def needles(argv: list[str], capsys) -> tuple[int, str, str]:
-    parser = argparse.ArgumentParser(prog="needles")
-    sub = parser.add_subparsers(dest="command", required=True)
-    finetune_cmd.register(sub)
-    args = parser.parse_args(argv)
-    try:
-        code = int(args.func(args) or 0)
-    except NeedlesError as exc:
-        print(f"needles: error: {exc.problem}\n  fix: {exc.fix}", file=sys.stderr)
-        code = 2
+    """`needles <argv>` through the real CLI (parser, error printer, exit code)."""
+    code = cli_main(argv)
     out = capsys.readouterr()
     return code, out.out, out.err
 
