@@ -59,7 +59,7 @@ def register(sub: Any) -> None:
     p.add_argument("--pivot", help="write the wide pivot (models x task/metric/length/position) as CSV")
     p.add_argument("--markdown", help="write a Markdown report ('-' for stdout)")
     p.add_argument("--html", help="write a self-contained HTML report")
-    p.add_argument("--plots-dir", help="write PNG plots (mdqa.png, kv.png, flenqa.png, as the data allows)")
+    p.add_argument("--plots-dir", help="write PNG plots (mdqa.png, kv.png, niah.png, flenqa.png, as the data allows)")
     p.add_argument("--model-name", help="model name for runs (default: last path component of pretrained=)")
     p.add_argument("--adapter-name", help="adapter name for runs (default: from lora_local_path= / peft=)")
     p.add_argument("--title", default="lm-eval-needles leaderboard")

@@ -1,4 +1,4 @@
-"""``needles plot {mdqa,kv,flenqa} RESULTS... -o out.png``."""
+"""``needles plot {mdqa,kv,niah,flenqa} RESULTS... -o out.png``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from harness_ext.core.errors import NeedlesError
 _WHAT = {
     "mdqa": "MDQA per-position results (tasks mdqa<N>_pos<P>, or <metric>_pos<P> keys; baselines mdqa_closedbook)",
     "kv": "KV-retrieval length x depth breakdowns (<metric>_len<N>_depth<F> keys)",
+    "niah": "NIAH length x depth breakdowns (tasks niah*, <metric>_len<N>_depth<F> keys)",
     "flenqa": "FLenQA length breakdowns (tasks flenqa_monorel/pir/ruletaker, <metric>_ctx<N> or _len<N> keys)",
 }
 
@@ -23,7 +24,12 @@ def _plot(args: argparse.Namespace) -> int:
 
     check_output(args.output, "plot")
     rows = collect_rows(args.inputs)
-    default = {"mdqa": names.MDQA_METRIC, "kv": names.KV_METRIC, "flenqa": names.FLENQA_METRIC}[args.kind]
+    default = {
+        "mdqa": names.MDQA_METRIC,
+        "kv": names.KV_METRIC,
+        "niah": names.NIAH_METRIC,
+        "flenqa": names.FLENQA_METRIC,
+    }[args.kind]
     metric = args.metric or default
     png = plots.PLOTS[args.kind](rows, metric, args.filter)
     if png is None:
@@ -39,7 +45,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("plot", help="plot accuracy by position (MDQA), length x depth (KV) or length (FLenQA)")
+    p = sub.add_parser("plot", help="plot accuracy by position (MDQA), length x depth (KV, NIAH) or length (FLenQA)")
     p.add_argument("kind", choices=sorted(_WHAT), help="; ".join(f"{k}: {v}" for k, v in _WHAT.items()))
     p.add_argument("inputs", nargs="+", help="lm-eval output folders, results_*.json files or leaderboard CSVs")
     p.add_argument("-o", "--output", required=True, help="PNG file to write")

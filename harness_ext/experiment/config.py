@@ -9,9 +9,14 @@ YAML::
     max_model_len: 4096
     finetune: {recipe: smollm2_kv_lora.yaml, data: {num_samples: 320}}   # FinetuneConfig keys
     metadata: {lengths: [256], niah_lengths: [512]}                      # one --metadata for the suite
+    fixtures: {flenqa: {ctx_sizes: [250, 500], instances: 1}}            # built offline, marked non-official
     suite:
       - {task: kv_retrieval_simple, role: target, metric: value_acc}
-      - {task: mdqa_closedbook, role: guard, metric: best_subspan_em, margin: 0.05}
+      - {task: flenqa, role: target, metric: acc}
+      - {task: mdqa_closedbook, role: guard, metric: best_subspan_em, margin: 0.05, optional: true}
+
+``optional: true``: when the task's data cannot be had (no mirror, no cache, no network) the experiment runs
+without it and says so in its log, plan and comparison; otherwise missing data stops it before the first step.
 """
 
 from __future__ import annotations
@@ -24,6 +29,12 @@ from pathlib import Path
 from harness_ext.core.errors import NeedlesError
 
 ROLES = ("target", "guard")
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # experiments shipped in the wheel (the demo's)
+# fixtures the experiment can build before it starts (harness_ext.experiment.data_step), and their options
+FIXTURE_OPTIONS = {
+    "flenqa": ("ctx_sizes", "instances", "seed"),
+    "mdqa": ("documents", "num_questions", "seed"),
+}
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,7 @@ class SuiteTask:
     margin: float = 0.0  # guards: the largest drop tolerated, in the metric's units (0.01 = 1 point of accuracy)
     filter: str = "none"  # lm-eval filter whose per-sample values are compared
     label: str = ""  # how tables name it (default: the task)
+    optional: bool = False  # run without it when its data cannot be had (said in the log, plan and comparison)
 
     @property
     def name(self) -> str:
@@ -49,6 +61,7 @@ class ExperimentConfig:
     suite: list[SuiteTask]
     finetune: dict = field(default_factory=dict)  # FinetuneConfig values; "recipe" names a packaged/YAML base
     metadata: dict = field(default_factory=dict)
+    fixtures: dict = field(default_factory=dict)  # {"flenqa": {...}, "mdqa": {...}}: see FIXTURE_OPTIONS
     alpha: float = 0.05
     max_model_len: int = 4096
     bootstrap_iters: int = 10000
@@ -90,6 +103,8 @@ def _suite_entry(path: str, i: int, raw: object) -> SuiteTask:
     margin = raw.get("margin", 0.0)
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin) or margin < 0:
         raise _fail(path, f"{where} margin {margin!r} is not a number >= 0", "e.g. margin: 0.01 (one point)")
+    if not isinstance(raw.get("optional", False), bool):
+        raise _fail(path, f"{where} optional {raw['optional']!r} is not true or false", "write optional: true")
     if raw["role"] == "target" and margin:
         raise _fail(path, f"{where} is a target with a margin", "margins belong to guards; drop it")
     return SuiteTask(**{**raw, "margin": float(margin)})
@@ -122,10 +137,24 @@ def experiment_from_dict(values: dict, path: str = "<dict>") -> ExperimentConfig
         v = values.get(key)
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
             raise _fail(path, f"{key} {v!r} is not an integer >= {lo}", f"fix `{key}:`")
-    for key in ("finetune", "metadata"):
+    for key in ("finetune", "metadata", "fixtures"):
         if not isinstance(values.get(key, {}), dict):
             raise _fail(path, f"{key} is not a mapping", f"write `{key}: {{...}}`")
+    for name, options in (values.get("fixtures") or {}).items():
+        if name not in FIXTURE_OPTIONS:
+            raise _fail(path, f"fixtures has unknown fixture {name!r}", f"use one of {sorted(FIXTURE_OPTIONS)}")
+        if not isinstance(options or {}, dict) or sorted(set(options or {}) - set(FIXTURE_OPTIONS[name])):
+            raise _fail(path, f"fixtures.{name} has unknown options", f"use keys among {list(FIXTURE_OPTIONS[name])}")
     return ExperimentConfig(**{**values, "suite": entries})
+
+
+def packaged_experiment(name: str) -> Path:
+    """An experiment config shipped inside the package (``harness_ext/experiment/configs/NAME``)."""
+    path = CONFIG_DIR / name
+    if not path.is_file():
+        shipped = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+        raise NeedlesError(f"no packaged experiment {name!r}", fix=f"use one of {shipped}")
+    return path
 
 
 def load_experiment(path: str | Path) -> ExperimentConfig:

@@ -18,6 +18,7 @@ from pathlib import Path
 from harness_ext.core.atomic_io import write_atomic, write_json_atomic
 from harness_ext.core.errors import NeedlesError
 from harness_ext.experiment.config import ExperimentConfig
+from harness_ext.experiment.data_step import prepare_data
 from harness_ext.experiment.steps import Step, StepRunner
 from harness_ext.experiment.verdict import compare_runs, to_markdown
 
@@ -106,10 +107,28 @@ def run_experiment(
     out.mkdir(parents=True, exist_ok=True)
     ft_yaml = out / "finetune.yaml"
     write_atomic(ft_yaml, yaml.safe_dump(dataclasses.asdict(ft), sort_keys=False))
+    write_atomic(out / "experiment.yaml", yaml.safe_dump(_plain(cfg), sort_keys=False))
+    runner = StepRunner(out, log)
+    reproduce = ["needles", "experiment", config_path or str(out / "experiment.yaml"), "-o", str(out)]
+    # fixtures and the data check first: the suite it settles on fixes every later command
+    data_step = Step(
+        "data", reproduce, lambda: prepare_data(cfg, out / "fixtures", runner.log), out / "fixtures", same_command=False
+    )
+    data = runner.run([data_step])["data"]
+    settled = sorted(data["suite"] + [s["task"] for s in data["skipped"]])
+    if settled != sorted(e.name for e in cfg.suite):
+        raise NeedlesError(
+            f"{out} holds an experiment over another suite ({', '.join(settled)})",
+            fix=f"use a new output folder, or delete {out / 'steps'} to start this one over",
+        )
+    kept = set(data["suite"])
+    run_cfg = dataclasses.replace(cfg, suite=[e for e in cfg.suite if e.name in kept], metadata=data["metadata"])
+    skipped = data["skipped"]
+
     tuned = out / "finetune" / ("adapter" if ft.method == "lora" else "model")
     adapter, merged = (tuned, None) if ft.method == "lora" else (None, tuned)
-    base_argv = eval_argv(cfg, base, out / "eval_base")
-    tuned_argv = eval_argv(cfg, base, out / "eval_finetuned", adapter=adapter, merged=merged, lora_rank=ft.lora_r)
+    base_argv = eval_argv(run_cfg, base, out / "eval_base")
+    tuned_argv = eval_argv(run_cfg, base, out / "eval_finetuned", adapter=adapter, merged=merged, lora_rank=ft.lora_r)
 
     def train() -> dict:
         done_manifest = Path(ft.output_dir) / "manifest.json"
@@ -121,29 +140,28 @@ def run_experiment(
         return {"manifest": str(Path(ft.output_dir) / "manifest.json"), "final_loss": manifest["final_loss"]}
 
     def compare() -> dict:
-        comparison = compare_runs(done["eval_base"]["results"], done["eval_finetuned"]["results"], cfg)
+        comparison = compare_runs(done["eval_base"]["results"], done["eval_finetuned"]["results"], run_cfg, skipped)
         write_json_atomic(out / "comparison.json", comparison)
         write_atomic(out / "comparison.md", to_markdown(comparison, reference_numbers(cfg)))
         return {"comparison": str(out / "comparison.json"), "claim_holds": comparison["claim_holds"]}
 
-    done: dict[str, dict] = {}
-    runner = StepRunner(out, log)
-    reproduce = ["needles", "experiment", config_path or str(out / "experiment.yaml"), "-o", str(out)]
+    done: dict[str, dict] = {"data": data}
     steps = [
         Step("eval_base", base_argv, lambda: _lm_eval(base_argv, out / "eval_base"), out / "eval_base"),
         Step("finetune", ["needles", "finetune", "--config", str(ft_yaml)], train, out / "finetune", keep_partial=True),
         Step(
             "eval_finetuned", tuned_argv, lambda: _lm_eval(tuned_argv, out / "eval_finetuned"), out / "eval_finetuned"
         ),
-        Step("compare", reproduce, compare),
-        Step("report", reproduce, lambda: report(cfg, done, out)),
+        Step("compare", reproduce, compare, same_command=False),
+        Step("report", reproduce, lambda: report(run_cfg, done, out), same_command=False),
     ]
-    write_atomic(out / "experiment.yaml", yaml.safe_dump(_plain(cfg), sort_keys=False))
-    runner.write_plan(steps, {"name": cfg.name, "model": base, "config": str(out / "experiment.yaml")})
+    runner.write_plan(
+        [data_step, *steps],
+        {"name": cfg.name, "model": base, "config": str(out / "experiment.yaml"), "skipped": skipped},
+    )
     for step in steps:  # run one at a time so later steps see earlier outputs
         done.update(runner.run([step]))
-    comparison = compare_runs(done["eval_base"]["results"], done["eval_finetuned"]["results"], cfg)
-    return comparison
+    return compare_runs(done["eval_base"]["results"], done["eval_finetuned"]["results"], run_cfg, skipped)
 
 
 def _plain(cfg: ExperimentConfig) -> dict:
@@ -204,8 +222,10 @@ def describe_plan(cfg: ExperimentConfig, out: Path) -> str:
     ft = finetune_config(cfg, out)
     tuned = out / "finetune" / ("adapter" if ft.method == "lora" else "model")
     adapter, merged = (tuned, None) if ft.method == "lora" else (None, tuned)
+    fixtures = f"build fixtures {', '.join(cfg.fixtures)} into {out / 'fixtures'}, " if cfg.fixtures else ""
     return "\n".join(
         [
+            f"# data: {fixtures}check every suite task's data (optional tasks without it are left out)",
             shlex.join(eval_argv(cfg, cfg.model, out / "eval_base")),
             f"needles finetune --config {out / 'finetune.yaml'}",
             shlex.join(eval_argv(cfg, cfg.model, out / "eval_finetuned", adapter, merged, ft.lora_r)),

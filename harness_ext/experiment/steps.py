@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness_ext.core.atomic_io import write_json_atomic
+from harness_ext.core.errors import NeedlesError
 
 
 @dataclass
@@ -28,6 +29,7 @@ class Step:
     folder: Path | None = None  # the step's outputs (cleaned before a redo)
     inputs: dict = field(default_factory=dict)
     keep_partial: bool = False  # a redo continues from what is there (finetuning resumes its checkpoints)
+    same_command: bool = True  # a finished step counts only if it ran this very command
 
 
 class StepRunner:
@@ -64,6 +66,12 @@ class StepRunner:
         results: dict[str, dict] = {}
         for i, step in enumerate(steps, 1):
             finished = self.done(step.name)
+            if finished is not None and step.same_command and finished.get("command") != shlex.join(step.command):
+                raise NeedlesError(
+                    f"step {step.name} in {self.out} finished with another command ({finished.get('command')}); "
+                    "the config changed since",
+                    fix=f"use a new output folder, or delete {self.marker(step.name)} (and its outputs) to redo it",
+                )
             if finished is not None:
                 self.log(f"{i}/{len(steps)} {step.name}: done before, skipped ({self.marker(step.name)})")
                 results[step.name] = finished["outputs"]

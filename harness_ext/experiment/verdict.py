@@ -90,8 +90,11 @@ def compare_entry(entry: SuiteTask, base: np.ndarray, new: np.ndarray, cfg: Expe
     return out
 
 
-def compare_runs(base_path: str | Path, new_path: str | Path, cfg: ExperimentConfig) -> dict:
-    """The whole comparison: per-task tests, Holm across them, per-task verdicts and the claim's verdict."""
+def compare_runs(
+    base_path: str | Path, new_path: str | Path, cfg: ExperimentConfig, skipped: list[dict] | None = None
+) -> dict:
+    """The whole comparison: per-task tests, Holm across them, per-task verdicts and the claim's verdict.
+    ``skipped``: optional suite tasks left out for want of data; the verdict then says it is partial."""
     base, new = load_one_run(base_path, "baseline"), load_one_run(new_path, "candidate")
     rows = []
     for entry in cfg.suite:
@@ -107,13 +110,18 @@ def compare_runs(base_path: str | Path, new_path: str | Path, cfg: ExperimentCon
         )
         row["pass"] = shown
     holds = all(r["pass"] for r in rows)
+    skipped = list(skipped or [])
+    verdict = "CLAIM HOLDS" if holds else "CLAIM NOT SHOWN"
+    if skipped:
+        verdict += f" (on the tasks run; {len(skipped)} optional task(s) not run: no data)"
     return {
         "name": cfg.name,
         "alpha": cfg.alpha,
-        "correction": "Holm over all suite tasks",
+        "correction": "Holm over all suite tasks run",
         "claim_holds": holds,
-        "verdict": "CLAIM HOLDS" if holds else "CLAIM NOT SHOWN",
+        "verdict": verdict,
         "tasks": rows,
+        "skipped": skipped,
         "base_results": str(base.path),
         "finetuned_results": str(new.path),
     }
@@ -144,5 +152,10 @@ def to_markdown(comparison: dict, reference: dict | None = None) -> str:
         if ref:
             line += f" {ref.get(r['task'], '')} |"
         lines.append(line)
+    for r in comparison.get("skipped", []):
+        reason = str(r["reason"]).replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| {r['task']} | {r['role']} | | | | | | | | | not run: {reason} |" + (" |" if ref else ""))
     lines += ["", f"Base: {comparison['base_results']}", f"Finetuned: {comparison['finetuned_results']}"]
+    for r in comparison.get("skipped", []):
+        lines.append(f"{r['task']} was not run: {r['reason']}" + (f" Fix: {r['fix']}" if r.get("fix") else ""))
     return "\n".join(lines) + "\n"

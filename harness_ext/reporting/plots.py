@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 from collections.abc import Callable, Iterable
 
 from harness_ext.core.errors import NeedlesError
@@ -143,10 +144,10 @@ def mdqa_plot(
 
 
 def kv_cells(
-    rows: Iterable[Row], metric: str = names.KV_METRIC, filt: str | None = None
+    rows: Iterable[Row], metric: str = names.KV_METRIC, filt: str | None = None, task: re.Pattern = names.KV_TASK
 ) -> dict[tuple[str, str], dict[tuple[int, float], float]]:
-    """{(model label, task): {(length, depth): value}} for KV tasks."""
-    cells = _pick_filter([r for r in latest(rows) if r["metric"] == metric and names.KV_TASK.match(r["task"])], filt)
+    """{(model label, task): {(length, depth): value}} for the tasks ``task`` matches (KV by default)."""
+    cells = _pick_filter([r for r in latest(rows) if r["metric"] == metric and task.match(r["task"])], filt)
     grids: dict[tuple[str, str], dict[tuple[int, float], float]] = {}
     for r in cells:
         if r["length"] and r["position_kind"] == "depth":
@@ -155,8 +156,11 @@ def kv_cells(
 
 
 @_literal_text
-def kv_heatmap(rows: Iterable[Row], metric: str = names.KV_METRIC, filt: str | None = None) -> bytes | None:
-    grids = kv_cells(rows, metric, filt)
+def kv_heatmap(
+    rows: Iterable[Row], metric: str = names.KV_METRIC, filt: str | None = None, task: re.Pattern = names.KV_TASK
+) -> bytes | None:
+    """One length x depth grid per (model, task), side by side: base and finetuned next to each other."""
+    grids = kv_cells(rows, metric, filt, task)
     if not grids:
         return None
     plt = _pyplot()
@@ -230,7 +234,12 @@ def flenqa_plot(rows: Iterable[Row], metric: str = names.FLENQA_METRIC, filt: st
     return _png(fig)
 
 
-PLOTS = {"mdqa": mdqa_plot, "kv": kv_heatmap, "flenqa": flenqa_plot}
+def niah_heatmap(rows: Iterable[Row], metric: str = names.NIAH_METRIC, filt: str | None = None) -> bytes | None:
+    """The NIAH grid (Wu et al.'s success rule by length and depth), drawn as the KV one."""
+    return kv_heatmap(rows, metric, filt, task=names.NIAH_TASK)
+
+
+PLOTS = {"mdqa": mdqa_plot, "kv": kv_heatmap, "niah": niah_heatmap, "flenqa": flenqa_plot}
 
 
 def available() -> bool:

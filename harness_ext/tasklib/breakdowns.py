@@ -43,6 +43,8 @@ FLENQA_METRIC = "acc"
 # Synthetic KV retrieval: length x depth breakdowns of these metrics.
 KV_TASK = re.compile(r"^kv_retrieval(_\w+)?$")
 KV_METRIC = "both_acc"
+NIAH_TASK = re.compile(r"^niah(_\w+)?$")
+NIAH_METRIC = "niah_success"
 
 
 @dataclass(frozen=True)

@@ -113,7 +113,7 @@ def _load(relpath: str, metadata: dict) -> tuple[tuple[dict, ...], Resolved]:
     return _read_rows(str(got.path), got.sha256), got
 
 
-def _source_for(num_documents: int, position: int) -> tuple[str, bool]:
+def source_for(num_documents: int, position: int) -> tuple[str, bool]:
     """(official file to read, whether the gold passage must be moved)."""
     if num_documents not in OFFICIAL_GOLD_INDICES:
         raise NeedlesError(
@@ -213,7 +213,7 @@ def mdqa_dataset(
     if mdqa_task_kind == "sweep":
         return _sweep(metadata, seed, limit, variant)
     n, position = int(mdqa_task_documents), int(mdqa_task_position)
-    relpath, derive = _source_for(n, position)
+    relpath, derive = source_for(n, position)
     rows, got = _load(relpath, metadata)
     docs = _documents(rows, question_order(rows, seed, limit), position, relpath, derive, variant)
     extra = {
@@ -224,6 +224,20 @@ def mdqa_dataset(
         "needles_derived": f"gold moved from {relpath}" if derive else None,
     }
     return _dataset(docs, _info([got], rows, seed, limit, extra))
+
+
+def data_files(task: str, metadata: dict) -> list[str]:
+    """The files of the Lost-in-the-Middle data a task (or the ``mdqa20`` group) reads with this metadata."""
+    if task in ("mdqa_closedbook", "mdqa_oracle"):
+        return [ORACLE_FILE]
+    if task == "mdqa_sweep":
+        n = _int(metadata, "mdqa_num_documents", 20)
+        return list(dict.fromkeys(source_for(n, p)[0] for p in _positions(metadata, n)))
+    if task.startswith("mdqa20_pos"):
+        return [source_for(20, int(task.removeprefix("mdqa20_pos")))[0]]
+    if task == "mdqa20":
+        return list(dict.fromkeys(source_for(20, p)[0] for p in DEFAULT_SWEEP_POSITIONS))
+    return []
 
 
 def _positions(metadata: dict, n: int) -> list[int]:
@@ -247,7 +261,7 @@ def _sweep(metadata: dict, seed: int, limit: int | None, variant: str) -> datase
     positions = _positions(metadata, n)
     per_position, got, base_rows = {}, [], None
     for p in positions:
-        relpath, derive = _source_for(n, p)
+        relpath, derive = source_for(n, p)
         rows, g = _load(relpath, metadata)
         base_rows = base_rows or rows
         got.append(g)

@@ -5,6 +5,7 @@ planted as finished steps, so only the comparison and the report run here)."""
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ import yaml
 
 from harness_ext.cli import main
 from harness_ext.experiment.config import experiment_from_dict
+from harness_ext.experiment.run import eval_argv, finetune_config
 from harness_ext.experiment.verdict import compare_runs
+from harness_ext.finetune.modeling import resolve_model
 
 DATE = "2026-01-01T00-00-00.000000"
 
@@ -45,6 +48,11 @@ def write_run(folder: Path, per_task: dict[str, tuple[str, list[float]]], model:
     return path
 
 
+@pytest.fixture
+def litm(shared_data) -> Path:
+    return shared_data / "lost-in-the-middle"
+
+
 KV = "kv_retrieval_simple"
 GUARD = "mdqa_closedbook"
 N = 60
@@ -54,14 +62,16 @@ GUARD_VALUES = [1.0] * 20 + [0.0] * 40
 DROPPED_GUARD = [0.0] * 60  # the finetuned model lost every answer: a 33-point drop
 
 
-def config(margin: float = 0.05) -> dict:
+def config(margin: float = 0.05, mirror: Path | None = None) -> dict:
+    """The planted experiment; ``mirror``: the LitM folder the data step finds the guard's oracle file in."""
     return {
         "name": "planted",
         "model": "smollm2",
         "alpha": 0.05,
         "bootstrap_iters": 2000,
         "finetune": {"recipe": "smollm2_kv_lora.yaml"},
-        "metadata": {"lengths": [256], "depths": None, "num_samples": N},
+        "metadata": {"lengths": [256], "depths": None, "num_samples": N}
+        | ({"mdqa_mirror": str(mirror)} if mirror else {}),
         "suite": [
             {"task": KV, "role": "target", "metric": "value_acc"},
             {"task": GUARD, "role": "guard", "metric": "best_subspan_em", "margin": margin},
@@ -69,8 +79,20 @@ def config(margin: float = 0.05) -> dict:
     }
 
 
-def plant(out: Path, guard_after: list[float], smollm2_dir: Path) -> None:
-    """Finished eval_base / finetune / eval_finetuned steps, as an interrupted experiment leaves them."""
+def plant(out: Path, guard_after: list[float], smollm2_dir: Path, values: dict) -> None:
+    """Finished eval_base / finetune / eval_finetuned steps, as an interrupted experiment leaves them (each
+    marker records the command the experiment would run: a marker of another command is refused)."""
+    cfg = experiment_from_dict(yaml.safe_load(yaml.safe_dump(values)))  # as the YAML file reads (sorted keys)
+    out.mkdir(parents=True)
+    ft = finetune_config(cfg, out)
+    base_model = resolve_model(cfg.model)
+    commands = {
+        "eval_base": eval_argv(cfg, base_model, out / "eval_base"),
+        "finetune": ["needles", "finetune", "--config", str(out / "finetune.yaml")],
+        "eval_finetuned": eval_argv(
+            cfg, base_model, out / "eval_finetuned", adapter=out / "finetune" / "adapter", lora_rank=ft.lora_r
+        ),
+    }
     base = write_run(
         out / "eval_base", {KV: ("value_acc", BASE_KV), GUARD: ("best_subspan_em", GUARD_VALUES)}, str(smollm2_dir)
     )
@@ -80,17 +102,18 @@ def plant(out: Path, guard_after: list[float], smollm2_dir: Path) -> None:
         str(smollm2_dir),
     )
     steps = out / "steps"
-    steps.mkdir(parents=True)
+    steps.mkdir()
     markers = {"eval_base": {"results": str(base)}, "finetune": {"manifest": "planted", "final_loss": 0.1},
                "eval_finetuned": {"results": str(new)}}  # fmt: skip
     for name, outputs in markers.items():
-        (steps / f"{name}.json").write_text(json.dumps({"name": name, "command": "planted", "outputs": outputs}))
+        record = {"name": name, "command": shlex.join(commands[name]), "outputs": outputs}
+        (steps / f"{name}.json").write_text(json.dumps(record))
 
 
-def test_improvement_and_held_guard_make_the_claim_hold(tmp_path, smollm2_dir, capsys):
+def test_improvement_and_held_guard_make_the_claim_hold(tmp_path, smollm2_dir, litm, capsys):
     out = tmp_path / "exp"
-    plant(out, GUARD_VALUES, smollm2_dir)
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(config()))
+    plant(out, GUARD_VALUES, smollm2_dir, config(mirror=litm))
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(config(mirror=litm)))
     assert main(["experiment", str(tmp_path / "exp.yaml"), "-o", str(out)]) == 0
     printed = capsys.readouterr()
     assert "CLAIM HOLDS" in printed.out and "done before, skipped" in printed.err
@@ -105,15 +128,17 @@ def test_improvement_and_held_guard_make_the_claim_hold(tmp_path, smollm2_dir, c
     assert "planted-finetuned" in rows and rows.count(KV) >= 2
     # nothing that had finished was run again, and the plan names the command of every step
     plan = json.loads((out / "plan.json").read_text())
-    assert [s["name"] for s in plan["steps"]] == ["eval_base", "finetune", "eval_finetuned", "compare", "report"]
-    assert json.loads((out / "steps" / "finetune.json").read_text())["command"] == "planted"
-    assert "lora_local_path=" in plan["steps"][2]["command"] and "lm_eval run" in plan["steps"][0]["command"]
+    names = ["data", "eval_base", "finetune", "eval_finetuned", "compare", "report"]
+    assert [s["name"] for s in plan["steps"]] == names and plan["skipped"] == []
+    assert json.loads((out / "steps" / "finetune.json").read_text())["outputs"]["manifest"] == "planted"
+    assert "lora_local_path=" in plan["steps"][3]["command"] and "lm_eval run" in plan["steps"][1]["command"]
+    assert "comparison" in json.loads((out / "steps" / "compare.json").read_text())["outputs"]
 
 
-def test_a_regressed_guard_makes_the_claim_fail_with_exit_1(tmp_path, smollm2_dir, capsys):
+def test_a_regressed_guard_makes_the_claim_fail_with_exit_1(tmp_path, smollm2_dir, litm, capsys):
     out = tmp_path / "exp"
-    plant(out, DROPPED_GUARD, smollm2_dir)
-    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(config()))
+    plant(out, DROPPED_GUARD, smollm2_dir, config(mirror=litm))
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(config(mirror=litm)))
     assert main(["experiment", str(tmp_path / "exp.yaml"), "-o", str(out)]) == 1
     assert "CLAIM NOT SHOWN" in capsys.readouterr().out
     guard = json.loads((out / "comparison.json").read_text())["tasks"][1]

@@ -76,8 +76,8 @@ def test_experiment_verdict_on_the_real_runs(finetuned_smollm2, capsys):
     assert (out / "comparison.md").read_text().startswith("# Experiment ci: ")
     board = (out / "leaderboard.csv").read_text()
     assert "ci-finetuned" in board and "mdqa_closedbook" in board
-    # resumable: every step has its marker, so a rerun skips all five and gives the same verdict
+    # resumable: every step has its marker, so a rerun skips all six (data included) and gives the same verdict
     capsys.readouterr()
     code = main(["experiment", str(out.parent / "ci.yaml"), "-o", str(out)])
     assert code == finetuned_smollm2["exit_code"]
-    assert capsys.readouterr().err.count("done before, skipped") == 5
+    assert capsys.readouterr().err.count("done before, skipped") == 6

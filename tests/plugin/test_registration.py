@@ -100,6 +100,8 @@ def test_wheel_ships_templates_hooks_and_tasks(wheel):
         "kv_tasks/kv_retrieval/kv_retrieval.yaml",
         "kv_tasks/kv_retrieval/utils.py",
         "harness_ext/plugin/autoload.py",
+        "harness_ext/finetune/configs/smollm2_kv_lora.yaml",  # the demo's recipe
+        "harness_ext/experiment/configs/smollm2_cpu.yaml",  # the demo's experiment
     ):
         assert required in names, required
     start = zipfile.ZipFile(wheel).read("lm_eval_needles.start").decode().strip()

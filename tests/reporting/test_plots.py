@@ -7,11 +7,13 @@ import io
 from pathlib import Path
 
 import numpy as np
+import pytest
 from matplotlib.image import imread
 
 from harness_ext.cli import main
 from harness_ext.reporting import leaderboard as lb
 from harness_ext.reporting import plots
+from harness_ext.tasklib import breakdowns as names
 
 REPO = Path(__file__).resolve().parents[2]
 LITM = REPO / "leaderboards" / "lost_in_the_middle_mdqa20.csv"
@@ -60,6 +62,25 @@ def test_kv_heatmap_cells_and_panels():
     img = _image(plots.kv_heatmap(rows))
     assert img.shape[0] > img.shape[1] / 3  # 4 panels laid out on two rows
     assert plots.kv_heatmap(rows, metric="value_acc") is None
+
+
+def test_niah_heatmap_shows_base_and_finetuned_side_by_side(tmp_path):
+    rows = []
+    for model, adapter, shift in (("smol", "", 0.0), ("smol", "lora", 0.25)):
+        for length in (512, 1024):
+            for depth in ("0.00", "0.50", "1.00"):
+                rows.append(_row(model=model, adapter=adapter, task="niah_single", metric="niah_success", length=length,
+                                 position=depth, position_kind="depth", value=0.5 + shift - length / 4096))  # fmt: skip
+        rows.append(_row(model=model, adapter=adapter, task="kv_retrieval_simple", metric="niah_success",
+                         length=512, position="0.00", position_kind="depth", value=0.9))  # fmt: skip
+    grids = plots.kv_cells(rows, "niah_success", task=names.NIAH_TASK)
+    assert set(grids) == {("smol", "niah_single"), ("smol + lora", "niah_single")}
+    assert grids[("smol + lora", "niah_single")][(1024, 0.5)] == pytest.approx(0.5)
+    png = plots.niah_heatmap(rows)
+    img = _image(png)
+    assert img.shape[1] > img.shape[0]  # two panels on one row
+    assert plots.niah_heatmap([r for r in rows if r["task"] != "niah_single"]) is None
+    assert "niah" in plots.all_plots(rows) and "kv" not in plots.all_plots(rows)  # KV rows carry another metric
 
 
 def test_flenqa_plot_uses_length_breakdowns_only():
