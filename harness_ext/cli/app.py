@@ -20,6 +20,7 @@ COMMAND_MODULES = [
     "harness_ext.cli.finetune",
     "harness_ext.cli.heads",
     "harness_ext.cli.experiment",
+    "harness_ext.cli.study",
 ]
 
 

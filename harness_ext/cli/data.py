@@ -1,4 +1,5 @@
-"""``needles data ...``: fetch and verify official data, write offline mirrors, build test fixtures."""
+"""``needles data ...``: fetch and verify official data, write offline mirrors, build test fixtures, list
+task groups and (``needles data list families``) the data families and cells with their knobs."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 MDQA_SETTINGS = (10, 20, 30)
+FAMILIES_VIEW = "families"  # `needles data list families`: the data families, not an lm-eval group
 
 
 def _mdqa_files(documents: list[int]) -> list[str]:
@@ -87,7 +89,56 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if bad or missing else 0
 
 
+def _value(value: object) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(str, value)) + "]"
+    return str(value)
+
+
+def _list_families() -> int:
+    """The data families and cells (one row each), what they are, and their knobs with defaults."""
+    from harness_ext.finetune.families import describe_families
+
+    rows = describe_families()
+    print(f"{'family':<11} {'cell':<19} {'concept':<10} {'diversity':<10} {'--probes':<30} lm-eval task(s)")
+    for r in rows:
+        tasks = ", ".join(r["tasks"])
+        print(
+            f"{r['family']:<11} {r['cell'] or '-':<19} {r['concept']:<10} {r['diversity']:<10} {r['probe']:<30} {tasks}"
+        )
+    print()
+    for r in rows:
+        print(f"{r['cell'] or r['family']}: {r['summary']}")
+    for family in dict.fromkeys(r["family"] for r in rows):
+        knobs: dict[str, dict] = {}
+        for r in (r for r in rows if r["family"] == family):
+            for k in r["knobs"]:
+                knobs.setdefault(k["key"], k)
+        cell = " cell: CELL," if family != "kv" else ""
+        print(f"\nknobs of {family} (finetune YAML `data: {{family: {family},{cell} KEY: VALUE}}` or the flag;")
+        print("lm-eval: --metadata KEY; defaults for training / evaluation):")
+        print(f"  {'data key':<20} {'flag':<22} {'--metadata key':<26} {'train':<12} {'eval':<28} cells")
+        for k in knobs.values():
+            cells = "all" if family == "kv" or len(k["cells"]) == sum(r["family"] == family for r in rows) else ""
+            cells = cells or ", ".join(k["cells"])
+            train, evaluate = _value(k["train_default"]), _value(k["eval_default"])
+            print(f"  {k['key']:<20} {k['flag']:<22} {k['metadata']:<26} {train:<12} {evaluate:<28} {cells}")
+    print("\nsynth_mdqa trains on the train split and evaluates on the eval split (same seed, disjoint data).")
+    print(
+        f"{len(rows)} cells in {len(set(r['family'] for r in rows))} families; train on one with "
+        "`needles finetune --data-family F --data-cell C`, score on any with `lm_eval --tasks T`",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _list_general(args: argparse.Namespace) -> int:
+    if args.group == FAMILIES_VIEW:
+        return _list_families()
     from harness_ext.tasklib.general import resolve_leaf_configs
 
     leaves, groups = resolve_leaf_configs([args.group])
@@ -169,8 +220,17 @@ def register(sub) -> None:
     )
     p.set_defaults(func=_verify)
 
-    p = dsub.add_parser("list", help="show the tasks, shots and datasets a group resolves to (no download)")
-    p.add_argument("group", nargs="?", default="needles_general")
+    p = dsub.add_parser(
+        "list",
+        help="show the tasks, shots and datasets a group resolves to (no download); "
+        "`list families`: the data families and cells with their knobs",
+    )
+    p.add_argument(
+        "group",
+        nargs="?",
+        default="needles_general",
+        help=f"an lm-eval group (default needles_general), or {FAMILIES_VIEW!r}: the synthetic/real data grid",
+    )
     p.set_defaults(func=_list_general)
 
     p = dsub.add_parser("mdqa-fixture", help="build a labelled MDQA FIXTURE mirror from the real oracle file")

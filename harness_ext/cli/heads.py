@@ -31,6 +31,14 @@ from harness_ext.cli.heads_checks import (
 )
 from harness_ext.cli.heads_patch import register_patch
 from harness_ext.core.errors import NeedlesError
+from harness_ext.heads.probes_synth import (
+    PROBE_DEFAULTS,
+    SYNTH_PREFIX,
+    ProbeChoices,
+    check_synth_metadata,
+    is_synth_probe,
+    synth_probes,
+)
 
 
 def _mdqa_metadata(args: argparse.Namespace) -> dict:
@@ -62,7 +70,7 @@ def _check_run_args(args: argparse.Namespace) -> None:
     check_depths(args, ("depths", "kv_depths", "eval_depths"))
     check_threshold(args.threshold)
     check_output_dir(Path(args.output_dir))
-    _mdqa_metadata(args)
+    check_synth_metadata(args.probes, _mdqa_metadata(args))
 
 
 # ----------------------------------------------------------------------------------- detection
@@ -81,6 +89,9 @@ def _settings(args: argparse.Namespace) -> dict:
         }
     if "mdqa" in args.probes:
         out["mdqa"] = _mdqa_metadata(args)
+    synth = [name for name in args.probes if is_synth_probe(name)]
+    if synth:
+        out["synth_mdqa"] = {"cells": sorted(synth), "metadata": {**PROBE_DEFAULTS, **_mdqa_metadata(args)}}
     return out
 
 
@@ -103,6 +114,8 @@ def _build_probes(lm, args: argparse.Namespace) -> list:
         probes += hp.kv_probes(lm.tokenizer, docs, lm.chat)
     if "mdqa" in args.probes:
         probes += hp.mdqa_probes(lm.tokenizer, hp.mdqa_docs(_mdqa_metadata(args)), lm.chat)
+    for name in (n for n in args.probes if is_synth_probe(n)):
+        probes += synth_probes(lm.tokenizer, name.removeprefix(SYNTH_PREFIX), _mdqa_metadata(args), lm.chat)
     return probes
 
 
@@ -238,7 +251,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--no-chat-template", dest="chat_template", action="store_false")
     p.add_argument("-o", "--output-dir", default="heads-out", help="heads.json, heads.png, retrieval_heads.txt")
-    p.add_argument("--probes", nargs="+", default=["niah", "kv"], choices=["niah", "kv", "mdqa"])
+    p.add_argument(
+        "--probes",
+        nargs="+",
+        default=["niah", "kv"],
+        choices=ProbeChoices(["niah", "kv", "mdqa"]),
+        metavar="PROBES",
+        help="niah, kv, mdqa and synth_mdqa:CELL for a cell of `needles data list families` (default: niah kv)",
+    )
     p.add_argument("--needles", default=None, help=f"needles JSONL (default: $NEEDLES_SHARED_DATA/{DEFAULT_NEEDLES})")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024], help="NIAH input tokens")
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="NIAH needle depths")
@@ -250,7 +270,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--mdqa-metadata",
         help="JSON for kv_tasks.mdqa data (mdqa_num_documents, mdqa_positions, "
-        f"mdqa_num_questions, mdqa_mirror, allow_unofficial_data); default {json.dumps(DEFAULT_MDQA)}",
+        f"mdqa_num_questions, mdqa_mirror, allow_unofficial_data); default {json.dumps(DEFAULT_MDQA)}; "
+        "synth_mdqa:CELL probes read their synth_* keys here too",
     )
     p.add_argument("--seed", type=int, default=0, help="haystack seed and random-knockout seed")
     p.add_argument("--extra-tokens", type=int, default=24, help="decode up to needle tokens + this many")

@@ -6,6 +6,7 @@
 - Without per-sample logs: an unpaired z-test from the two values and their standard errors.
 - Holm's step-down adjustment across the gated metrics.
 - Standard errors of a mean and of a paired mean difference (the leaderboard's stderr, the gate's MDE).
+- Rank correlation: Spearman's rho (average ranks for ties) with a percentile bootstrap interval over pairs.
 """
 
 from __future__ import annotations
@@ -232,3 +233,75 @@ def holm(pvalues: list[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * pvalues[i]))
         adjusted[i] = running
     return adjusted
+
+
+# ----------------------------------------------------------------------------------- rank correlation
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing the mean of the ranks they span (as scipy.stats.rankdata's "average")."""
+    x = np.asarray(x, dtype=float).ravel()
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), dtype=float)
+    sorted_x = x[order]
+    i = 0
+    while i < len(x):
+        j = i
+        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
+            j += 1
+        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
+        i = j + 1
+    return ranks
+
+
+def spearman_rho(a: np.ndarray, b: np.ndarray) -> float | None:
+    """Spearman's rho (Pearson correlation of average ranks); None below two pairs or when a side is constant."""
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    if len(a) != len(b):
+        raise ValueError(f"spearman_rho needs paired values, got {len(a)} and {len(b)}")
+    if len(a) < 2:
+        return None
+    ra, rb = average_ranks(a), average_ranks(b)
+    if ra.std() == 0 or rb.std() == 0:
+        return None
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+@dataclass
+class CorrelationResult:
+    """Spearman's rho of n pairs with a percentile bootstrap interval over resampled pairs.
+
+    ``ci`` is None when rho is undefined, or when fewer than half the resamples had a defined rho (too few
+    distinct pairs to say anything); ``defined`` counts the resamples that did.
+    """
+
+    rho: float | None
+    ci: tuple[float, float] | None
+    n: int
+    level: float
+    iters: int
+    defined: int
+
+
+def spearman_bootstrap(
+    a: np.ndarray, b: np.ndarray, level: float = 0.95, iters: int = 10000, seed: int = 0
+) -> CorrelationResult:
+    """Spearman's rho of paired values and its (level) percentile bootstrap interval, resampling the pairs.
+
+    Resamples in which either side is constant (rho undefined) are left out; the interval is taken over the
+    rest. With few pairs the interval is wide and lumpy: that is the honest answer for a handful of variants.
+    """
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    rho = spearman_rho(a, b)
+    n = len(a)
+    if rho is None:
+        return CorrelationResult(None, None, n, level, iters, 0)
+    rng = np.random.default_rng(seed)
+    rhos = []
+    for _ in range(iters):
+        idx = rng.integers(0, n, size=n)
+        r = spearman_rho(a[idx], b[idx])
+        if r is not None:
+            rhos.append(r)
+    if len(rhos) < iters / 2:
+        return CorrelationResult(rho, None, n, level, iters, len(rhos))
+    lo, hi = np.quantile(np.array(rhos), [(1 - level) / 2, (1 + level) / 2])
+    return CorrelationResult(rho, (float(lo), float(hi)), n, level, iters, len(rhos))

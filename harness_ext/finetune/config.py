@@ -3,8 +3,10 @@
 Every field carries its command-line flag in ``dataclasses.field`` metadata (see :func:`option`):
 help text, flag name, choices, argument group and numeric bounds. ``harness_ext.finetune.args``
 turns that metadata into argparse flags and :func:`check_bounds` into checks, so a new option is
-one line here. YAML keys are the field names; ``data`` holds KVSpec fields
-(``harness_ext/tasklib/kv_generator.py``), whose flags come from :class:`DataOptions`.
+one line here. YAML keys are the field names; ``data`` holds the training-data family (``family``: kv,
+the default, or synth_mdqa; :mod:`harness_ext.finetune.families`) and its knobs: KVSpec fields
+(``harness_ext/tasklib/kv_generator.py``) or SynthSpec fields (``harness_ext/tasklib/synth_mdqa.py``),
+whose flags come from :class:`DataOptions`.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ DEFAULT_LR = {"lora": 2e-4, "full": 5e-6}  # full: the paper's Mistral recipe (2
 BATCHING_MODES = ("grouped", "padded", "packed")
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the wheel with the package
+DATA_FAMILIES = ("kv", "synth_mdqa")  # training-data generators: the kv_retrieval tasks', the synth_mdqa tasks'
 
-GROUP_DATA = "training data (same generator as the kv_retrieval tasks)"
+GROUP_DATA = "training data (same generator as the kv_retrieval or synth_mdqa tasks)"
 GROUP_EVAL = "evaluation set (its documents are never trained on)"
 GROUP_LORA = "LoRA"
 GROUP_OPTIM = "optimisation"
@@ -77,7 +80,7 @@ class DataOptions:
     )
     seed: int | None = option(
         flag="--data-seed",
-        help="generator seed (default 0; the eval tasks use 1000)",
+        help="generator seed (default 0; the kv_retrieval eval tasks use 1000)",
         ge=0,
         label="data.seed",
         fix="use e.g. --data-seed 0",
@@ -90,9 +93,23 @@ class DataOptions:
         fix="use e.g. --num-dicts 10",
     )
     depths: list[float] | None = option(help="gold depths in [0,1] (default: uniform)")
+    # the synth_mdqa family (num_samples, seed and lengths above apply to it too)
+    family: str | None = option(flag="--data-family", choices=DATA_FAMILIES, help="kv (default) or synth_mdqa")
+    cell: str | None = option(flag="--data-cell", help="synth_mdqa cell (see `needles data list families`)")
+    num_documents: int | None = option(
+        help="synth_mdqa: documents per prompt (default 10)", ge=1, label="data.num_documents", fix="use e.g. 10"
+    )
+    positions: list[int] | None = option(help="synth_mdqa: 1-based gold positions (default 1 5 10)")
+    facts_per_document: int | None = option(
+        help="synth_mdqa: facts per record/entity (default 3)", ge=1, label="data.facts_per_document", fix="use 1..6"
+    )
+    reference_needles: bool | None = option(negatable=True, help="synth_mdqa natural_in_prose: add Wu et al.'s needles")
 
 
-def _default_data() -> dict:
+def default_data(family: str = "kv") -> dict:
+    """The data defaults of a family (synth_mdqa: families.synth_train_spec fills SynthSpec's)."""
+    if family != "kv":
+        return {"family": family}
     return {"variant": "simple", "num_samples": 350, "seed": 0, "lengths": [256]}
 
 
@@ -105,8 +122,8 @@ class FinetuneConfig:
         "outputs/finetune", "output folder (default outputs/finetune)", flag=("-o", "--output-dir")
     )
     method: str = option("lora", choices=tuple(DEFAULT_LR))
-    # training data: KVSpec fields; depths default to uniform
-    data: dict = option(factory=_default_data, group=GROUP_DATA, flag=None, expand=DataOptions)
+    # training data: the family (default kv) and its knobs (KVSpec or SynthSpec fields); KV depths default to uniform
+    data: dict = option(factory=default_data, group=GROUP_DATA, flag=None, expand=DataOptions)
     system_prompt: str | None = option(
         None, "system message for every training example (default none)", group=GROUP_DATA
     )
@@ -192,11 +209,13 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: dict | None = None) -> FinetuneConfig:
-    """Defaults < YAML file < explicit overrides (CLI flags). ``data`` dicts merge key by key."""
+    """Defaults < YAML file < explicit overrides (CLI flags). ``data`` dicts merge key by key; a family
+    given only on the command line starts from that family's defaults, not the KV ones."""
     values: dict = read_yaml(path) if path else {}
     for key, value in (overrides or {}).items():
         if key == "data" and isinstance(value, dict):
-            base = dict(values.get("data") or _default_data())
+            given = values.get("data")
+            base = dict(given or default_data(str(value.get("family", "kv"))))
             base.update(value)
             values["data"] = base
         else:

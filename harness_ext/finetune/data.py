@@ -1,7 +1,10 @@
 """Training data for ``needles finetune``: generation, leakage check, chat formatting, batching.
 
 The documents come from the same :class:`~harness_ext.tasklib.kv_generator.KVGenerator` as the
-``kv_retrieval`` tasks, from a seed the evaluation does not use. Each document becomes one chat
+``kv_retrieval`` tasks, from a seed the evaluation does not use (``data: {family: kv}``, the default),
+or from the train split of a synthetic MDQA cell (``data: {family: synth_mdqa, cell: ...}``,
+:mod:`harness_ext.finetune.families`); :mod:`harness_ext.finetune.leakage` checks them against the
+evaluation set. Each document becomes one chat
 turn pair (user = prompt, assistant = target) rendered with the model's chat template exactly
 the way lm-eval renders it at evaluation time (``--apply_chat_template``), and only the
 assistant turn is trained on.
@@ -20,9 +23,7 @@ Batching never truncates and never lets packed samples attend to each other:
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -30,24 +31,36 @@ import numpy as np
 
 from harness_ext.core.errors import NeedlesError
 from harness_ext.finetune.config import BATCHING_MODES
+from harness_ext.finetune.families import SynthTrainSpec, data_family, kv_keys_fix, synth_train_docs, synth_train_spec
+from harness_ext.finetune.leakage import (  # noqa: F401 - eval_docs, docs_sha256: this module's public names too
+    LeakageReport,
+    check_family_leakage,
+    check_no_leakage,
+    docs_sha256,
+    eval_docs,
+    expand_eval_tasks,
+    expand_family_tasks,
+)
 
 EVAL_SEED_DEFAULT = 1000  # kv_retrieval YAML metadata
 IGNORE_INDEX = -100
-# custom_dataset function -> (variant, answer_template), as in kv_tasks/kv_retrieval/utils.py
-_DATASET_FNS = {"simple": ("simple", False), "simple_template": ("simple", True), "multisubkey": ("multisubkey", True)}
 
 
 # --------------------------------------------------------------------------- generation
 def train_spec(data: dict) -> Any:
-    """The KVSpec of the training set. Unlike the eval tasks, the gold position is uniform
-    (``depths`` None, as in the reference generator) unless the caller sets depths."""
+    """The spec of the training set: a KVSpec for the ``kv`` family (the default), else the family's spec
+    (:func:`harness_ext.finetune.families.synth_train_spec`). Unlike the KV eval tasks, the gold position is
+    uniform (``depths`` None, as in the reference generator) unless the caller sets depths."""
     from harness_ext.tasklib.kv_generator import KVSpec
 
+    family = data_family(data)
+    if family != "kv":
+        return synth_train_spec(data)
     known = {f.name for f in fields(KVSpec)}
-    unknown = sorted(set(data) - known)
+    unknown = sorted(set(data) - known - {"family"})
     if unknown:
-        raise NeedlesError(f"unknown data key(s) {unknown}", fix=f"use keys among {sorted(known)}")
-    kwargs = dict(data)
+        raise NeedlesError(f"unknown data key(s) {unknown}", fix=kv_keys_fix(unknown, sorted(known)))
+    kwargs = {k: v for k, v in data.items() if k != "family"}
     kwargs.setdefault("depths", None)
     for key in ("lengths", "depths", "dict_size_range", "key_digits", "value_digits"):
         if kwargs.get(key) is not None:
@@ -59,9 +72,14 @@ def train_spec(data: dict) -> Any:
 
 
 def prepare_docs(cfg: Any, tokenizer: Any, base: str) -> tuple[Any, list[str], list[dict], LeakageReport]:
-    """(spec, eval tasks, training documents, leakage report): documents from the KV generator,
-    checked against the evaluation set of ``cfg`` (a FinetuneConfig)."""
+    """(spec, eval tasks, training documents, leakage report): documents of the data family of ``cfg``
+    (a FinetuneConfig), checked against its evaluation set."""
     spec = train_spec(cfg.data)
+    if isinstance(spec, SynthTrainSpec):
+        tasks = expand_family_tasks(cfg.eval_tasks)
+        docs = synth_train_docs(spec, cfg.eval_metadata, base)
+        leak = check_family_leakage(docs, spec.family, tasks, cfg.eval_metadata, base, tokenizer)
+        return spec, tasks, docs, leak
     tasks = expand_eval_tasks(cfg.eval_tasks)
     docs = generate_docs(spec, tokenizer)
     leak = check_no_leakage(docs, spec.seed, tasks, cfg.eval_metadata, base)
@@ -72,113 +90,6 @@ def generate_docs(spec: Any, tokenizer: Any) -> list[dict]:
     from harness_ext.tasklib.kv_generator import KVGenerator
 
     return KVGenerator(spec, tokenizer).generate()
-
-
-def docs_sha256(docs: list[dict]) -> str:
-    h = hashlib.sha256()
-    for d in docs:
-        h.update(d["doc_sha256"].encode())
-    return h.hexdigest()
-
-
-# --------------------------------------------------------------------------- leakage check
-def _kv_task_dir() -> Path:
-    from harness_ext.plugin.registration import tasks_dir
-
-    return tasks_dir() / "kv_retrieval"
-
-
-def _task_yaml(task: str) -> dict:
-    import yaml
-
-    class _Loader(yaml.SafeLoader):
-        pass
-
-    _Loader.add_constructor("!function", lambda loader, node: loader.construct_scalar(node))
-    path = _kv_task_dir() / f"{task}.yaml"
-    if not path.is_file():
-        tasks = sorted(p.stem for p in _kv_task_dir().glob("kv_retrieval_*.yaml"))
-        raise NeedlesError(f"unknown evaluation task {task!r}", fix=f"use one of {tasks} (or the group kv_retrieval)")
-    with open(path, encoding="utf-8") as f:
-        return yaml.load(f, Loader=_Loader)
-
-
-def expand_eval_tasks(tasks: Iterable[str]) -> list[str]:
-    """Task names with the ``kv_retrieval`` group replaced by its members, each checked to exist."""
-    import yaml
-
-    out: list[str] = []
-    for task in tasks:
-        if task == "kv_retrieval":
-            with open(_kv_task_dir() / "kv_retrieval.yaml", encoding="utf-8") as f:
-                members = list(yaml.safe_load(f)["task"])
-        else:
-            _task_yaml(task)
-            members = [task]
-        out.extend(t for t in members if t not in out)
-    return out
-
-
-def eval_metadata_for(task: str, eval_metadata: dict, pretrained: str) -> tuple[dict, str, bool]:
-    """The metadata lm-eval hands the task's custom_dataset (YAML defaults < --metadata < model_args)."""
-    cfg = _task_yaml(task)
-    fn = str(cfg["custom_dataset"]).rsplit(".", 1)[-1]
-    if fn not in _DATASET_FNS:
-        raise NeedlesError(f"task {task!r} is not a KV-retrieval task", fix="point --eval-tasks at kv_retrieval_*")
-    metadata = {**cfg.get("metadata", {}), **eval_metadata, "pretrained": pretrained}
-    variant, answer_template = _DATASET_FNS[fn]
-    return metadata, variant, answer_template
-
-
-def eval_docs(task: str, eval_metadata: dict, pretrained: str) -> list[dict]:
-    """The documents ``lm_eval --tasks TASK --metadata EVAL_METADATA`` would score (same cache)."""
-    from harness_ext.tasklib.kv import kv_dataset
-
-    metadata, variant, answer_template = eval_metadata_for(task, eval_metadata, pretrained)
-    return kv_dataset(variant, answer_template, metadata)["test"].to_list()
-
-
-@dataclass
-class LeakageReport:
-    tasks: list[str]
-    eval_docs: int
-    eval_seeds: list[int]
-    overlap: int = 0
-    eval_max_tokens: int = 0  # longest eval prompt (tokens before the chat template)
-    eval_data_sha256: dict[str, str] = field(default_factory=dict)
-
-
-def check_no_leakage(
-    train: list[dict], train_seed: int, tasks: list[str], eval_metadata: dict, pretrained: str
-) -> LeakageReport:
-    """Refuse training data that shares a document (hash) or a generator seed with the eval set.
-
-    The hash check is the hard guarantee; the seed check also catches the same dictionaries
-    rendered at another depth or length, whose hashes differ.
-    """
-    train_hashes = {d["doc_sha256"] for d in train}
-    report = LeakageReport(tasks=list(tasks), eval_docs=0, eval_seeds=[])
-    for task in tasks:
-        metadata, *_ = eval_metadata_for(task, eval_metadata, pretrained)
-        seed = int(metadata.get("seed", 0))
-        report.eval_seeds.append(seed)
-        if seed == train_seed:
-            raise NeedlesError(
-                f"training seed {train_seed} is the seed of the evaluation set {task}",
-                fix=f"pick a training seed other than {seed} (e.g. --seed 0)",
-            )
-        docs = eval_docs(task, eval_metadata, pretrained)
-        report.eval_docs += len(docs)
-        report.eval_max_tokens = max([report.eval_max_tokens] + [int(d.get("n_tokens") or 0) for d in docs])
-        report.eval_data_sha256[task] = docs_sha256(docs)
-        shared = train_hashes & {d["doc_sha256"] for d in docs}
-        report.overlap += len(shared)
-        if shared:
-            raise NeedlesError(
-                f"{len(shared)} training document(s) also appear in the evaluation set {task}",
-                fix="use a different training seed or data parameters",
-            )
-    return report
 
 
 # --------------------------------------------------------------------------- chat formatting

@@ -1,7 +1,8 @@
 """What a finetuning run records: the manifest (data, leakage check, hyperparameters, training, versions).
 
 Shared by the local recipe and the OpenAI backend, so both manifests report library versions the
-same way.
+same way. ``data`` names the training-data family (``kv`` or ``synth_mdqa``; for synth_mdqa also the
+cell, split, dataset SHA-256 and data files) beside the spec and the documents' SHA-256.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import platform
 from typing import Any
 
 from harness_ext.finetune.data import docs_sha256
+from harness_ext.finetune.families import manifest_fields
 
 VERSIONED_PACKAGES = ("lm-eval-needles", "torch", "transformers", "peft", "accelerate", "lm_eval", "vllm")
 
@@ -61,6 +63,7 @@ def build_manifest(
         "base_model": {"name": cfg.model, "path": base},
         "method": cfg.method,
         "data": {
+            **manifest_fields(spec),
             "spec": spec.to_json(),
             "documents": len(docs),
             "data_sha256": docs_sha256(docs),

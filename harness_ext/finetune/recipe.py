@@ -21,7 +21,6 @@ vocabulary instead of 281.
 
 from __future__ import annotations
 
-import math
 import os
 import shlex
 import sys
@@ -30,17 +29,17 @@ from pathlib import Path
 from typing import Any
 
 from harness_ext.core.atomic_io import write_atomic, write_json_atomic
+from harness_ext.core.errors import NeedlesError
 from harness_ext.data.dataset_cache import file_sha256
 from harness_ext.finetune import rundir
+from harness_ext.finetune.batches import SampleLog, plan_index, plan_loader, plan_run
 from harness_ext.finetune.config import FinetuneConfig, validate_hparams
 from harness_ext.finetune.data import (
     check_lengths,
-    collate,
     data_summary,
     format_docs,
     label_tokens,
     loss_sum,
-    plan_batches,
     prepare_docs,
     train_spec,
     write_docs,
@@ -54,19 +53,6 @@ from harness_ext.finetune.modeling import (
     resolve_model,
 )
 from harness_ext.plugin.runner import adapter_rank, vllm_eval_command
-
-
-class _Batches:
-    """A batch sampler over a precomputed list of micro-batches (all epochs, in order)."""
-
-    def __init__(self, plan: list[list[int]]):
-        self.plan = plan
-
-    def __iter__(self):
-        return iter(self.plan)
-
-    def __len__(self) -> int:
-        return len(self.plan)
 
 
 class FinetuneRecipe:
@@ -99,6 +85,12 @@ class FinetuneRecipe:
             "bf16" if self.on_gpu and torch.cuda.is_bf16_supported() else "no"
         )
         self.accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=self.mixed)
+        launched = int(os.environ.get("WORLD_SIZE", "1")) if "LOCAL_RANK" in os.environ else 1  # torchrun's
+        if launched > self.accelerator.num_processes:  # else each process trains alone, on all the data
+            raise NeedlesError(
+                f"{launched} processes were launched but accelerate runs each on its own (no GPU per process)",
+                fix="on CPU, set ACCELERATE_USE_CPU=true for `accelerate launch --multi_gpu` (gloo DDP)",
+            )
         # every process checks the folder: a raise on one rank only would leave the others waiting
         self._lock = rundir.OutputLock(self.out, self.accelerator.process_index).acquire()
         rundir.check_output_dir(self.out, cfg.resume)
@@ -164,37 +156,16 @@ class FinetuneRecipe:
         self.n_total = sum(p.numel() for p in model.parameters())
         self.model = model
 
-    def _plan(self) -> list[list[int]]:
-        """Micro-batches for every epoch, planned up front (deterministic in the seed)."""
-        cfg = self.cfg
-        lengths = [len(e) for e in self.examples]
-        n_epochs = math.ceil(cfg.epochs) if cfg.max_steps is None else 10**6
-        per_epoch = len(plan_batches(lengths, cfg.batch_size, cfg.batching, cfg.seed, 0, cfg.pack_tokens))
-        self.micro_per_step = cfg.grad_accum * self.accelerator.num_processes
-        if cfg.max_steps is not None:
-            total_steps = cfg.max_steps
-        else:
-            total_steps = max(1, math.floor(cfg.epochs * per_epoch / self.micro_per_step))
-        plan: list[list[int]] = []
-        epoch = 0
-        while len(plan) < total_steps * self.micro_per_step and epoch < n_epochs:
-            plan += plan_batches(lengths, cfg.batch_size, cfg.batching, cfg.seed, epoch, cfg.pack_tokens)
-            epoch += 1
-        plan = plan[: total_steps * self.micro_per_step]
-        self.total_steps = len(plan) // self.micro_per_step
-        return plan
-
     def _setup_optimisation(self) -> None:
         import torch
         from transformers import get_scheduler
 
         cfg, accelerator, model = self.cfg, self.accelerator, self.model
-        plan = self._plan()
+        plan, self.total_steps = plan_run(cfg, [len(e) for e in self.examples], accelerator.num_processes)
+        self.micro_per_step = cfg.grad_accum * accelerator.num_processes
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        loader = torch.utils.data.DataLoader(
-            self.examples, batch_sampler=_Batches(plan), collate_fn=lambda b: collate(b, cfg.batching, pad_id)
-        )
+        loader = plan_loader(self.examples, plan, cfg.batching, pad_id)
         decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -217,9 +188,9 @@ class FinetuneRecipe:
         self.fingerprint = rundir.config_fingerprint(self.cfg)
         if not self.cfg.resume:
             return
-        path, state = rundir.latest_state(self.out, self.fingerprint)
+        path, state = rundir.latest_state(self.out, self.fingerprint, self.accelerator.num_processes)
         self.accelerator.load_state(str(path), strict=False)  # LoRA checkpoints hold only the adapter
-        rundir.check_restored(path, self.model)
+        rundir.check_restored(path, self.accelerator.unwrap_model(self.model))  # saved names lack DDP's "module."
         self.start_step, self.history = state["step"], state["history"]
         self.say(f"resumed from {path} at step {self.start_step}/{self.total_steps}")
 
@@ -246,15 +217,18 @@ class FinetuneRecipe:
         )
         last_stop = cfg.stop_after_steps + start_step if cfg.stop_after_steps else total_steps
         tokens_seen, t_start = 0, time.perf_counter()
+        rank, processes = accelerator.process_index, accelerator.num_processes
+        sample_log = SampleLog(rank)
         for step in range(start_step + 1, min(total_steps, last_stop) + 1):
             step_loss, step_tokens, step_labels = 0.0, 0, 0
             for micro in range(cfg.grad_accum):
                 batch = next(it)
-                # Dropout masks come from (seed, micro-batch, rank) alone, so a resumed run repeats an
-                # uninterrupted one exactly (a DataLoader iterator draws from the global RNG when it
-                # starts, which happens at a different point after --resume).
-                micro_index = (step - 1) * cfg.grad_accum + micro
-                torch.manual_seed(cfg.seed * 1_000_003 + micro_index * 1_009 + accelerator.process_index)
+                sample_log.record(step, micro, batch)
+                # Dropout masks come from (seed, plan entry) alone, so a resumed run repeats an uninterrupted
+                # one exactly (a DataLoader iterator draws from the global RNG when it starts, which happens at
+                # a different point after --resume), and P processes with --grad-accum G repeat one with G*P.
+                index = plan_index(step, micro, cfg.grad_accum, processes, rank)
+                torch.manual_seed(cfg.seed * 1_000_003 + index * 1_009)
                 with accelerator.accumulate(model):
                     n_labels = max(label_tokens(batch), 1)
                     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
@@ -272,6 +246,10 @@ class FinetuneRecipe:
                 mask = batch.get("attention_mask")
                 step_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
                 step_labels += n_labels
+            if processes > 1:  # the step's loss and token counts over all processes, not rank 0's share
+                totals = torch.tensor([step_loss, step_tokens, step_labels], dtype=torch.float64)
+                totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").tolist()
+                step_loss, step_tokens, step_labels = totals[0] / processes, int(totals[1]), int(totals[2])
             tokens_seen += step_tokens
             elapsed = time.perf_counter() - t_start
             row = {

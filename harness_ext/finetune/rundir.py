@@ -95,8 +95,9 @@ def config_fingerprint(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def latest_state(out: Path, fingerprint: str) -> tuple[Path, dict]:
-    """The newest checkpoint and its state, refused when missing or written with another configuration."""
+def latest_state(out: Path, fingerprint: str, processes: int = 1) -> tuple[Path, dict]:
+    """The newest checkpoint and its state, refused when missing, written with another configuration
+    or by another number of processes (the micro-batch plan and the per-process states depend on it)."""
     found = list_checkpoints(out)
     if not found:
         raise NeedlesError(
@@ -109,15 +110,26 @@ def latest_state(out: Path, fingerprint: str) -> tuple[Path, dict]:
             f"--resume: {found[-1]} was written with another configuration",
             fix="resume with the same options (only output/checkpoint options may change)",
         )
+    saved = state.get("processes", 1)  # checkpoints from before this key was written came from one process
+    if saved != processes:
+        raise NeedlesError(
+            f"--resume: {found[-1]} was written by {saved} process(es), this run has {processes}",
+            fix=f"resume with the same number of processes (accelerate launch --num_processes {saved})",
+        )
     return found[-1], state
 
 
 def save_checkpoint(accelerator: Any, out: Path, step: int, history: list[dict], fingerprint: str, keep: int) -> None:
-    """accelerate's full training state plus our step/history; only the newest ``keep`` are kept."""
+    """accelerate's full training state plus our step/history; only the newest ``keep`` are kept.
+
+    The state file marks a checkpoint complete, so rank 0 writes it only once every process has
+    written its share (save_state has no barrier of its own: each rank saves its RNG states)."""
     path = Path(out) / "checkpoints" / f"step-{step}"
     accelerator.save_state(str(path))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json_atomic(path / STATE_FILE, {"step": step, "history": history, "config_fingerprint": fingerprint})
+        state = {"step": step, "history": history, "config_fingerprint": fingerprint}
+        write_json_atomic(path / STATE_FILE, {**state, "processes": accelerator.num_processes})
         for old in list_checkpoints(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()

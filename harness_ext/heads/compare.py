@@ -17,34 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from harness_ext.core.errors import NeedlesError
+from harness_ext.core.stats import spearman_rho
 from harness_ext.heads.scorefile import FORMAT_NAMES, NEEDLES, PUBLISHED, HeadScores
 from harness_ext.heads.scores import Head, head_set, ranked_heads, rounded
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Average ranks (1-based), ties sharing the mean of the ranks they span."""
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), dtype=float)
-    sorted_x = x[order]
-    i = 0
-    while i < len(x):
-        j = i
-        while j + 1 < len(x) and sorted_x[j + 1] == sorted_x[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2.0 + 1.0
-        i = j + 1
-    return ranks
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float | None:
-    """Spearman's rho; None when either side is constant (undefined)."""
-    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
-    if len(a) < 2:
-        return None
-    ra, rb = _ranks(a), _ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return None
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def compare(a: HeadScores, b: HeadScores, threshold: float | None = None, top_k: int = 10) -> dict:
@@ -62,7 +37,9 @@ def compare(a: HeadScores, b: HeadScores, threshold: float | None = None, top_k:
     inter, union = ha & hb, ha | hb
     top_a, top_b = set(ranked_heads(sa)[:top_k]), set(ranked_heads(sb)[:top_k])
     union_idx = sorted(union)
-    rho_union = spearman(np.array([sa[h] for h in union_idx]), np.array([sb[h] for h in union_idx])) if union else None
+    rho_union = (
+        spearman_rho(np.array([sa[h] for h in union_idx]), np.array([sb[h] for h in union_idx])) if union else None
+    )
 
     def row(h: Head) -> dict:
         return {
@@ -87,7 +64,7 @@ def compare(a: HeadScores, b: HeadScores, threshold: float | None = None, top_k:
         "recall_b_in_a": rounded(len(inter) / len(hb)) if hb else None,
         "recall_a_in_b": rounded(len(inter) / len(ha)) if ha else None,
         "jaccard": rounded(len(inter) / len(union)) if union else None,
-        "spearman_all_heads": _opt(spearman(sa, sb)),
+        "spearman_all_heads": _opt(spearman_rho(sa, sb)),
         "spearman_union_heads": _opt(rho_union),
         f"top{top_k}_overlap": len(top_a & top_b),
         "mean_score_a": rounded(sa.mean()),

@@ -1,4 +1,5 @@
-"""Prompts with a known needle for retrieval-head detection: NIAH, the plugin's KV task, MDQA.
+"""Prompts with a known needle for retrieval-head detection: NIAH, the plugin's KV task, MDQA (the
+synthetic MDQA cells are in :mod:`harness_ext.heads.probes_synth`).
 
 NIAH follows Wu et al.: a reference needle sentence inserted at a sentence boundary at a relative
 depth of a filler haystack, then the question. The haystack is generated here (no network, no
@@ -375,12 +376,12 @@ def mdqa_probes(tokenizer: PreTrainedTokenizerBase, docs: Sequence[dict], chat: 
 
 # ----------------------------------------------------------------------------------- success checks
 def success(probe: Probe, response: str) -> float:
-    """The retrieval check: NIAH ROUGE-1 recall (Wu et al.), the tasks' own metric for KV and MDQA."""
+    """The retrieval check: NIAH ROUGE-1 recall (Wu et al.), the tasks' own metric for KV and (synthetic) MDQA."""
     if probe.family == "kv":
         from harness_ext.tasklib.kv import process_results
 
         return process_results(probe.doc, [response])["value_acc"]
-    if probe.family == "mdqa":
+    if probe.family == "mdqa" or probe.family.startswith("synth_mdqa:"):
         from harness_ext.tasklib.metrics import best_subspan_em
 
         return best_subspan_em(response, _answers(probe.doc))

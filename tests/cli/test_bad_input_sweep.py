@@ -78,6 +78,7 @@ BASE: dict[tuple[str, ...], list[str]] = {
         "{OUT}/patch",
     ],
     ("experiment",): ["{EXPERIMENT}", "-o", "{OUT}/exp"],
+    ("study",): ["{STUDY}", "-o", "{OUT}/study", "--dry-run"],
 }
 
 # Flags for which zero is a meaningful value (seeds, ratios that may be off, "0 = disabled").
@@ -209,6 +210,21 @@ def env(tmp_path_factory, shared_data, tiny_llama_dir, smollm2_dir) -> dict[str,
             }
         )
     )
+    (root / "study.yaml").write_text(
+        json.dumps(
+            {
+                "name": "sweep",
+                "model": str(tiny_llama_dir),
+                "reference_variant": "real",
+                "finetune": {"data": {"num_samples": 4, "num_dicts": 4, "lengths": None}, "max_steps": 1},
+                "variants": [{"name": "real"}, {"name": "synth", "finetune": {"data": {"seed": 1}}}],
+                "targets": [{"task": "kv_retrieval_simple", "metric": "value_acc"}],
+                "metadata": {"num_dicts": 4, "num_samples": 2, "lengths": None},
+                "backend": "hf",
+                "k": 1,
+            }
+        )
+    )
     with gzip.open(root / "truncated.jsonl.gz", "wt") as f:
         f.write('{"question": "who')
     litm = shared_data / "lost-in-the-middle"
@@ -228,6 +244,7 @@ def env(tmp_path_factory, shared_data, tiny_llama_dir, smollm2_dir) -> dict[str,
         "AFILE": str(root / "afile"),
         "TINY_HEADS": str(root / "tiny_heads.json"),
         "EXPERIMENT": str(root / "exp.yaml"),
+        "STUDY": str(root / "study.yaml"),
     }
 
 

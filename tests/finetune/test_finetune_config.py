@@ -31,6 +31,15 @@ EVAL_META = {"lengths": [128], "depths": None, "num_samples": 4}
 FINETUNE_FLAGS = [
     *("--config", "--model", "-o", "--output-dir", "--method", "--variant", "--answer-template"),
     *("--no-answer-template", "--num-samples", "--data-seed", "--lengths", "--num-dicts", "--depths"),
+    *(
+        "--data-family",
+        "--data-cell",
+        "--num-documents",
+        "--positions",
+        "--facts-per-document",
+        "--reference-needles",
+        "--no-reference-needles",
+    ),
     *("--system-prompt", "--eval-tasks", "--eval-metadata", "--lora-r", "--lora-alpha", "--lora-dropout"),
     *("--target-modules", "--epochs", "--max-steps", "--lr", "--batch-size", "--grad-accum", "--warmup-ratio"),
     *("--lr-scheduler", "--weight-decay", "--max-grad-norm", "--gradient-checkpointing"),
@@ -41,7 +50,17 @@ FINETUNE_FLAGS = [
 ]
 EXPORT_FLAGS = [
     *("--config", "--model", "--variant", "--answer-template", "--no-answer-template", "--num-samples"),
-    *("--data-seed", "--lengths", "--num-dicts", "--depths", "--system-prompt", "--eval-tasks"),
+    *("--data-seed", "--lengths", "--num-dicts", "--depths"),
+    *(
+        "--data-family",
+        "--data-cell",
+        "--num-documents",
+        "--positions",
+        "--facts-per-document",
+        "--reference-needles",
+        "--no-reference-needles",
+    ),
+    *("--system-prompt", "--eval-tasks"),
     *("--eval-metadata", "--openai-model", "--max-tokens", "-o", "--output"),
 ]
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from harness_ext.core.errors import NeedlesError
+from harness_ext.core.stats import spearman_rho
 from harness_ext.heads import compare as heads_compare
 from harness_ext.heads import detect as heads
 from harness_ext.heads import knockout as heads_knockout
@@ -259,7 +260,7 @@ def test_compare_overlap_and_rank_correlation():
     assert [(r["layer"], r["head"]) for r in c["appeared"]] == [(3, 3)]
     assert [(r["layer"], r["head"]) for r in c["disappeared"]] == [(1, 1), (2, 2)]  # largest drop first
     ties = np.array([0.0, 0.0, 1.0, 2.0, 2.0])
-    assert heads_compare.spearman(ties, np.array([1.0, 2.0, 3.0, 4.0, 5.0])) == pytest.approx(
+    assert spearman_rho(ties, np.array([1.0, 2.0, 3.0, 4.0, 5.0])) == pytest.approx(
         spearmanr(ties, [1, 2, 3, 4, 5]).statistic
     )
     with pytest.raises(NeedlesError):

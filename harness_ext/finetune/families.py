@@ -1,0 +1,212 @@
+"""Training-data families of ``needles finetune``: ``kv`` (the default) and the synthetic MDQA grid.
+
+``data: {family: kv, ...}`` (or no ``family``) is the KV generator of the ``kv_retrieval`` tasks
+(:func:`harness_ext.finetune.data.train_spec`). ``data: {family: synth_mdqa, cell: CELL, ...}`` trains
+on the *train* split of a cell of :mod:`harness_ext.tasklib.synth_mdqa` (``cell: real`` is the
+real-data baseline): the same generator, cache, LitM prompt and documents as the lm-eval tasks
+``synth_mdqa_<cell>``, which score the *eval* split. The keys are :class:`SynthSpec`'s fields (the
+knobs ``synth_<key>`` of the tasks' ``--metadata``); ``num_samples`` defaults to
+:data:`TRAIN_NUM_SAMPLES` and every sample is rendered at each gold position (and length).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from harness_ext.core.errors import NeedlesError
+from harness_ext.finetune.config import DATA_FAMILIES
+
+SYNTH_FAMILY = "synth_mdqa"
+TRAIN_SPLIT = "train"
+TRAIN_NUM_SAMPLES = 350  # as the KV family's default documents per length
+_LIST_KEYS = ("positions", "lengths")
+_BOOL_KEYS = ("reference_needles",)
+
+
+def data_family(data: dict) -> str:
+    """The family of a ``data`` mapping (``kv`` when not given)."""
+    family = data.get("family", "kv") if isinstance(data, dict) else "kv"
+    if family not in DATA_FAMILIES:
+        raise NeedlesError(
+            f"unknown data family {family!r} (data.family, --data-family)",
+            fix=f"use one of {', '.join(DATA_FAMILIES)} (`needles data list families` shows them)",
+        )
+    return family
+
+
+def synth_keys() -> list[str]:
+    """The ``data`` keys of the synth_mdqa family (besides ``family``): SynthSpec's fields but the split."""
+    from harness_ext.tasklib.synth_mdqa import SynthSpec
+
+    return [f.name for f in dataclasses.fields(SynthSpec) if f.name != "split"]
+
+
+def kv_keys_fix(unknown: list[str], known: list[str]) -> str:
+    """The fix for data keys the KV family does not know: say when they belong to the synth family."""
+    theirs = [k for k in unknown if k in synth_keys()]
+    if theirs:
+        return f"{theirs} are keys of --data-family {SYNTH_FAMILY} (data.family); the kv family uses {known}"
+    return f"use keys among {known}"
+
+
+@dataclass
+class SynthTrainSpec:
+    """The training set of a synth_mdqa cell: its SynthSpec (train split) and, once generated, its data facts."""
+
+    synth: Any  # harness_ext.tasklib.synth_mdqa.SynthSpec, split "train"
+    family: str = SYNTH_FAMILY
+    info: dict = field(default_factory=dict)  # dataset SHA-256 and data files, filled by synth_train_docs
+
+    @property
+    def seed(self) -> int:
+        return self.synth.seed
+
+    def to_json(self) -> dict:
+        return {"family": self.family, **dataclasses.asdict(self.synth)}
+
+    def manifest_fields(self) -> dict:
+        """What the finetune manifest records besides the spec: family, cell, split and the data's hashes."""
+        return {
+            "family": self.family,
+            "cell": self.synth.cell,
+            "split": self.synth.split,
+            "dataset_sha256": self.info.get("needles_data_sha256"),
+            "data_files": self.info.get("needles_data_files"),
+            "data_official": self.info.get("needles_data_official"),
+        }
+
+
+def manifest_fields(spec: Any) -> dict:
+    """The family facts of a training spec for the manifest's ``data`` (a KVSpec: just ``family: kv``)."""
+    return spec.manifest_fields() if isinstance(spec, SynthTrainSpec) else {"family": "kv"}
+
+
+def _int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise NeedlesError(f"data.{key}={value!r} is not a whole number", fix=f"write e.g. {key}: 10")
+    return value
+
+
+def synth_train_spec(data: dict) -> SynthTrainSpec:
+    """The validated training spec of ``data: {family: synth_mdqa, cell: ..., ...}`` (unknown keys refused)."""
+    from harness_ext.tasklib.synth_mdqa import CELLS, SynthSpec
+
+    keys = synth_keys()
+    unknown = sorted(set(data) - set(keys) - {"family"})
+    if unknown:
+        raise NeedlesError(
+            f"data key(s) {unknown} do not apply to the {SYNTH_FAMILY} family",
+            fix=f"use keys among {keys} (drop the kv family's keys, e.g. variant)",
+        )
+    cell = data.get("cell")
+    if cell not in CELLS:
+        raise NeedlesError(
+            f"data.cell={cell!r} is not a {SYNTH_FAMILY} cell (set by --data-cell)",
+            fix=f"use one of {', '.join(CELLS)} (`needles data list families` describes them)",
+        )
+    kwargs: dict = {"cell": cell, "num_samples": TRAIN_NUM_SAMPLES}
+    for key, value in data.items():
+        if key in ("family", "cell") or value is None:
+            continue
+        if key in _BOOL_KEYS:
+            kwargs[key] = bool(value)
+        elif key in _LIST_KEYS:
+            values = value if isinstance(value, (list, tuple)) else [value]
+            kwargs[key] = tuple(_int(key, v) for v in values)
+        else:
+            kwargs[key] = _int(key, value)
+    spec = SynthSpec(**kwargs, split=TRAIN_SPLIT)
+    spec.validate()
+    return SynthTrainSpec(spec)
+
+
+def data_metadata(eval_metadata: dict, pretrained: str) -> dict:
+    """Where the training data are read from: the evaluation's data sources (mirrors) and the model's tokenizer."""
+    return {**{k: v for k, v in eval_metadata.items() if not k.startswith("synth_")}, "pretrained": pretrained}
+
+
+def synth_train_docs(spec: SynthTrainSpec, eval_metadata: dict, pretrained: str) -> list[dict]:
+    """The training rows of ``spec`` (cached like the tasks' rows), each with ``target`` = the first answer."""
+    from harness_ext.tasklib.synth_mdqa import generate
+
+    rows, info = generate(spec.synth, data_metadata(eval_metadata, pretrained))
+    spec.info = info
+    return [{**r, "target": r["answers"][0]} for r in rows]
+
+
+# ---------------------------------------------------------------------------------- the table of families
+def _flag_of(key: str) -> str:
+    from harness_ext.finetune.config import DataOptions, flag_names
+
+    names = [max(flag_names(f), key=len) for f in dataclasses.fields(DataOptions) if f.name == key]
+    return names[0] if names else "-"
+
+
+def describe_families() -> list[dict]:
+    """Every family and cell with what a user picks it by: the lm-eval task(s), the finetune ``data`` and
+    the ``--probes`` name, its axes, and its knobs (data key, flag, ``--metadata`` key, defaults, cells)."""
+    from harness_ext.finetune.config import default_data
+    from harness_ext.finetune.leakage import expand_family_tasks, task_config
+    from harness_ext.tasklib.kv_generator import KVSpec
+    from harness_ext.tasklib.synth_mdqa import CELLS, SynthSpec
+
+    kv_eval = task_config("kv_retrieval_simple")[1].get("metadata") or {}
+    kv_train = {**{f.name: f.default for f in dataclasses.fields(KVSpec)}, "depths": None, **default_data()}
+    kv_keys = ("variant", "answer_template", "num_samples", "seed", "lengths", "num_dicts", "depths")
+    kv_knobs = [
+        {
+            "key": k,
+            "flag": _flag_of(k),
+            "metadata": k if k in kv_eval or k == "num_dicts" else "(task choice)",
+            "train_default": kv_train.get(k),
+            "eval_default": kv_eval.get(k, "-"),
+            "cells": ["kv"],
+        }
+        for k in kv_keys
+    ]
+    rows = [
+        {
+            "family": "kv",
+            "cell": None,  # one generator, no cells
+            "concept": "symbolic",
+            "diversity": "low",
+            "summary": "dictionaries of numeric key-value pairs (Lost in the Middle KV retrieval); asks one key's value",
+            "tasks": expand_family_tasks(["kv_retrieval"]),
+            "data": {"family": "kv"},
+            "probe": "kv",
+            "knobs": kv_knobs,
+        }
+    ]
+    defaults = {f.name: f.default for f in dataclasses.fields(SynthSpec)}
+    for name, cell in CELLS.items():
+        knobs = []
+        for meta_key in cell.knobs:
+            key = meta_key.removeprefix("synth_")
+            train = TRAIN_NUM_SAMPLES if key == "num_samples" else defaults[key]
+            users = [c for c, other in CELLS.items() if meta_key in other.knobs]
+            knobs.append(
+                {
+                    "key": key,
+                    "flag": _flag_of(key),
+                    "metadata": meta_key,
+                    "train_default": train,
+                    "eval_default": defaults[key],
+                    "cells": users,
+                }
+            )
+        rows.append(
+            {
+                "family": SYNTH_FAMILY,
+                "cell": name,
+                "concept": cell.concept,
+                "diversity": cell.diversity,
+                "summary": cell.summary,
+                "tasks": [f"synth_mdqa_{name}"],
+                "data": {"family": SYNTH_FAMILY, "cell": name},
+                "probe": f"synth_mdqa:{name}",
+                "knobs": knobs,
+            }
+        )
+    return rows
