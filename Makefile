@@ -26,6 +26,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_kv_generation.py
+	$(PY) benchmarks/bench_startup.py
+	$(PY) benchmarks/bench_eval_overhead.py
+	$(PY) benchmarks/bench_heads.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
