@@ -24,18 +24,33 @@ def _family(task: str) -> str | None:
     return None
 
 
+def _training_documents(ft) -> tuple[int, list[int] | None]:
+    """(documents per epoch, their token lengths or None) of the finetune's data spec, defaults included."""
+    from harness_ext.finetune.data import train_spec
+
+    spec = train_spec(ft.data)
+    synth = getattr(spec, "synth", None)
+    if synth is None:  # KV: num_samples documents per length target, each rendered once per depth
+        if spec.lengths is None:  # sized by num_dicts: not guessed
+            return spec.num_samples * len(spec.depths or (None,)), None
+        lengths = list(spec.lengths)
+        return spec.num_samples * len(lengths) * len(spec.depths or (None,)), lengths
+    # a synth_mdqa sample is rendered at every gold position (and length target)
+    n = synth.num_samples * len(synth.positions) * len(synth.lengths or (None,))
+    return n, list(synth.lengths) if synth.lengths else None
+
+
 def estimate(cfg: ExperimentConfig, ft) -> dict:
     """{"training_tokens", "eval": [{task, documents, prompt_tokens, max_generated_tokens}], "not_estimated": [...]}.
 
     ``ft`` is the experiment's resolved FinetuneConfig (its recipe and overrides applied).
     """
-    lengths = ft.data.get("lengths") or [256]
-    samples = int(ft.data.get("num_samples", 0))
-    per_epoch = samples * (sum(lengths) / len(lengths))
+    samples, lengths = _training_documents(ft)
     epochs = float(ft.epochs)
     if ft.max_steps:  # a step budget: batch x accumulation x steps examples, at most the epochs'
         epochs = min(epochs, ft.max_steps * ft.batch_size * ft.grad_accum / max(samples, 1))
-    training = int(per_epoch * epochs)
+    # without length targets a synth_mdqa document is as long as its passages: not guessed
+    training = int(samples * (sum(lengths) / len(lengths)) * epochs) if lengths else None
     rows, unknown = [], []
     for task in cfg.tasks:
         family = _family(task)
@@ -58,9 +73,9 @@ def estimate(cfg: ExperimentConfig, ft) -> dict:
 
 
 def format_estimate(est: dict) -> str:
-    lines = [
-        f"[needles experiment] cost estimate: training ~{est['training_tokens']:,} tokens ({est['epochs']:g} epochs)"
-    ]
+    tokens = est["training_tokens"]
+    training = f"~{tokens:,} tokens" if tokens is not None else "not estimated (set data.lengths to size documents)"
+    lines = [f"[needles experiment] cost estimate: training {training} ({est['epochs']:g} epochs)"]
     for r in est["eval"]:
         lines.append(
             f"  {r['task']}: {r['documents']:,} documents, ~{r['prompt_tokens']:,} prompt tokens, "

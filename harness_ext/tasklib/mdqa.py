@@ -8,6 +8,11 @@ built its files.
 Paired design: every task orders its questions by SHA-256 of ``"<mdqa_order_seed>\\0<question>"``.
 lm-eval's ``--limit N`` takes the first N documents, so it selects the same N questions at every
 position and in both baselines. ``mdqa_num_questions`` keeps the first N questions of that order.
+
+Held-out split: :func:`question_split` assigns every NQ-Open question to ``train`` or ``eval`` by its hash
+(the split the real-data baseline and the synthetic MDQA cells train on). ``mdqa_split: eval`` keeps only
+eval-split questions (still in the paired order), so a model finetuned on the train split is scored on
+questions it never saw; the finetune's leakage check verifies it.
 """
 
 from __future__ import annotations
@@ -60,14 +65,29 @@ def _int(metadata: dict, key: str, default: int | None) -> int | None:
         raise NeedlesError(f"--metadata {key}={value!r} is not an integer", fix=f'e.g. "{key}": 20') from None
 
 
+EVAL_BUCKETS = 2  # sha256(question) mod 10 < EVAL_BUCKETS -> eval split (20% of the questions)
+SPLITS = ("train", "eval")
+
+
 # ---------------------------------------------------------------------------------- ordering
+def question_split(question: str) -> str:
+    """``eval`` or ``train``: a fixed function of the question text, the same on every machine."""
+    return "eval" if int(hashlib.sha256(question.encode()).hexdigest(), 16) % 10 < EVAL_BUCKETS else "train"
+
+
 def order_key(question: str, seed: int) -> str:
     return hashlib.sha256(f"{seed}\0{question}".encode()).hexdigest()
 
 
-def question_order(rows: tuple[dict, ...], seed: int, limit: int | None) -> list[int]:
-    """Indices of ``rows`` in the paired order (by question text, so it is the same in every file)."""
-    order = sorted(range(len(rows)), key=lambda i: (order_key(rows[i]["question"], seed), i))
+def question_order(rows: tuple[dict, ...], seed: int, limit: int | None, split: str | None = None) -> list[int]:
+    """Indices of ``rows`` in the paired order (by question text, so it is the same in every file), only the
+    questions of ``split`` when given."""
+    keep = (
+        range(len(rows))
+        if split is None
+        else [i for i in range(len(rows)) if question_split(rows[i]["question"]) == split]
+    )
+    order = sorted(keep, key=lambda i: (order_key(rows[i]["question"], seed), i))
     return order[:limit] if limit is not None else order
 
 
@@ -160,7 +180,9 @@ def _documents(
     return docs
 
 
-def _info(got: list[Resolved], rows: tuple[dict, ...], seed: int, limit: int | None, extra: dict) -> dict:
+def _info(
+    got: list[Resolved], rows: tuple[dict, ...], seed: int, limit: int | None, extra: dict, split: str | None = None
+) -> dict:
     official = all(g.official for g in got)
     info = {
         "needles_data_official": official,
@@ -170,6 +192,7 @@ def _info(got: list[Resolved], rows: tuple[dict, ...], seed: int, limit: int | N
         "needles_question_set_sha256": question_set_sha256(rows),
         "needles_order": f"sha256('{seed}\\0' + question)",
         "needles_num_questions": limit if limit is not None else len(rows),
+        **({"needles_question_split": split} if split else {}),
         **extra,
     }
     marks = [] if official else [alias_mark(info["needles_data_label"])]
@@ -185,7 +208,7 @@ def _dataset(docs: list[dict], info: dict) -> datasets.DatasetDict:
     return out
 
 
-def _settings(metadata: dict) -> tuple[int, int | None, str]:
+def _settings(metadata: dict) -> tuple[int, int | None, str, str | None]:
     check_family_metadata("mdqa", metadata)
     seed = _int(metadata, "mdqa_order_seed", 0)
     limit = _int(metadata, "mdqa_num_questions", None)
@@ -194,7 +217,13 @@ def _settings(metadata: dict) -> tuple[int, int | None, str]:
             f"--metadata mdqa_num_questions={limit} must be at least 1", fix='e.g. "mdqa_num_questions": 100'
         )
     variant = "query_aware" if truthy(metadata.get("mdqa_query_aware", False)) else "qa"
-    return seed, limit, variant
+    split = metadata.get("mdqa_split")
+    if split is not None and split not in SPLITS:
+        raise NeedlesError(
+            f"--metadata mdqa_split={split!r} is not a split of the NQ-Open questions",
+            fix='use "eval" (the held-out questions, never trained on) or "train", or leave it out for all',
+        )
+    return seed, limit, variant, split
 
 
 # ---------------------------------------------------------------------------------- custom_dataset
@@ -202,20 +231,20 @@ def mdqa_dataset(
     mdqa_task_kind: str = "position", mdqa_task_documents: int = 20, mdqa_task_position: int = 1, **metadata
 ) -> datasets.DatasetDict:
     """One task's data. ``mdqa_task_*`` come from the YAML's dataset_kwargs; the rest is metadata."""
-    seed, limit, variant = _settings(metadata)
+    seed, limit, variant, split = _settings(metadata)
     if mdqa_task_kind in ("closedbook", "oracle"):
         rows, got = _load(ORACLE_FILE, metadata)
-        order = question_order(rows, seed, limit)
+        order = question_order(rows, seed, limit, split)
         position = None if mdqa_task_kind == "closedbook" else 1
         docs = _documents(rows, order, position, ORACLE_FILE, False, variant)
         extra = {"needles_setting": mdqa_task_kind, "needles_prompt": "closedbook" if position is None else variant}
-        return _dataset(docs, _info([got], rows, seed, limit, extra))
+        return _dataset(docs, _info([got], rows, seed, limit, extra, split))
     if mdqa_task_kind == "sweep":
-        return _sweep(metadata, seed, limit, variant)
+        return _sweep(metadata, seed, limit, variant, split)
     n, position = int(mdqa_task_documents), int(mdqa_task_position)
     relpath, derive = source_for(n, position)
     rows, got = _load(relpath, metadata)
-    docs = _documents(rows, question_order(rows, seed, limit), position, relpath, derive, variant)
+    docs = _documents(rows, question_order(rows, seed, limit, split), position, relpath, derive, variant)
     extra = {
         "needles_setting": f"{n} documents, gold at position {position}",
         "needles_num_documents": n,
@@ -223,7 +252,7 @@ def mdqa_dataset(
         "needles_prompt": variant,
         "needles_derived": f"gold moved from {relpath}" if derive else None,
     }
-    return _dataset(docs, _info([got], rows, seed, limit, extra))
+    return _dataset(docs, _info([got], rows, seed, limit, extra, split))
 
 
 def data_files(task: str, metadata: dict) -> list[str]:
@@ -255,7 +284,7 @@ def _positions(metadata: dict, n: int) -> list[int]:
     return positions
 
 
-def _sweep(metadata: dict, seed: int, limit: int | None, variant: str) -> datasets.DatasetDict:
+def _sweep(metadata: dict, seed: int, limit: int | None, variant: str, split: str | None) -> datasets.DatasetDict:
     """Any positions of any official setting, question-major: all positions of question 1, then 2, ..."""
     n = _int(metadata, "mdqa_num_documents", 20)
     positions = _positions(metadata, n)
@@ -265,7 +294,7 @@ def _sweep(metadata: dict, seed: int, limit: int | None, variant: str) -> datase
         rows, g = _load(relpath, metadata)
         base_rows = base_rows or rows
         got.append(g)
-        per_position[p] = _documents(rows, question_order(rows, seed, limit), p, relpath, derive, variant)
+        per_position[p] = _documents(rows, question_order(rows, seed, limit, split), p, relpath, derive, variant)
     by_question: dict[str, list[dict]] = {}
     for p in positions:
         for doc in per_position[p]:
@@ -280,7 +309,7 @@ def _sweep(metadata: dict, seed: int, limit: int | None, variant: str) -> datase
         "needles_limit_hint": f"--limit counts rows: use {len(positions)} x N for N questions",
     }
     unique = {g.relpath: g for g in got}
-    return _dataset(docs, _info(list(unique.values()), base_rows, seed, limit, extra))
+    return _dataset(docs, _info(list(unique.values()), base_rows, seed, limit, extra, split))
 
 
 # ---------------------------------------------------------------------------------- prompt + score

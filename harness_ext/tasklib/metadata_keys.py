@@ -32,6 +32,7 @@ FAMILY_KEYS: dict[str, frozenset[str]] = {
             "mdqa_mirror",
             "mdqa_order_seed",
             "mdqa_num_questions",
+            "mdqa_split",
             "mdqa_query_aware",
             "mdqa_positions",
             "mdqa_num_documents",

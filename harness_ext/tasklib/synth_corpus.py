@@ -15,7 +15,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +23,11 @@ import numpy as np
 
 from harness_ext.core.errors import NeedlesError
 from harness_ext.data.sources import LOST_IN_THE_MIDDLE, Resolved, fetch
-from harness_ext.tasklib.mdqa import ORACLE_FILE, render_prompt
+from harness_ext.tasklib.mdqa import EVAL_BUCKETS, ORACLE_FILE, question_split, render_prompt  # noqa: F401 (re-exported)
 from harness_ext.tasklib.mdqa_fixture import read_oracle
 from harness_ext.tasklib.metrics import squad_normalize
 from harness_ext.tasklib.token_budget import count_tokens
 
-EVAL_BUCKETS = 2  # sha256(question) mod 10 < EVAL_BUCKETS -> eval split (20% of the questions)
 SPLITS = ("train", "eval")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _MAX_REDRAWS = 200
@@ -60,11 +58,6 @@ _ONSETS = (
 )
 _VOWELS = ("a", "e", "i", "o", "u", "a", "e", "o", "ei", "ou")
 _CODAS = ("", "", "", "", "n", "r", "l", "s", "th", "m", "x", "nd")
-
-
-def question_split(question: str) -> str:
-    """``eval`` or ``train``: a fixed function of the question text, the same on every machine."""
-    return "eval" if int(hashlib.sha256(question.encode()).hexdigest(), 16) % 10 < EVAL_BUCKETS else "train"
 
 
 @dataclass

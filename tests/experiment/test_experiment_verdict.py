@@ -234,3 +234,22 @@ def test_without_merge_the_finetuned_suite_scores_the_adapter(tmp_path, capsys):
     assert main(["experiment", str(tmp_path / "exp.yaml"), "-o", str(tmp_path / "out"), "--dry-run"]) == 0
     last = capsys.readouterr().out.splitlines()[-1]
     assert f"lora_local_path={tmp_path / 'out' / 'finetune' / 'adapter'}" in last and "merged" not in last
+
+
+def test_cost_estimate_counts_synth_training_documents_per_gold_position(tmp_path):
+    from harness_ext.experiment.config import load_experiment
+    from harness_ext.experiment.cost import estimate, format_estimate
+    from harness_ext.experiment.run import finetune_config
+
+    cfg = config()
+    cfg["finetune"] = {"data": {"family": "synth_mdqa", "cell": "symbolic_kv", "num_samples": 10, "positions": [1, 5]}}
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(cfg))
+    exp = load_experiment(tmp_path / "a.yaml")
+    est = estimate(exp, finetune_config(exp, tmp_path / "out"))
+    assert est["training_tokens"] is None  # passages decide the length: not guessed
+    assert "training not estimated" in format_estimate(est)
+    cfg["finetune"]["data"]["lengths"] = [600]
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
+    exp = load_experiment(tmp_path / "b.yaml")
+    est = estimate(exp, finetune_config(exp, tmp_path / "out"))
+    assert est["epochs"] == 2.0 and est["training_tokens"] == 10 * 2 * 600 * 2  # FinetuneConfig's default 2 epochs

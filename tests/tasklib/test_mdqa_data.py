@@ -130,6 +130,21 @@ def test_limit_selects_the_same_questions_everywhere(fixture_dir):
     assert [d["question"] for d in first5] == orders[0][:5]
 
 
+def test_split_keeps_only_held_out_questions_in_the_paired_order(fixture_dir):
+    from harness_ext.tasklib.mdqa import question_split
+
+    common = {"mdqa_mirror": str(fixture_dir), **OPT_IN}
+    every = [d["question"] for d in mdqa_dataset(mdqa_task_kind="oracle", **common)["test"]]
+    held_out = mdqa_dataset(mdqa_task_kind="sweep", mdqa_num_documents=10, mdqa_split="eval", **common)
+    questions = list(dict.fromkeys(d["question"] for d in held_out["test"]))
+    assert questions == [q for q in every if question_split(q) == "eval"]  # the same order, eval questions only
+    assert 0 < len(questions) < len(every) and held_out.needles_info["needles_question_split"] == "eval"
+    train2 = mdqa_dataset(mdqa_task_kind="closedbook", mdqa_split="train", mdqa_num_questions=2, **common)["test"]
+    assert [d["question"] for d in train2] == [q for q in every if question_split(q) == "train"][:2]
+    with pytest.raises(NeedlesError, match="mdqa_split='test'"):
+        mdqa_dataset(mdqa_task_kind="oracle", mdqa_split="test", **common)
+
+
 def test_official_oracle_inside_fixture_is_official(tmp_path, oracle, fixture_dir):
     mirror = tmp_path / "mirror"
     shutil.copytree(fixture_dir, mirror)
