@@ -23,6 +23,8 @@ from harness_ext.experiment.steps import Step, StepRunner
 from harness_ext.experiment.verdict import compare_runs, to_markdown
 
 KV_TASK = re.compile(r"^kv_retrieval_(simple|simple_template|multisubkey)$")
+# tasks whose documents finetune.leakage can load (kv_retrieval, synth_mdqa, mdqa, niah families)
+FAMILY_TASK = re.compile(r"^(kv_retrieval|synth_mdqa|mdqa|niah)(_\w+)?$")
 
 
 def finetune_config(cfg: ExperimentConfig, out: Path):
@@ -30,6 +32,7 @@ def finetune_config(cfg: ExperimentConfig, out: Path):
     from harness_ext.core.output_files import check_output_dir
     from harness_ext.finetune.config import load_config, packaged_config, validate_hparams
     from harness_ext.finetune.data import train_spec
+    from harness_ext.finetune.families import data_family
 
     values = dict(cfg.finetune)
     recipe = values.pop("recipe", None)
@@ -46,6 +49,10 @@ def finetune_config(cfg: ExperimentConfig, out: Path):
         "eval_metadata": {k: v for k, v in cfg.metadata.items() if k in kv_keys},
     }
     ft = load_config(path, values)
+    if data_family(ft.data) != "kv":
+        # synthetic MDQA data: check it against every suite task whose documents the leakage check can load
+        checked = [t for t in cfg.tasks if FAMILY_TASK.match(t)]
+        ft = dataclasses.replace(ft, eval_tasks=checked or ft.eval_tasks, eval_metadata=dict(cfg.metadata))
     validate_hparams(ft)
     train_spec(ft.data)  # the training data's spec too: a bad one must not wait for the base model's scores
     check_output_dir(out, "experiment folder")

@@ -253,3 +253,24 @@ def test_cost_estimate_counts_synth_training_documents_per_gold_position(tmp_pat
     exp = load_experiment(tmp_path / "b.yaml")
     est = estimate(exp, finetune_config(exp, tmp_path / "out"))
     assert est["epochs"] == 2.0 and est["training_tokens"] == 10 * 2 * 600 * 2  # FinetuneConfig's default 2 epochs
+
+
+def test_synth_training_is_leak_checked_against_every_loadable_suite_task(tmp_path):
+    from harness_ext.experiment.config import load_experiment
+    from harness_ext.experiment.run import finetune_config
+
+    cfg = config()
+    cfg["suite"].append({"task": "flenqa", "role": "target", "metric": "acc"})  # not loadable by the check
+    cfg["finetune"] = {"data": {"family": "synth_mdqa", "cell": "real", "num_samples": 4}}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(cfg))
+    exp = load_experiment(tmp_path / "s.yaml")
+    ft = finetune_config(exp, tmp_path / "out")
+    assert ft.eval_tasks == [t for t in exp.tasks if t != "flenqa"] and "mdqa_closedbook" in ft.eval_tasks
+    assert ft.eval_metadata == exp.metadata
+    kv = finetune_config(load_experiment(_write(tmp_path / "k.yaml", config())), tmp_path / "out2")
+    assert kv.eval_tasks == ["kv_retrieval_simple"]  # KV training: the KV documents, as before
+
+
+def _write(path, cfg):
+    path.write_text(yaml.safe_dump(cfg))
+    return path
