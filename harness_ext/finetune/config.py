@@ -24,6 +24,7 @@ BATCHING_MODES = ("grouped", "padded", "packed")
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the wheel with the package
 DATA_FAMILIES = ("kv", "synth_mdqa")  # training-data generators: the kv_retrieval tasks', the synth_mdqa tasks'
+REPORT_TO = ("none", "tensorboard", "wandb", "trackio")  # accelerate's trackers (harness_ext.finetune.tracking)
 
 GROUP_DATA = "training data (same generator as the kv_retrieval or synth_mdqa tasks)"
 GROUP_EVAL = "evaluation set (its documents are never trained on)"
@@ -169,6 +170,13 @@ class FinetuneConfig:
         None, "end this session after N steps (checkpointed)", group=GROUP_OUTPUTS, ge=1
     )
     merge: bool = option(False, "also save the merged model", group=GROUP_OUTPUTS)
+    # no argparse choices: a bad name gets the NeedlesError of validate_hparams, with its fix line
+    report_to: list[str] = option(
+        factory=lambda: ["none"],
+        help="training-log trackers: none (default), tensorboard, wandb, trackio; loss and learning rate "
+        "of every step, files under OUTPUT_DIR/runs (tensorboard --logdir OUTPUT_DIR/runs)",
+        group=GROUP_OUTPUTS,
+    )
     log_every: int = option(1, flag=None, ge=1)
 
     @classmethod
@@ -288,6 +296,14 @@ def validate_hparams(cfg: FinetuneConfig) -> None:
     check_bounds(cfg, skip_groups=() if cfg.method == "lora" else (GROUP_LORA,))  # LoRA options matter only for LoRA
     if cfg.batching not in BATCHING_MODES:
         raise NeedlesError(f"unknown batching {cfg.batching!r}", fix=f"use one of {list(BATCHING_MODES)}")
+    if isinstance(cfg.report_to, str) or not isinstance(cfg.report_to, (list, tuple)):
+        raise NeedlesError(f"report_to={cfg.report_to!r} is not a list", fix="write e.g. report_to: [tensorboard]")
+    unknown = [t for t in cfg.report_to if t not in REPORT_TO]
+    if unknown or ("none" in cfg.report_to and len(cfg.report_to) > 1):
+        raise NeedlesError(
+            f"report_to={cfg.report_to} is not `none` or a list of trackers",
+            fix="use --report-to none, or any of tensorboard wandb trackio",
+        )
     if cfg.lr_scheduler not in LR_SCHEDULERS:
         raise NeedlesError(
             f"unknown lr_scheduler {cfg.lr_scheduler!r}", fix="use cosine, linear, constant or constant_with_warmup"

@@ -21,6 +21,7 @@ vocabulary instead of 281.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import sys
@@ -31,7 +32,7 @@ from typing import Any
 from harness_ext.core.atomic_io import write_atomic, write_json_atomic
 from harness_ext.core.errors import NeedlesError
 from harness_ext.data.dataset_cache import file_sha256
-from harness_ext.finetune import rundir
+from harness_ext.finetune import rundir, tracking
 from harness_ext.finetune.batches import SampleLog, plan_index, plan_loader, plan_run
 from harness_ext.finetune.config import FinetuneConfig, validate_hparams
 from harness_ext.finetune.data import (
@@ -65,6 +66,7 @@ class FinetuneRecipe:
         self.history: list[dict] = []
         self.start_step = 0
         self._lock: rundir.OutputLock | None = None
+        self.trackers: list[str] = []
 
     def say(self, msg: str) -> None:
         if self.accelerator.is_main_process:
@@ -77,6 +79,7 @@ class FinetuneRecipe:
         validate_hparams(cfg)
         train_spec(cfg.data)  # the data options and the model's name, before anything is loaded
         resolve_model(cfg.model)
+        self.trackers = tracking.trackers(cfg.report_to)  # a missing tracker package fails here, before any loading
         import torch
         from accelerate import Accelerator
 
@@ -84,7 +87,11 @@ class FinetuneRecipe:
         self.mixed = os.environ.get("ACCELERATE_MIXED_PRECISION") or (
             "bf16" if self.on_gpu and torch.cuda.is_bf16_supported() else "no"
         )
-        self.accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=self.mixed)
+        self.accelerator = Accelerator(
+            gradient_accumulation_steps=cfg.grad_accum,
+            mixed_precision=self.mixed,
+            **tracking.accelerator_kwargs(self.trackers, self.out),
+        )
         launched = int(os.environ.get("WORLD_SIZE", "1")) if "LOCAL_RANK" in os.environ else 1  # torchrun's
         if launched > self.accelerator.num_processes:  # else each process trains alone, on all the data
             raise NeedlesError(
@@ -98,6 +105,7 @@ class FinetuneRecipe:
         self._setup_model()
         self._setup_optimisation()
         self._resume()
+        tracking.start(self.accelerator, self.trackers, dataclasses.asdict(cfg))
         a = self.accelerator
         self.say(
             f"{cfg.method} on {type(a.unwrap_model(self.model)).__name__} ({self.n_trainable:,} of "
@@ -263,6 +271,7 @@ class FinetuneRecipe:
             self.history.append(row)
             bar.update(1)
             if step % cfg.log_every == 0 or step == total_steps:
+                tracking.log_step(accelerator, self.trackers, row)
                 rate = f"{tokens_seen / max(elapsed, 1e-9):.0f}"
                 bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=rate, lr=f"{row['lr']:.2e}")
             periodic = cfg.save_every and step % cfg.save_every == 0
@@ -367,6 +376,8 @@ class FinetuneRecipe:
             self.train()
             return self.save()
         finally:
+            if self.trackers and hasattr(self, "accelerator"):
+                tracking.finish(self.accelerator, self.trackers)
             if self._lock is not None:
                 self._lock.release()
 

@@ -22,7 +22,16 @@ MANIFEST = "manifest.json"
 LOCK_FILE = ".needles-finetune.lock"
 STATE_FILE = "needles_state.json"
 # options that may change between a run and its --resume (outputs and checkpointing only)
-RESUMABLE_OPTIONS = ("output_dir", "resume", "stop_after_steps", "save_every", "keep_checkpoints", "merge", "log_every")
+RESUMABLE_OPTIONS = (
+    "output_dir",
+    "resume",
+    "stop_after_steps",
+    "save_every",
+    "keep_checkpoints",
+    "merge",
+    "log_every",
+    "report_to",  # where logs go, not what is trained
+)
 
 
 class OutputLock:

@@ -45,7 +45,7 @@ FINETUNE_FLAGS = [
     *("--lr-scheduler", "--weight-decay", "--max-grad-norm", "--gradient-checkpointing"),
     *("--no-gradient-checkpointing", "--batching", "--pack-tokens", "--max-length", "--seed"),
     *("--attn-implementation", "--trust-remote-code", "--save-every", "--keep-checkpoints", "--resume"),
-    *("--stop-after-steps", "--merge", "--backend", "--openai-model", "--n-epochs", "--suffix"),
+    *("--stop-after-steps", "--merge", "--report-to", "--backend", "--openai-model", "--n-epochs", "--suffix"),
     *("--poll-interval", "--timeout"),
 ]
 EXPORT_FLAGS = [
