@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "study",
         help="finetune variants, score them, detect/compare/knock out/patch retrieval heads; report (Zhao et al.)",
         description="Why synthetic data transfers, as one command: finetune every variant of the config (cells of "
-        "the data-family grid and the real-data baseline), score each on the targets (lm_eval), detect its "
+        "the data-family grid and the real-data baseline), score each (and the base model) on the targets (lm_eval), detect its "
         "retrieval heads, compare them with the reference variant's (recall, Jaccard, Spearman), correlate recall "
         "with score across variants (bootstrap interval), knock out top-K vs random-K heads, patch intersection / "
         "complement / random heads from the reference into each synthetic variant; report (JSON, Markdown, plots). "

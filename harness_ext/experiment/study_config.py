@@ -49,6 +49,7 @@ EVAL_OPTIONS = (
 KNOCKOUT_OPTIONS = (*EVAL_OPTIONS, "draws", "batch_size")
 PATCHING_OPTIONS = (*EVAL_OPTIONS, "draws", "sets", "site", "continuation", "threshold")
 DEFAULT_SETS = ("intersection", "complement", "random")
+BASE = "base"  # the base model's eval (step eval:base, folder OUT/base/): no variant may take the name
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,8 @@ def study_from_dict(values: object, path: str = "<dict>") -> StudyConfig:
         )
     variants = [_variant(path, i, raw) for i, raw in enumerate(raw_variants)]
     names = [v.name for v in variants]
+    if BASE in names:
+        raise _fail(path, f"a variant is named {BASE!r}, the name of the base model's scores", "rename the variant")
     if len(set(names)) != len(names):
         raise _fail(path, f"variant names repeat: {names}", "give every variant its own name")
     ref = values.get("reference_variant")

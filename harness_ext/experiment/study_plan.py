@@ -21,7 +21,7 @@ from pathlib import Path
 from harness_ext.core.errors import NeedlesError
 from harness_ext.experiment import study_steps as st
 from harness_ext.experiment.steps import Step, StepRunner
-from harness_ext.experiment.study_config import StudyConfig, plain
+from harness_ext.experiment.study_config import BASE, StudyConfig, plain
 
 MODEL_STEPS = ("finetune", "eval", "heads", "knockout", "patch")  # steps that load a model (a GPU under Ray)
 
@@ -45,7 +45,8 @@ class PlannedStep:
 def plan_steps(study: st.Study) -> list[PlannedStep]:
     """Every step in an order that respects the dependencies (the order the local executor runs them in)."""
     runs = list(study.runs.values())
-    steps: list[PlannedStep] = []
+    # the base model without adapter, scored like every run: the report's "vs base" pairs each run with it
+    steps: list[PlannedStep] = [PlannedStep(f"eval:{BASE}", [], study.folder(BASE, "eval"))]
     for r in runs:
         f = study.folder
         steps += [

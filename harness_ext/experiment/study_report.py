@@ -1,5 +1,6 @@
 """The report of ``needles study``: ``report.json`` (schema ``needles.study/1``), ``report.md`` and two plots
-(recall vs score, head-overlap heatmap), written atomically from the finished steps' markers.
+(recall vs score, head-overlap heatmap), written atomically from the finished steps' markers, with the base
+model's scores and every run's paired test against them (``study_vs_base``).
 
 The JSON holds numbers, run names and paths relative to the study folder only, no timings and no absolute
 paths, so two executors (or two machines) that computed the same numbers write the same bytes. The published
@@ -14,9 +15,15 @@ import json
 import sys
 from pathlib import Path
 
+from harness_ext.experiment.study_config import BASE
 from harness_ext.experiment.study_steps import Study
+from harness_ext.experiment.study_vs_base import cell, vs_base
 
 SCHEMA = "needles.study/1"
+VS_BASE = (
+    "run - base on the samples both evals scored, paired on (task, doc_id); 95% interval and two-sided p: exact "
+    "McNemar with Newcombe's interval for 0/1 metrics, paired bootstrap otherwise; Holm across runs x targets"
+)
 PAPER = "Zhao, Yin, Durrett, ICML 2025 (arXiv 2410.22316)"
 SECONDARY = f"{PAPER}; from reviews of the submission [secondary], as recorded in shared/spec/PAPERS.md section 4.1"
 PAPER_FINDINGS = [  # verbatim from PAPERS.md section 4.1 (a test checks)
@@ -35,6 +42,7 @@ PAPER_FINDINGS = [  # verbatim from PAPERS.md section 4.1 (a test checks)
 def build_report(study: Study, done: dict[str, dict]) -> dict:
     cfg = study.cfg
     rows = []
+    tests = vs_base(study, done)
     for r in study.runs.values():
         heads = done[f"heads:{r.name}"]
         rows.append(
@@ -45,6 +53,7 @@ def build_report(study: Study, done: dict[str, dict]) -> dict:
                 "reference": r.is_reference,
                 "finetune": r.variant.finetune,
                 "scores": done[f"eval:{r.name}"]["scores"],
+                "vs_base": tests[r.name],
                 "num_heads": heads["num_heads"],
                 "heads": heads["heads"],
                 "probes_retrieved": heads["probes_retrieved"],
@@ -64,6 +73,8 @@ def build_report(study: Study, done: dict[str, dict]) -> dict:
         "k": cfg.k,
         "seeds": cfg.seeds,
         "recall_definition": "|H_run ∩ H_reference| / |H_reference| (heads: retrieval score > threshold)",
+        "base": {"scores": done[f"eval:{BASE}"]["scores"]},  # no results path: lm_eval's file name is a timestamp
+        "vs_base_method": VS_BASE,
         "runs": rows,
         "head_overlap": _overlap(rows),
         "correlation": correlation,
@@ -133,9 +144,15 @@ def to_markdown(rep: dict) -> str:
         + ", ".join(f"{t['name']} ({t['metric']})" for t in rep["targets"])
         + f". K = {rep['k']}; seeds {rep['seeds']}. Recall = {rep['recall_definition']}.",
         "",
-        "| run | " + " | ".join(targets) + " | heads | recall | Jaccard | knockout top-K | knockout random-K "
+        "| run | "
+        + " | ".join(targets)
+        + " | "
+        + " | ".join(_vs_headers(targets))
+        + " | heads | recall | Jaccard | knockout top-K | knockout random-K "
         "| patch intersection | patch complement | patch random-K |",
-        "|---" * (len(targets) + 9) + "|",
+        "|---" * (2 * len(targets) + 9) + "|",
+        f"| base (no finetune) | {' | '.join(_score(rep['base']['scores'][t]) for t in targets)} |"
+        + " — |" * (len(targets) + 8),
     ]
     for r in rep["runs"]:
         ov, ko, pa = r["overlap"], r["knockout"], r["patching"]
@@ -146,6 +163,8 @@ def to_markdown(rep: dict) -> str:
         lines.append(
             f"| {r['run']}{' (reference)' if r['reference'] else ''} | "
             + " | ".join(scores)
+            + " | "
+            + " | ".join(cell(r["vs_base"].get(t)) for t in targets)
             + f" | {r['num_heads']} | {'—' if ov is None else _fmt(ov['recall'], signed=False)}"
             f" | {'—' if ov is None else _fmt(ov['jaccard'], signed=False)}"
             f" | {_fmt(ko['top']['delta'], ko['top']['delta_ci95'])} | {_fmt(ko['random']['delta'], ko['random']['delta_ci95'])}"
@@ -153,9 +172,14 @@ def to_markdown(rep: dict) -> str:
         )
     lines += [
         "",
+        f"vs base: {rep['vs_base_method']}.",
         "Knockout and patching: change of the task score vs the intact / unpatched model, 95% bootstrap CI.",
         "",
     ]
+    for r in rep["runs"]:
+        for t, test in r["vs_base"].items():
+            if "error" in test:
+                lines.append(f"- {r['run']}: {t} not compared with base: {test['error']}")
     for name, c in rep["correlation"]["targets"].items():
         note = f" — {c['note']}" if c["note"] else ""
         lines.append(f"- Spearman(recall, {name}) over {c['n']} runs: {_fmt(c['spearman'], c['ci95'])}{note}")
@@ -174,6 +198,10 @@ def to_markdown(rep: dict) -> str:
         lines.append(f"| {p['finding']} | {p['paper']} | {p['ours']} | {p['source']} |")
     lines += ["", "Plots: `plots/recall_vs_score.png`, `plots/head_overlap.png`.", ""]
     return "\n".join(lines)
+
+
+def _vs_headers(targets: list[str]) -> list[str]:
+    return ["vs base"] if len(targets) == 1 else [f"vs base ({t})" for t in targets]
 
 
 def _patched(pa: dict | None, s: dict | None) -> str:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness_ext.core.errors import NeedlesError
-from harness_ext.experiment.study_config import DEFAULT_SETS, StudyConfig, Variant
+from harness_ext.experiment.study_config import BASE, DEFAULT_SETS, StudyConfig, Variant
 
 ADAPTER_MODEL = {"lora": "adapter", "full": "model"}  # what finetuning leaves in OUT/runs/RUN/finetune/
 
@@ -50,7 +50,8 @@ class Study:
     log: Callable[[str], None]
 
     def folder(self, run: str, what: str) -> Path:
-        return self.out / "runs" / run / what
+        """OUT/runs/RUN/WHAT; the base model's (``base``: its eval only) is OUT/base/WHAT."""
+        return self.out / BASE / what if run == BASE else self.out / "runs" / run / what
 
     def rel(self, path: Path) -> str:
         return str(Path(path).relative_to(self.out))
@@ -135,19 +136,26 @@ def finetune_run(study: Study, run: str) -> dict:
     return {"manifest": study.rel(done), "final_loss": manifest.get("final_loss")}
 
 
-def eval_argv(study: Study, run: str) -> list[str]:
-    """The lm_eval command that scores a finetuned run on the targets (vLLM by default, or transformers)."""
-    cfg = study.cfg
+def eval_model(study: Study, run: str) -> tuple[str, str | None, int | None]:
+    """(model, adapter, LoRA rank) the eval step of ``run`` scores: the base model alone for ``base``."""
+    if run == BASE:
+        return study.base, None, None
     model, adapter = study.model_args(run)
     ft = study.finetune[run]
     if adapter and ft.merge:  # the merged model: no LoRA kernels in vLLM (1.8x faster on CPU, same weights)
-        model, adapter = str(Path(ft.output_dir) / "merged"), None
+        return str(Path(ft.output_dir) / "merged"), None, None
+    return model, adapter, ft.lora_r if adapter else None
+
+
+def eval_argv(study: Study, run: str) -> list[str]:
+    """The lm_eval command that scores a finetuned run (or ``base``) on the targets (vLLM, or transformers)."""
+    cfg = study.cfg
+    model, adapter, rank = eval_model(study, run)
     out = study.folder(run, "eval")
     tasks = list(dict.fromkeys(t.task for t in cfg.targets))
     if cfg.backend == "vllm":
         from harness_ext.plugin.runner import vllm_eval_command
 
-        rank = ft.lora_r if adapter else None
         argv = vllm_eval_command(
             model,
             tasks,
@@ -176,7 +184,7 @@ def eval_argv(study: Study, run: str) -> list[str]:
 
 
 def eval_run(study: Study, run: str) -> dict:
-    """Score the run with the real lm_eval CLI; the marker keeps each target's metric and stderr."""
+    """Score the run (or ``base``) with the real lm_eval CLI; the marker keeps each target's metric and stderr."""
     from harness_ext.plugin.runner import load_results, run_lm_eval
 
     out = study.folder(run, "eval")

@@ -12,6 +12,7 @@ import pytest
 from harness_ext.cli.app import main
 
 STEPS = [
+    "eval:base",
     "finetune:real",
     "eval:real",
     "heads:real",
@@ -71,6 +72,13 @@ def _marker(out: Path, name: str) -> dict:
     return json.loads((out / "steps" / f"{name}.json").read_text())
 
 
+def _sample_values(results: Path) -> dict[int, float]:
+    """doc_id -> value_acc from the sample log lm_eval wrote beside a results file."""
+    date_id = results.stem.removeprefix("results_")
+    lines = (results.parent / f"samples_kv_retrieval_simple_{date_id}.jsonl").read_text().splitlines()
+    return {row["doc_id"]: float(row["value_acc"]) for row in map(json.loads, lines)}
+
+
 @pytest.mark.slow
 def test_every_step_runs_and_the_plan_records_it(local_study):
     out = local_study
@@ -80,7 +88,12 @@ def test_every_step_runs_and_the_plan_records_it(local_study):
         assert s["command"] == f"needles study {out / 'study.yaml'} -o {out} --step {s['name']}"
         assert (out / "steps" / f"{s['name']}.json").is_file()
     assert plan["depends_on"]["patch:synthetic"] == ["heads:real", "heads:synthetic"]
-    assert plan["depends_on"]["eval:real"] == ["finetune:real"]
+    assert plan["depends_on"]["eval:real"] == ["finetune:real"] and plan["depends_on"]["eval:base"] == []
+    assert "eval:base" in plan["depends_on"]["report"]
+    assert f"--model_args pretrained={plan['model']},dtype=float32," in plan["tools"]["eval:base"]
+    assert "peft=" not in plan["tools"]["eval:base"] and "peft=" in plan["tools"]["eval:real"]
+    assert f" --output_path {out / 'base' / 'eval'} " in plan["tools"]["eval:base"]
+    assert list((out / "base" / "eval").rglob("results_*.json"))  # the base model, scored without adapter
     assert plan["resources"]["finetune:real"] == {"num_cpus": 1, "num_gpus": 0}
     assert plan["tools"]["eval:real"].startswith("lm_eval run --tasks kv_retrieval_simple --model hf")
     assert "--knockout top:1 --knockout random:1" in plan["tools"]["knockout:real"]
@@ -112,6 +125,23 @@ def test_report_holds_every_measurement_beside_the_paper(local_study):
         results["results"]["kv_retrieval_simple"]["value_acc,none"], 6
     )
     assert synth["scores"]["kv_retrieval_simple"]["n"] == 2
+    # the base model's scores are its own eval's, and every run is paired with it sample by sample
+    base_marker = _marker(out, "eval:base")["outputs"]
+    base_results = json.loads((out / base_marker["results"]).read_text())
+    assert base_marker["results"].startswith("base/eval/") and "results" not in rep["base"]  # timestamped name
+    assert rep["base"]["scores"]["kv_retrieval_simple"]["value"] == round(
+        base_results["results"]["kv_retrieval_simple"]["value_acc,none"], 6
+    )
+    base_values = _sample_values(out / base_marker["results"])
+    for row in rep["runs"]:
+        values = _sample_values(out / _marker(out, f"eval:{row['run']}")["outputs"]["results"])
+        paired = sorted(set(values) & set(base_values))
+        assert paired == sorted(base_values) and len(paired) == 2
+        test = row["vs_base"]["kv_retrieval_simple"]
+        diff = sum(values[i] - base_values[i] for i in paired) / len(paired)
+        assert test["n"] == 2 and test["delta"] == pytest.approx(diff, abs=1e-6)
+        assert 0.0 <= test["p"] <= test["p_holm"] <= 1.0 and test["method"].startswith("exact McNemar")
+        assert test["ci95"][0] <= test["delta"] <= test["ci95"][1]
     knockout = json.loads((out / "runs" / "synthetic" / "knockout" / "knockout.json").read_text())
     assert synth["knockout"]["top"]["delta"] == knockout["conditions"][0]["delta"]
     assert synth["knockout"]["random"]["draws"] == 2
@@ -127,6 +157,7 @@ def test_report_holds_every_measurement_beside_the_paper(local_study):
     assert all("PAPERS.md section 4.1" in p["source"] and p["ours"] for p in rep["paper"])
     assert str(out) not in (out / "report.json").read_text()  # relative paths only: comparable across folders
     md = (out / "report.md").read_text()
+    assert "| base (no finetune) | 0." in md and "| vs base |" in md
     assert "| synthetic | 0." in md and "Beside the paper" in md and "patch set intersection not run" in md
     for name in ("recall_vs_score", "head_overlap"):
         assert (out / "plots" / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
@@ -156,6 +187,12 @@ def test_a_resumed_study_reruns_nothing_that_finished(local_study, config, capsy
     assert [line.split()[3].rstrip(":") for line in ran] == ["knockout:synthetic", "report"]
     assert not (out / "runs" / "synthetic" / "knockout" / "half-written").exists()
     assert (out / "report.json").read_bytes() == report
+
+    # the base eval is a step like the others: by name it is skipped while its marker exists
+    base_marker = (out / "steps" / "eval:base.json").read_bytes()
+    assert main(["study", str(out / "study.yaml"), "-o", str(out), "--step", "eval:base"]) == 0
+    assert "eval:base: done before, skipped" in capsys.readouterr().err
+    assert (out / "steps" / "eval:base.json").read_bytes() == base_marker
 
     # one step by its plan command, as an outside scheduler runs it
     (out / "steps" / "correlation.json").unlink()

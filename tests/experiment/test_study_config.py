@@ -54,6 +54,7 @@ BAD = [
     ("unknown key", lambda c: {**c, "suite": []}, "unknown key(s) ['suite']"),
     ("one variant", lambda c: {**c, "variants": c["variants"][:1]}, "at least two variants"),
     ("same names", lambda c: {**c, "variants": [{"name": "real"}, {"name": "real"}]}, "variant names repeat"),
+    ("named base", lambda c: {**c, "variants": [{"name": "real"}, {"name": "base"}]}, "a variant is named 'base'"),
     ("bad name", lambda c: {**c, "variants": [{"name": "real"}, {"name": "a b"}]}, "variants[1] needs a name"),
     ("variant key", lambda c: {**c, "variants": [{"name": "real"}, {"name": "x", "data": {}}]}, "variants[1] has"),
     ("no reference", lambda c: {**c, "reference_variant": "gold"}, "reference_variant 'gold' is not one"),
@@ -86,13 +87,28 @@ def test_dry_run_prints_every_step_and_writes_nothing(capsys, tmp_path, tiny_lla
     code, out, _ = _run(capsys, tmp_path, _base(str(tiny_llama_dir)), "--dry-run")
     assert code == 0
     names = [line[2:].split()[0] for line in out.splitlines() if line.startswith("# ")]
-    assert names[:3] == ["finetune:real", "eval:real", "heads:real"] and names[-2:] == ["correlation", "report"]
+    assert names[:4] == ["eval:base", "finetune:real", "eval:real", "heads:real"]
+    assert names[-2:] == ["correlation", "report"]
+    base_eval = out.split("# eval:base\n")[1].splitlines()[0]  # the base model alone, into OUT/base/eval
+    assert f"--model hf --model_args pretrained={tiny_llama_dir},dtype=float32,max_length=4096 " in base_eval
+    assert "peft=" not in base_eval and base_eval.endswith(f"--output_path {tmp_path / 'out' / 'base' / 'eval'}")
     assert "needles heads patch --source" in out and "--sets intersection complement random:1" in out
     assert not (tmp_path / "out").exists()
     code, out, _ = _run(capsys, tmp_path, {**_base(str(tiny_llama_dir)), "backend": "vllm"}, "--dry-run")
     adapter = tmp_path / "out" / "runs" / "synth" / "finetune" / "adapter"
     assert code == 0 and f"--model vllm --model_args pretrained={tiny_llama_dir}," in out
     assert f"lora_local_path={adapter},max_lora_rank=16" in out
+    # finetune: merge: true scores the merged model (no LoRA in vLLM); the base eval is unchanged
+    merged = {**_base(str(tiny_llama_dir)), "backend": "vllm", "finetune": {**_base()["finetune"], "merge": True}}
+    code, out, _ = _run(capsys, tmp_path, merged, "--dry-run")
+    evals = {
+        line[2:].split()[0]: cmd
+        for line, cmd in zip(out.splitlines(), out.splitlines()[1:])
+        if line.startswith("# eval:")
+    }
+    assert code == 0 and "lora_local_path" not in out
+    assert f"pretrained={tmp_path / 'out' / 'runs' / 'synth' / 'finetune' / 'merged'}," in evals["eval:synth"]
+    assert f"pretrained={tiny_llama_dir}," in evals["eval:base"]
 
 
 def test_step_misuse_and_a_folder_of_another_study(capsys, tmp_path, tiny_llama_dir):
@@ -119,7 +135,7 @@ def test_variant_overrides_merge_into_the_shared_finetune_keys():
 
 
 def _markers(cfg, recalls: dict[str, float | None], scores: dict[str, float]) -> dict:
-    done = {}
+    done = {"eval:base": {"results": "base/eval/results_x.json", "scores": {"kv_retrieval_simple": {"value": 0.05}}}}
     for run in scores:
         done[f"eval:{run}"] = {"scores": {"kv_retrieval_simple": {"value": scores[run], "stderr": 0.1, "n": 20}}}
         done[f"heads:{run}"] = {"num_heads": 2, "heads": [[0, 0], [1, 0]], "probes_retrieved": [3, 4]}
@@ -165,6 +181,13 @@ def test_correlation_and_report_from_markers(tmp_path):
     assert gap["paper"] == "MDQA (Llama-3) real-data F1 0.83 vs best synthetic 0.49" and "[secondary]" in gap["source"]
     assert build_report(study, done) == rep  # deterministic
     md = to_markdown(rep)
-    assert "| a | 0.100 ± 0.100 | 2 | 0.200 | 0.500 | -0.400 [-0.600, -0.200] |" in md
+    assert "| a | 0.100 ± 0.100 | n/a | 2 | 0.200 | 0.500 | -0.400 [-0.600, -0.200] |" in md
+    assert "| base (no finetune) | 0.050 | — | — | — |" in md
+    # no sample logs behind these markers: "vs base" says why for every run instead of failing the report
+    assert rep["base"]["scores"]["kv_retrieval_simple"]["value"] == 0.05
+    assert rep["runs"][1]["vs_base"] == {
+        "kv_retrieval_simple": {"error": "base/eval/results_x.json: no such file or folder"}
+    }
+    assert "- a: kv_retrieval_simple not compared with base: base/eval/results_x.json: no such file" in md
     assert "+0.200 [+0.100, +0.300] | n/a | +0.000 [-0.100, +0.100] |" in md
     assert "a: patch set complement not run" in md
