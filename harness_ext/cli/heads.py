@@ -259,7 +259,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="PROBES",
         help="niah, kv, mdqa and synth_mdqa:CELL for a cell of `needles data list families` (default: niah kv)",
     )
-    p.add_argument("--needles", default=None, help=f"needles JSONL (default: $NEEDLES_SHARED_DATA/{DEFAULT_NEEDLES})")
+    p.add_argument(
+        "--needles",
+        default=None,
+        help=f"needles JSONL (default: $NEEDLES_SHARED_DATA/{DEFAULT_NEEDLES}, else the niah task's needles file)",
+    )
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024], help="NIAH input tokens")
     p.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0], help="NIAH needle depths")
     p.add_argument("--kv-lengths", type=int, nargs="+", default=[512], help="KV probe prompt tokens")

@@ -21,8 +21,15 @@ SCORES_HELP = "a heads.json of `needles heads`, or a published head_score/<model
 
 
 def shared_needles() -> Path:
+    """The reference needles when --needles is not given: the copy under $NEEDLES_SHARED_DATA (or ../shared/data
+    beside a clone) when there is one, else the niah task's data source (NEEDLES_NIAH_MIRROR, the cache, or a
+    verified download from the pinned Retrieval_Head commit), so heads probes and the niah task read one file."""
     root = Path(os.environ.get("NEEDLES_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
-    return root / DEFAULT_NEEDLES
+    if (root / DEFAULT_NEEDLES).is_file() or "NEEDLES_SHARED_DATA" in os.environ:
+        return root / DEFAULT_NEEDLES
+    from harness_ext.data.sources import RETRIEVAL_HEAD, RETRIEVAL_HEAD_NEEDLES, fetch
+
+    return Path(fetch(RETRIEVAL_HEAD, RETRIEVAL_HEAD_NEEDLES, {}).path)
 
 
 def model_path(name: str) -> str:
