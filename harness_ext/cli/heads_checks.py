@@ -7,29 +7,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 from typing import NoReturn
 
 from harness_ext.core.errors import NeedlesError, print_error
+from harness_ext.heads.defaults import DEFAULT_MDQA, DEFAULT_NEEDLES, shared_needles  # noqa: F401 (re-exported)
 
-DEFAULT_NEEDLES = "retrieval-head/needles.jsonl"
 DEFAULT_THRESHOLD = 0.1  # = heads.scores.DEFAULT_THRESHOLD (a test checks); `needles --help` imports no numpy
-DEFAULT_MDQA = {"mdqa_num_documents": 10, "mdqa_positions": [1, 5, 10], "mdqa_num_questions": 4}
 SCORES_HELP = "a heads.json of `needles heads`, or a published head_score/<model>.json (format detected)"
-
-
-def shared_needles() -> Path:
-    """The reference needles when --needles is not given: the copy under $NEEDLES_SHARED_DATA (or ../shared/data
-    beside a clone) when there is one, else the niah task's data source (NEEDLES_NIAH_MIRROR, the cache, or a
-    verified download from the pinned Retrieval_Head commit), so heads probes and the niah task read one file."""
-    root = Path(os.environ.get("NEEDLES_SHARED_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
-    if (root / DEFAULT_NEEDLES).is_file() or "NEEDLES_SHARED_DATA" in os.environ:
-        return root / DEFAULT_NEEDLES
-    from harness_ext.data.sources import RETRIEVAL_HEAD, RETRIEVAL_HEAD_NEEDLES, fetch
-
-    return Path(fetch(RETRIEVAL_HEAD, RETRIEVAL_HEAD_NEEDLES, {}).path)
 
 
 def model_path(name: str) -> str:

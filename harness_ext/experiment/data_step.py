@@ -63,7 +63,7 @@ def prepare_data(cfg: ExperimentConfig, folder: Path, log: Callable[[str], None]
         fixtures[name] = str(folder / name)
     kept, skipped = [], []
     for entry in cfg.suite:
-        problem = _unavailable(entry.task, metadata, failed)
+        problem = unavailable(entry.task, metadata, failed)
         if problem is None:
             kept.append(entry.name)
             continue
@@ -79,7 +79,8 @@ def prepare_data(cfg: ExperimentConfig, folder: Path, log: Callable[[str], None]
     return {"metadata": metadata, "suite": kept, "skipped": skipped, "fixtures": fixtures}
 
 
-def _unavailable(task: str, metadata: dict, failed: dict[str, NeedlesError]) -> NeedlesError | None:
+def unavailable(task: str, metadata: dict, failed: dict[str, NeedlesError]) -> NeedlesError | None:
+    """Why ``task`` cannot get its data files (a fixture that failed, or the source's own error), or None."""
     from harness_ext.tasklib.data_needs import data_needs
 
     for source, relpath in data_needs(task, metadata):

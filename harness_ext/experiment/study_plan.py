@@ -17,6 +17,7 @@ import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from harness_ext.core.errors import NeedlesError
 from harness_ext.experiment import study_steps as st
@@ -109,6 +110,7 @@ def prepare(
     if Path(cfg.model).exists():  # a local folder: steps run elsewhere (Ray workers) must find it too
         cfg = dataclasses.replace(cfg, model=base)
     _check_k(cfg, base)
+    check_data(cfg)
     runs = st.make_runs(cfg)
     suite = [SuiteTask(t.task, "target", t.metric, filter=t.filter, label=t.name) for t in cfg.targets]
     fts = {}
@@ -263,3 +265,41 @@ def run_ray(study: st.Study, steps: list[PlannedStep], task: Callable) -> None:
     finally:
         if started:
             ray.shutdown()
+
+
+def check_data(cfg: StudyConfig) -> None:
+    """The files every target and every head probe reads (a mirror, the cache or a verified download), checked in
+    seconds before anything slow: a study should not stop at its first detection step for want of a file."""
+    from harness_ext.experiment.data_step import unavailable
+    from harness_ext.heads.defaults import DEFAULT_MDQA, shared_needles
+
+    def fail(what: str, exc: NeedlesError) -> NoReturn:
+        raise NeedlesError(f"study config: {what}: {exc.problem}", fix=exc.fix) from None
+
+    for t in cfg.targets:
+        if (problem := unavailable(t.task, cfg.metadata, {})) is not None:
+            fail(f"target {t.task}", problem)
+    probes = cfg.heads.get("probes", ["niah", "kv"])
+    needs = [("heads probes mdqa", "mdqa_sweep", {**DEFAULT_MDQA, **cfg.heads.get("mdqa_metadata", {})})]
+    needs = [n for n in needs if "mdqa" in probes]
+    needs += [(f"heads probes {p}", "synth_mdqa_" + p.split(":", 1)[1], cfg.metadata) for p in probes if ":" in p]
+    for what, task, metadata in needs:
+        if (problem := unavailable(task, metadata, {})) is not None:
+            fail(what, problem)
+    for section in ("heads", "knockout", "patching"):
+        options = getattr(cfg, section)
+        uses_needles = "niah" in probes if section == "heads" else options.get("task") == "niah"
+        if not uses_needles:
+            continue
+        if options.get("needles"):
+            if not Path(options["needles"]).is_file():
+                fail(
+                    f"{section}.needles", NeedlesError(f"{options['needles']} does not exist", fix="give a JSONL file")
+                )
+            continue
+        try:
+            path = shared_needles()
+        except NeedlesError as exc:
+            fail(f"{section} (niah needles)", exc)
+        if not path.is_file():
+            fail(f"{section} (niah needles)", NeedlesError(f"{path} does not exist", fix=f"set {section}.needles"))

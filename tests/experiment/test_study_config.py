@@ -83,6 +83,24 @@ def test_k_is_checked_against_the_models_heads_before_training(capsys, tmp_path,
     assert code == 2 and "k 3 is too large" in err and "fix: set k: 2 or lower" in err
 
 
+@pytest.mark.parametrize(
+    ("change", "where"),
+    [
+        ({"targets": [{"task": "niah_single", "metric": "niah_success"}]}, "study config: target niah_single:"),
+        ({"heads": {"probes": ["mdqa"]}}, "study config: heads probes mdqa:"),
+        ({"heads": {"probes": ["niah"], "needles": "/nonexistent/needles.jsonl"}}, "study config: heads.needles:"),
+    ],
+)
+def test_missing_data_is_found_before_anything_slow(change, where, capsys, tmp_path, tiny_llama_dir, monkeypatch):
+    empty = tmp_path / "empty-mirror"
+    empty.mkdir()
+    monkeypatch.setenv("NEEDLES_NIAH_MIRROR", str(empty))  # a mirror without the files: nothing is downloaded
+    monkeypatch.setenv("NEEDLES_MDQA_MIRROR", str(empty))
+    code, _, err = _run(capsys, tmp_path, {**_base(str(tiny_llama_dir)), **change}, "--dry-run")
+    assert code == 2 and where in err and "fix:" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_dry_run_prints_every_step_and_writes_nothing(capsys, tmp_path, tiny_llama_dir):
     code, out, _ = _run(capsys, tmp_path, _base(str(tiny_llama_dir)), "--dry-run")
     assert code == 0

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from harness_ext.cli import heads_checks
 from harness_ext.core.errors import NeedlesError
+from harness_ext.heads import defaults
 
 
 def test_without_shared_data_the_needles_come_from_the_niah_source(tmp_path, monkeypatch, shared_data):
@@ -17,14 +17,14 @@ def test_without_shared_data_the_needles_come_from_the_niah_source(tmp_path, mon
     mirror.mkdir(parents=True)
     shutil.copyfile(reference, mirror / "needles.jsonl")
     monkeypatch.delenv("NEEDLES_SHARED_DATA", raising=False)
-    monkeypatch.setattr(heads_checks, "__file__", str(tmp_path / "clone" / "harness_ext" / "cli" / "x.py"))
+    monkeypatch.setattr(defaults, "__file__", str(tmp_path / "clone" / "harness_ext" / "cli" / "x.py"))
     monkeypatch.setenv("NEEDLES_NIAH_MIRROR", str(tmp_path / "mirror"))
-    assert heads_checks.shared_needles() == mirror / "needles.jsonl"  # verified against the pinned SHA-256
+    assert defaults.shared_needles() == mirror / "needles.jsonl"  # verified against the pinned SHA-256
     (mirror / "needles.jsonl").write_text("{}\n")  # a corrupted mirror copy is refused, not read
     with pytest.raises(NeedlesError):
-        heads_checks.shared_needles()
+        defaults.shared_needles()
 
 
 def test_shared_data_wins_when_set(tmp_path, monkeypatch):
     monkeypatch.setenv("NEEDLES_SHARED_DATA", str(tmp_path))
-    assert heads_checks.shared_needles() == tmp_path / heads_checks.DEFAULT_NEEDLES
+    assert defaults.shared_needles() == tmp_path / defaults.DEFAULT_NEEDLES
