@@ -15,6 +15,10 @@ REPO = Path(__file__).resolve().parents[1]
 # folder, and the subprocesses they start, must still find it.
 if os.environ.get("NEEDLES_SHARED_DATA"):
     os.environ["NEEDLES_SHARED_DATA"] = str(Path(os.environ["NEEDLES_SHARED_DATA"]).resolve())
+# vLLM's engine runs inside each test's lm_eval process (vLLM's documented switch): the default spawns an engine
+# process and a worker process, each importing torch and vLLM again (~25-40 s per launch on 2 cores; the suite
+# launches vLLM nine times). The shared suite run below keeps vLLM's default, the one users get.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 @pytest.fixture(scope="session")
@@ -106,8 +110,15 @@ def smollm2_vllm_suite(lm_eval_run, smollm2_dir, shared_data, tmp_path_factory) 
         "allow_unofficial_data": True,
     }
     args = ["--tasks", "kv_retrieval,mdqa20,flenqa,flenqa_cot", "--model", "vllm"]
-    args += ["--model_args", vllm_model_args(smollm2_dir, 4096), "--apply_chat_template"]
-    res = lm_eval_run([*args, "--metadata", json.dumps(meta), "--log_samples"], "vllm_suite")
+    args += ["--model_args", vllm_model_args(smollm2_dir, 4096), "--apply_chat_template", "--batch_size", "auto"]
+    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # vLLM's default engine processes, as users run it
+    try:
+        res = lm_eval_run([*args, "--metadata", json.dumps(meta), "--log_samples"], "vllm_suite")
+    finally:
+        os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
+        if saved is not None:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
     return {**res, "_meta": meta}
 
 
@@ -121,7 +132,8 @@ def finetuned_smollm2(smollm2_dir, shared_data, tmp_path_factory) -> dict:
 
     CI budget: 240 training documents (60 LoRA steps; the demo uses 320 / 80 steps, measured at value_acc
     0.12 -> 0.94) and 40 held-out documents (the demo: 100). A 60-step run measured 0.10 -> 0.87 on 60
-    documents. Override with NEEDLES_LOOP_SAMPLES / NEEDLES_LOOP_EPOCHS / NEEDLES_LOOP_EVAL_SAMPLES.
+    documents; the retrieval-head knockout test needs the adapter at value_acc >= 0.6 (it measured 0.80).
+    Override with NEEDLES_LOOP_SAMPLES / NEEDLES_LOOP_EPOCHS / NEEDLES_LOOP_EVAL_SAMPLES.
     """
     import yaml
 

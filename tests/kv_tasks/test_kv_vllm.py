@@ -68,7 +68,9 @@ def vllm_server(smollm2_dir, tmp_path_factory):
         "0.3",
     ]
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=lm_eval_env(), start_new_session=True)
+        env = lm_eval_env()
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the server as users start it (tests/conftest.py sets it)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     try:
         deadline = time.time() + 300
         while time.time() < deadline:

@@ -53,7 +53,7 @@ def runs(lm_eval_run, smollm2_dir, tiny_llama_dir, shared_data, tmp_path_factory
     for name, model in (("smollm2", smollm2_dir), ("tiny", tiny_llama_dir)):
         res = lm_eval_run(
             ["--tasks", ",".join(TASKS), "--model", "vllm", "--model_args", vllm_model_args(model, 2048),
-             "--apply_chat_template", "--metadata", meta, "--gen_kwargs", "max_gen_toks=32", "--batch_size", "16",
+             "--apply_chat_template", "--metadata", meta, "--gen_kwargs", "max_gen_toks=32", "--batch_size", "auto",
              "--log_samples"],
             f"e2e_{name}",
         )  # fmt: skip
