@@ -30,6 +30,15 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def papers_md(shared_data) -> Path:
+    """shared/spec/PAPERS.md, beside the shared data folder (the spec the reference numbers are checked against)."""
+    path = shared_data.parent / "spec" / "PAPERS.md"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (set NEEDLES_SHARED_DATA to the shared data folder)")
+    return path
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     from harness_ext.data.models import smollm2_path
 

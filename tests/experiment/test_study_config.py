@@ -14,12 +14,9 @@ from harness_ext.experiment.study_config import study_from_dict
 from harness_ext.experiment.study_report import PAPER_FINDINGS, build_report, to_markdown
 from harness_ext.experiment.study_steps import Study, correlation, make_runs, merged_finetune
 
-PAPERS = Path(__file__).resolve().parents[2].parent / "shared" / "spec" / "PAPERS.md"
 
-
-@pytest.mark.skipif(not PAPERS.is_file(), reason="../shared/spec/PAPERS.md is absent")
-def test_the_papers_findings_are_quoted_verbatim_from_the_spec():
-    text = " ".join(PAPERS.read_text(encoding="utf-8").split())
+def test_the_papers_findings_are_quoted_verbatim_from_the_spec(papers_md):
+    text = " ".join(papers_md.read_text(encoding="utf-8").split())
     section = text[text.index("### 4.1") : text.index("### 4.2")]
     for _, finding, source in PAPER_FINDINGS:
         assert finding in section, finding

@@ -19,7 +19,6 @@ from harness_ext.tasklib.breakdowns import is_overall, parse_name
 REPO = Path(__file__).resolve().parents[2]
 LITM = REPO / "leaderboards" / "lost_in_the_middle_mdqa20.csv"
 TABLE2 = REPO / "leaderboards" / "artificial_needles_table2.csv"
-PAPERS = REPO.parent / "shared" / "spec" / "PAPERS.md"
 
 
 # ------------------------------------------------------------------------------------------ breakdown names
@@ -55,9 +54,9 @@ def test_overall_metrics_are_the_ones_the_gate_gates_by_default(name, overall):
 
 
 # ------------------------------------------------------------------------------------------ reference leaderboards
-def _papers_table(section_title: str) -> list[list[str]]:
+def _papers_table(papers: Path, section_title: str) -> list[list[str]]:
     """The Markdown table following a heading of PAPERS.md (the spec the reference CSVs transcribe)."""
-    lines = PAPERS.read_text(encoding="utf-8").splitlines()
+    lines = papers.read_text(encoding="utf-8").splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("###") and section_title in line)
     table = []
     for line in lines[start + 1 :]:
@@ -68,11 +67,10 @@ def _papers_table(section_title: str) -> list[list[str]]:
     return [r for r in table[2:]]  # drop header and separator
 
 
-@pytest.mark.skipif(not PAPERS.is_file(), reason="../shared/spec/PAPERS.md is absent")
-def test_litm_reference_matches_the_published_table():
+def test_litm_reference_matches_the_published_table(papers_md):
     rows = lb.read_csv(LITM)
     by = {(r["model"], r["task"]): float(r["value"]) for r in rows}
-    table = _papers_table("2.4 Reference numbers")
+    table = _papers_table(papers_md, "2.4 Reference numbers")
     assert len(table) == 4
     tasks = [
         "mdqa20_pos1",
@@ -90,13 +88,12 @@ def test_litm_reference_matches_the_published_table():
     assert {r["run_id"] for r in rows} == {"ref:arXiv:2307.03172"} and all("2307.03172" in r["source"] for r in rows)
 
 
-@pytest.mark.skipif(not PAPERS.is_file(), reason="../shared/spec/PAPERS.md is absent")
-def test_table2_reference_matches_the_published_table():
+def test_table2_reference_matches_the_published_table(papers_md):
     rows = lb.read_csv(TABLE2)
     mistral = {(r["adapter"], r["task"]): float(r["value"]) for r in rows if r["model"] == "Mistral-7B-Instruct-v0.1"}
     adapters = {"none (original)": "", "KV with template": "kv-with-template", "MultidocQA": "multidocqa",
                 "IN2": "in2", "Needle-in-a-haystack": "needle-in-a-haystack"}  # fmt: skip
-    table = _papers_table("1.5 Reference numbers")
+    table = _papers_table(papers_md, "1.5 Reference numbers")
     assert len(table) == 5
     for label, *values in table:
         for task, text in zip(["mmlu", "hellaswag", "gsm8k", "triviaqa", "nq_open"], values, strict=True):
