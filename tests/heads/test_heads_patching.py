@@ -115,10 +115,10 @@ def _residuals_and_z(lm, ids, heads=(), source=None, site="result"):
     return resid, zs
 
 
-@pytest.mark.parametrize("site", ["result", "z"])
-@pytest.mark.parametrize("layer, head", [(0, 1), (1, 0)])
-def test_one_head_moves_the_residual_by_exactly_its_output_difference(target, source, ids, site, layer, head):
-    d = 32
+def one_head_patch(target, source, ids, site, layer, head):
+    """Patch one head: (residuals of the unpatched target, of the patched one, the expected change at its layer,
+    i.e. the head's source-minus-target output computed by hand from o_proj)."""
+    d = target.model.config.head_dim
     sl = slice(head * d, (head + 1) * d)
     base_resid, z_t = _residuals_and_z(target, ids)
     _, z_s = _residuals_and_z(source, ids)
@@ -131,9 +131,17 @@ def test_one_head_moves_the_residual_by_exactly_its_output_difference(target, so
         else:
             expected = (z_s[layer][..., sl] - z_t[layer][..., sl]) @ w_t[:, sl].T
     assert expected.abs().max() > 1e-3
-    torch.testing.assert_close(resid[layer] - base_resid[layer], expected, atol=1e-5, rtol=1e-4)
     for earlier in range(layer):  # nothing changes before the patched layer
         assert torch.equal(resid[earlier], base_resid[earlier])
+    return base_resid, resid, expected
+
+
+@pytest.mark.parametrize("site", ["result", "z"])
+@pytest.mark.parametrize("layer, head", [(0, 1), (1, 0)])
+def test_one_head_moves_the_residual_by_exactly_its_output_difference(target, source, ids, site, layer, head):
+    assert target.model.config.head_dim == 32
+    base_resid, resid, expected = one_head_patch(target, source, ids, site, layer, head)
+    torch.testing.assert_close(resid[layer] - base_resid[layer], expected, atol=1e-5, rtol=1e-4)
 
 
 def test_z_of_every_head_reproduces_a_source_that_differs_in_qkv_only(target, source, source_qkv_dir, ids):

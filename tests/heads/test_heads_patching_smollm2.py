@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_heads_patching import _logits, _residuals_and_z
+from test_heads_patching import _logits, one_head_patch
 
 from harness_ext.heads.model import load_model
 from harness_ext.heads.patching import patched_logits
@@ -48,21 +48,8 @@ def test_every_head_result_reproduces_the_adapted_source_and_no_head_the_target(
 @pytest.mark.parametrize("site", ["result", "z"])
 def test_one_head_moves_the_residual_by_exactly_its_output_difference(models, site):
     target, source, ids = models
-    layer, head, d = 17, 4, target.model.config.head_dim
-    sl = slice(head * d, (head + 1) * d)
-    base_resid, z_t = _residuals_and_z(target, ids)
-    _, z_s = _residuals_and_z(source, ids)
-    resid, _ = _residuals_and_z(target, ids, [(layer, head)], source, site)
-    w_t = target.model.model.layers[layer].self_attn.o_proj.weight
-    w_s = source.model.model.layers[layer].self_attn.o_proj.weight
-    with torch.no_grad():
-        if site == "result":
-            expected = z_s[layer][..., sl] @ w_s[:, sl].T - z_t[layer][..., sl] @ w_t[:, sl].T
-        else:
-            expected = (z_s[layer][..., sl] - z_t[layer][..., sl]) @ w_t[:, sl].T
-    assert expected.abs().max() > 1e-3
+    layer = 17
+    base_resid, resid, expected = one_head_patch(target, source, ids, site, layer, head=4)
     # float32 rounding of the residual itself, per position: SmolLM2's first position carries values above 20,000
     atol = 8 * torch.finfo(torch.float32).eps * base_resid[layer].abs().amax(dim=-1, keepdim=True)
     assert ((resid[layer] - base_resid[layer] - expected).abs() <= atol.clamp(min=1e-5) + 1e-3 * expected.abs()).all()
-    for earlier in range(layer):  # nothing changes before the patched layer
-        assert torch.equal(resid[earlier], base_resid[earlier])
