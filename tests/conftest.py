@@ -120,14 +120,9 @@ def smollm2_vllm_suite(lm_eval_run, smollm2_dir, shared_data, tmp_path_factory) 
     }
     args = ["--tasks", "kv_retrieval,mdqa20,flenqa,flenqa_cot", "--model", "vllm"]
     args += ["--model_args", vllm_model_args(smollm2_dir, 4096), "--apply_chat_template", "--batch_size", "auto"]
-    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"  # vLLM's default engine processes, as users run it
-    try:
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # vLLM's default engine processes, as users run it
         res = lm_eval_run([*args, "--metadata", json.dumps(meta), "--log_samples"], "vllm_suite")
-    finally:
-        os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING")
-        if saved is not None:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
     return {**res, "_meta": meta}
 
 
