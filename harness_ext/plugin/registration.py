@@ -1,7 +1,8 @@
 """What the plugin changes inside lm-eval, all idempotent.
 
 * ``TaskManager`` also indexes this plugin's task folder (precedence: lm-eval built-ins <
-  this plugin < the user's ``--include_path``), so plain ``lm_eval --tasks kv_retrieval`` works.
+  this plugin < the user's ``--include_path``), so plain ``lm_eval --tasks kv_retrieval`` works,
+  and reads its index of lm-eval's own folder from a disk cache (``task_index_cache``).
 * ``generate_until`` of the vLLM and HF backends refuses, before generating, any prompt of this
   plugin's tasks that does not fit the model with ``max_gen_toks`` (lm-eval would silently
   truncate it from the left, which destroys a long-context score).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 import re
 import sys
@@ -20,6 +22,7 @@ from pathlib import Path
 from harness_ext.core.errors import NeedlesError, debug, print_error
 
 _MARK = "_needles_patched"
+_log = logging.getLogger("lm_eval.tasks._index")  # the override warning reads as lm-eval's own
 
 
 def tasks_dir() -> Path:
@@ -71,7 +74,33 @@ def patch_task_manager(module) -> None:
 
     cls.__init__ = __init__
     setattr(cls, _MARK, True)
+    _cache_builtin_index(module.TaskIndex, Path(module.__file__).parent)
     install_excepthook()
+
+
+def _cache_builtin_index(index_cls, builtin: Path) -> None:
+    """``TaskIndex.build`` takes lm-eval's own folder (always first when present) from the disk cache."""
+    from lm_eval import __version__
+
+    from harness_ext.plugin.task_index_cache import cached_index
+
+    original = index_cls.build
+
+    def build(paths, *, resolve_includes=True):
+        paths = list(paths)
+        if not resolve_includes or not paths or Path(paths[0]) != builtin:
+            return original(paths, resolve_includes=resolve_includes)
+        index = dict(cached_index(builtin, __version__, original))
+        for name, entry in (original(paths[1:]) if len(paths) > 1 else {}).items():
+            if name in index:  # lm-eval's own merge rule and warning: later paths override
+                _log.warning(
+                    "Task '%s' from %s overrides existing task from %s", name, entry.yaml_path, index[name].yaml_path
+                )
+            index[name] = entry
+        return index
+
+    build.__wrapped__ = original
+    index_cls.build = staticmethod(build)
 
 
 # ------------------------------------------------------------------------------ length guard
