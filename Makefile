@@ -24,11 +24,14 @@ test-fast: $(STAMP)
 	bash scripts/test-deps.sh
 	$(PY) -m pytest -q -rs --durations=10 $(FAST)
 
+# Every benchmark that fits on a CPU (~40 min on 2 cores); the finetuning one needs TRL (the [bench] extra).
 bench: $(STAMP)
+	$(PY) -m pip install --disable-pip-version-check -q -e ".[bench]"
 	$(PY) benchmarks/bench_kv_generation.py
 	$(PY) benchmarks/bench_startup.py
 	$(PY) benchmarks/bench_eval_overhead.py
 	$(PY) benchmarks/bench_heads.py
+	$(PY) benchmarks/bench_finetune.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -1,6 +1,7 @@
 """Evaluation overhead: lm-eval + this plugin vs raw vLLM on one engine, same prompts, same sampling.
 
 Run: python benchmarks/bench_eval_overhead.py [--sizes 4 8] [--tasks kv1k kv4k niah mdqa] [--out FILE.json]
+(mdqa = the 20-document setting on the fixture built from the real oracle file, as the test suite does)
 (wrap it in ``flock /tmp/needles-heavy.lock`` on a shared machine: it starts vLLM).
 
 One ``vllm.LLM`` is built once (engine start not timed) with the project's CPU engine options
@@ -51,9 +52,14 @@ TASKS = {
         lambda n: {"niah_lengths": [1024], "niah_depths": [0.5], "niah_num_samples": n},
         (2, 4),
     ),
-    "mdqa": (
+    "mdqa": (  # the mdqa20 setting: 20 documents, gold in the middle, on the fixture built from the real oracle
         "mdqa_sweep",
-        lambda n: {"mdqa_num_documents": 10, "mdqa_positions": [5], "mdqa_num_questions": n},
+        lambda n: {
+            "mdqa_num_documents": 20,
+            "mdqa_positions": [10],
+            "mdqa_num_questions": n,
+            "allow_unofficial_data": True,
+        },
         (2, 4),
     ),
 }
@@ -145,8 +151,14 @@ def main() -> int:
 
     os.environ.update(lm_eval_env())
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("NEEDLES_MDQA_MIRROR", str(SHARED / "lost-in-the-middle"))
     work = Path(tempfile.mkdtemp(prefix="needles-bench-eval-"))
+    if "mdqa" in args.tasks and "NEEDLES_MDQA_MIRROR" not in os.environ:
+        # the shared copy of Lost in the Middle holds the oracle file, not the 20-document files
+        from harness_ext.tasklib.mdqa_fixture import build_fixture
+
+        oracle = SHARED / "lost-in-the-middle" / "qa_data" / "nq-open-oracle.jsonl.gz"
+        build_fixture(oracle, work / "mdqa", settings=(20,), num_questions=50, progress=False)
+        os.environ["NEEDLES_MDQA_MIRROR"] = str(work / "mdqa")
     os.environ.setdefault("NEEDLES_NIAH_MIRROR", str(niah_mirror(work / "niah-mirror")))
 
     import lm_eval
