@@ -2,7 +2,8 @@
 
 A *sample* is one (needle, haystack window) draw: needle ``i mod n`` of the needles in a seeded
 order, and a window starting at a seeded sentence start of the book haystack
-(:mod:`harness_ext.tasklib.niah_haystack`). Each sample is rendered at every target length (the
+(:mod:`harness_ext.tasklib.niah_haystack`; the rows are built by
+:mod:`harness_ext.tasklib.niah_generator`). Each sample is rendered at every target length (the
 window grows from the same start) and, for each length, at every depth with the *same* window and
 needle, so depth effects are paired. The window is a run of words for which the prompt at every
 depth fits the target in the evaluated model's tokens while one more word would not (both checked by
@@ -32,11 +33,11 @@ from harness_ext.data.dataset_cache import cached_rows, dataset_sha256, file_sha
 from harness_ext.data.sources import alias_mark
 from harness_ext.tasklib.metadata_keys import FAMILY_KEYS, check_family_metadata
 from harness_ext.tasklib.metrics import niah_success, rouge1_recall
+from harness_ext.tasklib.niah_generator import NiahGenerator
 from harness_ext.tasklib.niah_haystack import (
     DEFAULT_TEMPLATE,
     HAYSTACK_MODES,
     SPLITS,
-    NiahGenerator,
     NiahSpec,
     depth_label,
     load_haystack,

@@ -1,7 +1,8 @@
-"""NIAH data and rows: needles (the reference's or the user's) and their split, the book haystack, the generator.
+"""NIAH data: needles (the reference's or the user's) and their split, the book haystack as a piece stream.
 
 The lm-eval side (metadata validation, caching, scoring) is :mod:`harness_ext.tasklib.niah`; its
-docstring describes the sampling design that :class:`NiahGenerator` implements.
+docstring describes the sampling design that :class:`~harness_ext.tasklib.niah_generator.NiahGenerator`
+implements with these data.
 
 The haystack is Wu et al.'s detection haystack (github.com/nightdessert/Retrieval_Head,
 ``haystack_for_detect/part{1,2,3}/p1.txt``). Each file is the JSON of a dataset-viewer page cut at
@@ -27,14 +28,13 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from harness_ext.core.errors import NeedlesError
-from harness_ext.core.templating import load_template
 from harness_ext.data.sources import (
     RETRIEVAL_HEAD,
     RETRIEVAL_HEAD_HAYSTACK,
@@ -43,7 +43,7 @@ from harness_ext.data.sources import (
     fetch,
 )
 from harness_ext.tasklib.breakdowns import format_depth
-from harness_ext.tasklib.token_budget import count_plain, count_tokens
+from harness_ext.tasklib.token_budget import count_plain
 
 DEFAULT_TEMPLATE = "niah/single.jinja"
 HAYSTACK_MODES = ("text", "raw")
@@ -167,6 +167,8 @@ class PieceStream:
 
     A piece's cost is its token count alone, computed on first use (a run touches a few windows,
     not the whole book); sums of costs only *estimate* a window, which is then tokenized in full.
+    Costs are also kept by piece string: a book repeats its words, so a fresh window's pieces are
+    mostly known already and only new strings go to the tokenizer (same numbers, fewer calls).
     """
 
     pieces: list[str]
@@ -174,6 +176,7 @@ class PieceStream:
     starts: np.ndarray  # piece indices where a window may start (a sentence start)
     tokenizer: object
     cost: np.ndarray  # -1 until computed
+    known: dict[str, int] = field(default_factory=dict)  # piece string -> its token count alone
 
     def __len__(self) -> int:
         return len(self.pieces)
@@ -183,7 +186,11 @@ class PieceStream:
         idx = (start + np.arange(count)) % len(self.pieces)
         todo = np.unique(idx[self.cost[idx] < 0])
         if len(todo):
-            self.cost[todo] = count_plain(self.tokenizer, [self.pieces[i] for i in todo])
+            texts = [self.pieces[i] for i in todo]
+            new = sorted({t for t in texts if t not in self.known})  # sorted: the same calls on every run
+            if new:
+                self.known.update(zip(new, count_plain(self.tokenizer, new).tolist()))
+            self.cost[todo] = [self.known[t] for t in texts]
         return np.concatenate([[0], np.cumsum(self.cost[idx])])
 
     def join(self, start: int, stop: int) -> str:
@@ -223,129 +230,3 @@ def piece_stream(text: str, tokenizer) -> PieceStream:
     if len(starts) == 0:
         raise NeedlesError("the NIAH haystack has no sentence boundary", fix="use a haystack of sentences")
     return PieceStream(pieces, boundary, starts, tokenizer, np.full(len(pieces), -1, dtype=np.int64))
-
-
-# ---------------------------------------------------------------------------------- generation
-class NiahGenerator:
-    """Renders the documents of a spec for one tokenizer, haystack stream and needle list."""
-
-    def __init__(self, spec: NiahSpec, needles: list[Needle], stream: PieceStream, tokenizer):
-        self.spec, self.stream, self.tok = spec, stream, tokenizer
-        order = sorted(needles, key=lambda n: hashlib.sha256(f"{spec.seed}\0{needle_key(n.needle)}".encode()).digest())
-        self.needles = order
-        self.template = load_template(spec.prompt_template or DEFAULT_TEMPLATE)
-        self._cum: dict[int, np.ndarray] = {}
-
-    def generate(self) -> list[dict]:
-        """All documents, ordered (sample, length, depth) so that ``--limit`` stays balanced."""
-        docs = []
-        for i in range(self.spec.num_samples):
-            needle = self.needles[i % len(self.needles)]
-            rng = np.random.default_rng([self.spec.seed, 7, i])
-            start = int(self.stream.starts[int(rng.integers(len(self.stream.starts)))])
-            for length in self.spec.lengths:
-                k, fitted = self._fit(start, needle, length)
-                window = self.stream.join(start, start + k).lstrip()
-                cum = self._cumulative(start, k)
-                for depth, (j, prompt, n_tokens) in zip(self.spec.depths, fitted):
-                    docs.append(self._doc(i, needle, length, depth, start, k, window, j, cum, prompt, n_tokens))
-        return docs
-
-    def _cumulative(self, start: int, count: int) -> np.ndarray:
-        cum = self._cum.get(start)
-        if cum is None or len(cum) <= count:
-            size = max(count + 1, 2 * (len(cum) if cum is not None else 0), 256)
-            cum = self._cum[start] = self.stream.cumulative(start, size)
-        return cum
-
-    def _context(self, needle: Needle, start: int, k: int, j: int) -> str:
-        before = self.stream.join(start, start + j).lstrip()
-        after = self.stream.join(start + j, start + k)
-        if not before:
-            return needle.needle + (" " + after.lstrip() if after.strip() else "")
-        return f"{before} {needle.needle}{after}"  # `after` starts with the boundary's own whitespace
-
-    def _insertion(self, start: int, k: int, depth: float) -> int:
-        """Piece offset (0..k) of the sentence boundary nearest ``depth`` of the window's tokens."""
-        cum = self._cumulative(start, k)
-        candidates = np.concatenate([[0], self.stream.boundaries(start, k), [k]])
-        return int(candidates[int(np.argmin(np.abs(cum[candidates] - depth * cum[k])))])
-
-    def _render(self, needle: Needle, start: int, k: int) -> tuple[int, list[tuple[int, str, int]]]:
-        """(longest prompt in tokens, [(insertion, prompt, tokens) per depth]) for a window of k pieces."""
-        rows = []
-        for depth in self.spec.depths:
-            j = self._insertion(start, k, depth)
-            rows.append((j, self.template.render(context=self._context(needle, start, k, j), question=needle.question)))
-        counts = count_tokens(self.tok, [p for _, p in rows])
-        return max(counts), [(j, p, n) for (j, p), n in zip(rows, counts)]
-
-    def _fit(self, start: int, needle: Needle, length: int) -> tuple[int, list[tuple[int, str, int]]]:
-        """A window of k pieces whose prompts fit ``length`` at every depth while k + 1 pieces do not.
-
-        The piece costs give a first guess; every step after it is decided by tokenizing whole prompts.
-        """
-        frame = count_tokens(self.tok, [self.template.render(context=needle.needle, question=needle.question)])[0]
-        budget = length - frame
-        if budget < 1:
-            raise NeedlesError(
-                f"a target of {length} tokens cannot hold the question, the needle and any haystack "
-                f"(they alone take {frame} tokens)",
-                fix="raise niah_lengths",
-            )
-        cum = self._cumulative(start, budget + 16)  # every piece costs at least one token
-        k = max(1, int(np.searchsorted(cum, budget - 1, side="right")) - 1)  # -1: the space before the needle
-        n, res = self._render(needle, start, k)
-        if n <= length:  # grow until a window does not fit
-            lo, best = k, res
-            while True:
-                cum = self._cumulative(start, lo + (length - n) + 16)
-                k = max(lo + 1, int(np.searchsorted(cum, cum[lo] + (length - n), side="right")) - 1)
-                n_k, res = self._render(needle, start, k)
-                if n_k > length:
-                    hi = k
-                    break
-                lo, best, n = k, res, n_k
-        else:  # shrink until a window fits
-            hi = k
-            while True:
-                if hi <= 1:
-                    raise NeedlesError(
-                        f"a target of {length} tokens cannot hold the question, the needle and one word of haystack",
-                        fix="raise niah_lengths",
-                    )
-                k = max(1, min(hi - 1, int(np.searchsorted(cum, cum[hi] - (n - length), side="right")) - 1))
-                n, res = self._render(needle, start, k)
-                if n <= length:
-                    lo, best = k, res
-                    break
-                hi = k
-        while hi - lo > 1:  # lo fits, hi does not
-            mid = (lo + hi) // 2
-            n, res = self._render(needle, start, mid)
-            if n <= length:
-                lo, best = mid, res
-            else:
-                hi = mid
-        return lo, best
-
-    def _doc(self, i, needle: Needle, length, depth, start, k, window, j, cum, prompt, n_tokens) -> dict:
-        doc = {
-            "sample": i,
-            "needle_id": hashlib.sha256(needle_key(needle.needle).encode()).hexdigest()[:12],
-            "needle": needle.needle,
-            "question": needle.question,
-            "real_needle": needle.real_needle,
-            "haystack": self.spec.haystack,
-            "target_tokens": length,
-            "depth": depth,
-            "needle_depth": round(float(cum[j] / cum[k]), 4) if cum[k] else 0.0,
-            "n_tokens": n_tokens,
-            "window_start": start,
-            "window_pieces": k,
-            "window_sha256": hashlib.sha256(window.encode()).hexdigest(),
-            "prompt": prompt,
-            "target": needle.real_needle,
-        }
-        doc["doc_sha256"] = hashlib.sha256(json.dumps([prompt, doc["target"]]).encode()).hexdigest()
-        return doc

@@ -16,18 +16,27 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def _encode_batch(backend):
+    """The backend's batch encoder that skips character offsets (tokenizers >= 0.21), else the plain one.
+
+    Only the number of tokens is wanted: offsets cost about a quarter of the encode time and do not
+    change the tokens. ``len(encoding)`` is the token count without building the Python list of ids.
+    """
+    return getattr(backend, "encode_batch_fast", None) or backend.encode_batch
+
+
 def count_tokens(tokenizer, texts: list[str]) -> list[int]:
     """Exact token counts as the model sees the raw prompt (special tokens included)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:  # fast path: Rust batch encode, no Python-side objects per token
-        return [len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=True)]
+        return [len(e) for e in _encode_batch(backend)(texts, add_special_tokens=True)]
     return [len(ids) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
 
 
 def count_plain(tokenizer, texts: list[str]) -> np.ndarray:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        return np.array([len(e.ids) for e in backend.encode_batch(texts, add_special_tokens=False)])
+        return np.array([len(e) for e in _encode_batch(backend)(texts, add_special_tokens=False)])
     return np.array([len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]])
 
 

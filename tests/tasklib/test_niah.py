@@ -14,9 +14,10 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-import harness_ext.tasklib.niah_haystack
+import harness_ext.tasklib.niah_generator
 from harness_ext.core.errors import NeedlesError
 from harness_ext.core.metadata import LM_EVAL_KEYS
 from harness_ext.core.tokenizers import load_tokenizer
@@ -156,7 +157,7 @@ def test_cache_hit_does_not_regenerate(meta, rows, monkeypatch):
     def boom(self):
         raise AssertionError("regenerated although cached")
 
-    monkeypatch.setattr(harness_ext.tasklib.niah_haystack.NiahGenerator, "generate", boom)
+    monkeypatch.setattr(harness_ext.tasklib.niah_generator.NiahGenerator, "generate", boom)
     again = niah_dataset("niah_single", meta)
     assert again["test"].to_list() == rows
     info = again.needles_info
@@ -164,6 +165,54 @@ def test_cache_hit_does_not_regenerate(meta, rows, monkeypatch):
     assert info["needles_data_files"][RETRIEVAL_HEAD_NEEDLES] == RETRIEVAL_HEAD.files[RETRIEVAL_HEAD_NEEDLES].sha256
     with pytest.raises(AssertionError, match="regenerated"):
         niah_dataset("niah_single", {**meta, "niah_seed": 5})
+
+
+class _PlainSearch(harness_ext.tasklib.niah_generator.NiahGenerator):
+    """The window search as first written: every visited window rendered and tokenized at every depth."""
+
+    def _try(self, needle, start, k, length, fitting):
+        n, res = self._render(needle, start, k)
+        return n, (res if n <= length else None)
+
+
+def _skewed(cls, scale: float):
+    """``cls`` with piece costs scaled: a poor first guess, so the search shrinks, grows and bisects."""
+
+    class Skewed(cls):
+        def _cumulative(self, start, count):
+            return np.floor(super()._cumulative(start, count) * scale)
+
+    return Skewed
+
+
+@pytest.mark.parametrize(("haystack", "scale"), [("text", 1.0), ("raw", 1.0), ("text", 0.5), ("raw", 2.5)])
+def test_cheaper_search_gives_the_rows_of_the_plain_search(meta, smollm2_dir, monkeypatch, haystack, scale):
+    """Early rejection and the memoised frame and piece costs change the cost, never a decision or a byte."""
+    from harness_ext.tasklib import niah_generator
+    from harness_ext.tasklib.niah_haystack import NiahSpec, load_reference_needles
+
+    tok = load_tokenizer(str(smollm2_dir))
+    text, _ = load_haystack(haystack, meta)
+    needles, _ = load_reference_needles(meta)
+    lengths = (300, 1024, 2048) if scale == 1.0 else (200, 700)
+    spec = NiahSpec(lengths=lengths, depths=tuple(DEPTHS), num_samples=4, seed=9, haystack=haystack)
+    tokenized = []
+
+    def counting(tokenizer, texts):
+        tokenized.append(len(texts))
+        return count_tokens(tokenizer, texts)
+
+    monkeypatch.setattr(niah_generator, "count_tokens", counting)
+    stream = piece_stream(text, tok)
+    fast = _skewed(niah_generator.NiahGenerator, scale)(spec, needles, stream, tok).generate()
+    n_fast, tokenized[:] = sum(tokenized), []
+    plain = _skewed(_PlainSearch, scale)(spec, needles, stream, tok).generate()
+    assert json.dumps(fast) == json.dumps(plain)
+    assert n_fast < sum(tokenized)
+    assert all(r["n_tokens"] <= r["target_tokens"] for r in fast)
+    # the counting path (offset-free batch encode) agrees with the tokenizer's own call
+    prompts = [r["prompt"] for r in fast[:: len(DEPTHS)]]
+    assert count_tokens(tok, prompts) == [len(ids) for ids in tok(prompts)["input_ids"]]
 
 
 # ---------------------------------------------------------------------------------- haystack modes
