@@ -1,7 +1,7 @@
 """Retrieval-head detection: ``needles heads`` vs the reference method of Wu et al., same probes and decoding.
 
-Run: python benchmarks/bench_heads.py [--lengths 1024 2048 4096] [--depths 0.25 0.75] [--model DIR]
-(wrap it in ``flock /tmp/needles-heavy.lock`` on a shared machine).
+Run: python benchmarks/bench_heads.py [--lengths 1024 2048 4096] [--depths 0.25 0.75] [--model DIR] [--batch 1 3]
+[--profile DIR] [--interleaved ROUNDS] (wrap it in ``flock /tmp/needles-heavy.lock`` on a shared machine).
 
 Reference method (github.com/nightdessert/Retrieval_Head, ``retrieval_head_detection.py``), re-implemented
 below: prefill all but the last prompt token with the fast attention kernel (the reference uses
@@ -15,7 +15,12 @@ are ``needles heads``' (needle tokens + 24, stop at a newline or end of turn: th
 for SmolLM2's tokenizer), so both sides decode the same tokens.
 
 ``needles heads`` side: harness_ext.heads (model.load_model, probes.niah_probes, detect.detect,
-detect.aggregate), i.e. SDPA everywhere plus an argmax per head on recorded decode steps.
+detect.aggregate), i.e. SDPA prefill (LM head on the last position only), eager attention plus an argmax per
+head on the decode steps. ``--batch N`` runs it with ``detect(batch_size=N)``: N probes decoded per forward pass
+(one row per ``--batch`` value; 1 is the default, one probe at a time). ``--profile DIR`` writes a cProfile of
+each side's detection to DIR/<side>-<length>[-b<N>].prof (read it with ``python -m pstats``).
+``--interleaved ROUNDS`` instead runs both sides in one process, alternating, and prints best-of times and
+whether the counts are identical (a fair speed ratio on a loaded machine; no memory figures).
 
 Each (side, length) runs in a fresh subprocess (same probes: the reference needles over the
 deterministic filler, built by harness_ext.heads.probes). Wall time covers detection only (model load
@@ -35,6 +40,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -71,10 +78,7 @@ def reference_probe(model, tokenizer, ids: list[int], span: tuple[int, int], max
     counts = np.zeros((layers, heads), dtype=np.int64)
     output: list[int] = []
     with torch.no_grad():
-        model.set_attn_implementation("sdpa")
-        q_outputs = model(input_ids=prompt_ids[None, :-1], use_cache=True)
-        model.set_attn_implementation("eager")
-        past, inp = q_outputs.past_key_values, prompt_ids[-1]
+        past, inp = reference_prefill(model, prompt_ids), prompt_ids[-1]
         for _ in range(max_new):
             out = model(input_ids=inp.view(1, 1), past_key_values=past, use_cache=True, output_attentions=True)
             past = out.past_key_values
@@ -96,6 +100,33 @@ def reference_probe(model, tokenizer, ids: list[int], span: tuple[int, int], max
     return counts, np.array(score), output
 
 
+@contextmanager
+def _profiled(folder: str | None, name: str) -> Iterator[None]:
+    """cProfile the block into ``folder/name.prof`` (nothing when ``folder`` is None)."""
+    if folder is None:
+        yield
+        return
+    import cProfile
+
+    prof = cProfile.Profile()
+    prof.enable()
+    try:
+        yield
+    finally:
+        prof.disable()
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        prof.dump_stats(str(Path(folder) / f"{name}.prof"))
+
+
+def reference_prefill(model, prompt_ids):
+    """The reference's prefill (its own function so that --profile shows its share): SDPA over all but the
+    last prompt token, logits for every position included; leaves the model in eager mode for decoding."""
+    model.set_attn_implementation("sdpa")
+    q_outputs = model(input_ids=prompt_ids[None, :-1], use_cache=True)
+    model.set_attn_implementation("eager")
+    return q_outputs.past_key_values
+
+
 def warm_up(model) -> None:
     """One short forward pass: pages the (memory-mapped) weights in, so the memory figures are detection's own."""
     import torch
@@ -104,7 +135,9 @@ def warm_up(model) -> None:
         model(input_ids=torch.tensor([[1, 2, 3, 4]]))
 
 
-def worker(side: str, model_dir: str, length: int, depths: list[float], needles_path: Path) -> dict:
+def worker(
+    side: str, model_dir: str, length: int, depths: list[float], needles_path: Path, batch: int, profile: str | None
+) -> dict:
     import numpy as np
     import torch
 
@@ -122,7 +155,8 @@ def worker(side: str, model_dir: str, length: int, depths: list[float], needles_
         warm_up(lm.model)
         base_kb = reset_peak()
         t0 = time.perf_counter()
-        results = detect(lm, probes, extra_tokens=EXTRA_TOKENS, progress=False)
+        with _profiled(profile, f"ours-{length}-b{batch}"):
+            results = detect(lm, probes, extra_tokens=EXTRA_TOKENS, progress=False, batch_size=batch)
         seconds = time.perf_counter() - t0
         peak_kb = _status_kb("VmHWM")
         scores, _n = aggregate(results, lm.ctl.num_layers, lm.ctl.num_heads)
@@ -145,19 +179,21 @@ def worker(side: str, model_dir: str, length: int, depths: list[float], needles_
         base_kb = reset_peak()
         t0 = time.perf_counter()
         per_probe, good = [], []
-        for probe, (ids, span) in zip(probes, encoded):
-            counts, score, output = reference_probe(model, tok, ids, span, span[1] - span[0] + EXTRA_TOKENS, stop)
-            response = tok.decode(output, skip_special_tokens=True).strip()
-            retrieved = scorer.score(probe.answer, response)["rouge1"].recall * 100 > 50
-            if retrieved:
-                good.append(score)
-            per_probe.append((counts.tolist(), response, retrieved))
+        with _profiled(profile, f"reference-{length}"):
+            for probe, (ids, span) in zip(probes, encoded):
+                counts, score, output = reference_probe(model, tok, ids, span, span[1] - span[0] + EXTRA_TOKENS, stop)
+                response = tok.decode(output, skip_special_tokens=True).strip()
+                retrieved = scorer.score(probe.answer, response)["rouge1"].recall * 100 > 50
+                if retrieved:
+                    good.append(score)
+                per_probe.append((counts.tolist(), response, retrieved))
         scores = np.mean(np.stack(good), axis=0) if good else np.zeros((len(counts), len(counts[0])))
         seconds = time.perf_counter() - t0
         peak_kb = _status_kb("VmHWM")
     return {
         "side": side,
         "length": length,
+        "batch": batch,
         "probes": len(probes),
         "prompt_tokens": tokens,
         "seconds": seconds,
@@ -170,9 +206,59 @@ def worker(side: str, model_dir: str, length: int, depths: list[float], needles_
     }
 
 
-def run_side(side: str, args: argparse.Namespace, length: int) -> dict:
+def interleaved(args: argparse.Namespace, length: int, rounds: int) -> None:
+    """Both sides in one process, alternating per round (order reversed every other round), best of ``rounds``:
+    on shared cores a side's time swings 2-7x between subprocesses minutes apart, so the per-subprocess table
+    alone cannot tell a real difference from load; alternating exposes both sides to the same load."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from harness_ext.heads import probes as hp
+    from harness_ext.heads.detect import detect
+    from harness_ext.heads.model import load_model, stop_token_ids
+    from harness_ext.heads.prompts import encode
+
+    lm = load_model(args.model)
+    ref = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32, attn_implementation="sdpa").eval()
+    warm_up(lm.model)
+    warm_up(ref)
+    probes = hp.niah_probes(lm.tokenizer, hp.load_needles(args.needles), [length], args.depths, lm.chat)
+    encoded, stop = [encode(lm.tokenizer, p, lm.chat) for p in probes], stop_token_ids(lm.tokenizer)
+
+    def reference() -> list:
+        return [reference_probe(ref, lm.tokenizer, i, s, s[1] - s[0] + EXTRA_TOKENS, stop)[0] for i, s in encoded]
+
+    sides = {
+        f"ours batch {b}": (lambda b=b: [r.hits for r in detect(lm, probes, EXTRA_TOKENS, False, b)])
+        for b in args.batch
+    }
+    sides["reference"] = reference
+    times: dict[str, list[float]] = {k: [] for k in sides}
+    for r in range(rounds):
+        hits = {}
+        for name in list(sides) if r % 2 == 0 else list(sides)[::-1]:
+            t0 = time.perf_counter()
+            hits[name] = sides[name]()
+            times[name].append(time.perf_counter() - t0)
+        same = all(all(np.array_equal(a, b) for a, b in zip(h, hits["reference"])) for h in hits.values())
+        print(
+            f"{length} round {r}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items()) + f"; same counts {same}"
+        )
+    best = {k: min(v) for k, v in times.items()}
+    ref_s = best.pop("reference")
+    print(
+        f"{length} tokens, {torch.get_num_threads()} threads, best of {rounds}: reference {ref_s:.1f}s, "
+        + ", ".join(f"{k} {v:.1f}s ({ref_s / v:.1f}x)" for k, v in best.items()),
+        flush=True,
+    )
+
+
+def run_side(side: str, args: argparse.Namespace, length: int, batch: int = 1) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--lengths", str(length), "--model", args.model]
-    cmd += ["--depths", *map(str, args.depths), "--needles", str(args.needles)]
+    cmd += ["--depths", *map(str, args.depths), "--needles", str(args.needles), "--batch", str(batch)]
+    if args.profile:
+        cmd += ["--profile", args.profile]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
@@ -186,6 +272,11 @@ def main() -> int:
     parser.add_argument("--depths", type=float, nargs="+", default=[0.25, 0.75])
     parser.add_argument("--model", help="model folder (default: embedded SmolLM2)")
     parser.add_argument("--needles", type=Path, default=SHARED / "retrieval-head" / "needles.jsonl")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1], help="needles heads' batch sizes (one row each)")
+    parser.add_argument("--profile", help="write a cProfile of each side's detection into this folder")
+    parser.add_argument(
+        "--interleaved", type=int, metavar="ROUNDS", help="instead: both sides in one process, alternating"
+    )
     parser.add_argument("--out", help="also write the measurements as JSON here")
     parser.add_argument("--worker", choices=["ours", "reference"], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -194,14 +285,23 @@ def main() -> int:
 
         args.model = str(smollm2_path())
     if args.worker:
-        print(json.dumps(worker(args.worker, args.model, args.lengths[0], args.depths, args.needles)))
+        w = worker(args.worker, args.model, args.lengths[0], args.depths, args.needles, args.batch[0], args.profile)
+        print(json.dumps(w))
         return 0
 
+    if args.interleaved:
+        for length in args.lengths:
+            interleaved(args, length, args.interleaved)
+        return 0
     import numpy as np
 
     rows, ok = [], True
-    for length in args.lengths:
-        ours, ref = run_side("ours", args, length), run_side("reference", args, length)
+    for length, batch in ((n, b) for n in args.lengths for b in args.batch):
+        ours = run_side("ours", args, length, batch)
+        if rows and rows[-1][0] == length:
+            ref = rows[-1][2]  # the reference does not depend on our batch size: measured once per length
+        else:
+            ref = run_side("reference", args, length)
         same_counts = all(a[0] == b[0] for a, b in zip(ours["per_probe"], ref["per_probe"]))
         same_replies = all(a[1:] == b[1:] for a, b in zip(ours["per_probe"], ref["per_probe"]))
         max_diff = float(np.abs(np.asarray(ours["scores"]) - np.asarray(ref["scores"])).max())
@@ -209,8 +309,8 @@ def main() -> int:
         ok &= same
         rows.append((length, ours, ref, same_counts, same_replies, max_diff))
         print(
-            f"{length}: ours {ours['seconds']:.1f}s / {ours['working_mb']:.0f} MB, reference {ref['seconds']:.1f}s / "
-            f"{ref['working_mb']:.0f} MB, identical={same}",
+            f"{length} (batch {batch}): ours {ours['seconds']:.1f}s / {ours['working_mb']:.0f} MB, "
+            f"reference {ref['seconds']:.1f}s / {ref['working_mb']:.0f} MB, identical={same}",
             file=sys.stderr,
             flush=True,
         )
@@ -220,24 +320,28 @@ def main() -> int:
     n = rows[0][1]["probes"]
     print(f"\nRetrieval-head detection, {n} NIAH probes per length (depths {args.depths}), {Path(args.model).name}\n")
     print(
-        "| length (prompt tokens) | needles heads s | reference s | speed-up | needles heads working / peak MB "
+        "| length (prompt tokens) | batch | needles heads s | reference s | speed-up | needles heads working / peak MB "
         "| reference working / peak MB | memory ratio | retrieved | identical counts, replies | max score diff |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|---|---|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")
     for length, o, r, sc, sr, diff in rows:
         toks = f"{min(o['prompt_tokens'])}-{max(o['prompt_tokens'])}"
         retrieved = sum(p[2] for p in o["per_probe"])
         print(
-            f"| {length} ({toks}) | {o['seconds']:.1f} | {r['seconds']:.1f} | {r['seconds'] / o['seconds']:.1f}x "
+            f"| {length} ({toks}) | {o['batch']} | {o['seconds']:.1f} | {r['seconds']:.1f} "
+            f"| {r['seconds'] / o['seconds']:.1f}x "
             f"| {o['working_mb']:.0f} / {o['peak_mb']:.0f} | {r['working_mb']:.0f} / {r['peak_mb']:.0f} "
             f"| {o['working_mb'] / max(r['working_mb'], 1e-9):.2f} | {retrieved}/{o['probes']} | {sc}, {sr} | {diff:.1e} |"
         )
-    fast = all(r[2]["seconds"] >= 5 * r[1]["seconds"] for r in rows)
-    small = all(r[1]["working_mb"] <= 0.5 * r[2]["working_mb"] for r in rows)
-    print(f"\nmust (identical counts, replies and scores at every length): {'PASS' if ok else 'FAIL'}")
-    print(
-        f"goal >= 5x faster: {'met' if fast else 'not met'}; goal <= half the working memory: {'met' if small else 'not met'}"
-    )
+    print(f"\nmust (identical counts, replies and scores at every length and batch): {'PASS' if ok else 'FAIL'}")
+    for batch in args.batch:
+        mine = [r for r in rows if r[1]["batch"] == batch]
+        fast = all(r[2]["seconds"] >= 5 * r[1]["seconds"] for r in mine)
+        small = all(r[1]["working_mb"] <= 0.5 * r[2]["working_mb"] for r in mine)
+        print(
+            f"batch {batch}: goal >= 5x faster: {'met' if fast else 'not met'}; "
+            f"goal <= half the working memory: {'met' if small else 'not met'}"
+        )
     return 0 if ok else 1
 
 

@@ -63,7 +63,7 @@ def _check_run_args(args: argparse.Namespace) -> None:
     check_counts(
         args,
         1,
-        ("kv_samples", "eval_samples", "draws", "batch_size", "eval_max_new_tokens"),
+        ("kv_samples", "eval_samples", "draws", "batch_size", "probe_batch", "eval_max_new_tokens"),
         "use a positive whole number",
     )
     check_counts(args, 0, ("extra_tokens", "seed", "kv_seed", "eval_seed"), "use 0 or a positive whole number")
@@ -77,6 +77,7 @@ def _check_run_args(args: argparse.Namespace) -> None:
 def _settings(args: argparse.Namespace) -> dict:
     """Everything that determines the probes and the decoding (recorded in the JSON)."""
     out = {"probes": sorted(args.probes), "extra_tokens": args.extra_tokens, "seed": args.seed}
+    out["probe_batch"] = args.probe_batch
     if "niah" in args.probes:
         out["niah"] = {"needles": str(args.needles), "lengths": args.lengths, "depths": args.depths}
     if "kv" in args.probes:
@@ -125,7 +126,9 @@ def _detect(lm, probes: list, args: argparse.Namespace, out_dir: Path) -> dict:
     from harness_ext.heads.scorefile import write_json
 
     t0 = time.time()
-    results = detect.detect(lm, probes, extra_tokens=args.extra_tokens, progress=not args.quiet)
+    results = detect.detect(
+        lm, probes, extra_tokens=args.extra_tokens, progress=not args.quiet, batch_size=args.probe_batch
+    )
     rep = report.build_report(lm, results, _settings(args), args.threshold)
     write_json(out_dir / "heads.json", rep)
     try:
@@ -279,6 +282,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="haystack seed and random-knockout seed")
     p.add_argument("--extra-tokens", type=int, default=24, help="decode up to needle tokens + this many")
+    p.add_argument(
+        "--probe-batch",
+        type=int,
+        default=1,
+        help="probes decoded per forward pass: 1 (default) is exact; more is faster on CPU and equal up to float "
+        "round-off (benchmarks/README.md)",
+    )
     p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="retrieval head: score > threshold")
     p.add_argument("--scores", help=f"reuse scores instead of detecting (with --knockout): {SCORES_HELP}")
     p.add_argument(

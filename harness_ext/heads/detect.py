@@ -19,9 +19,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from harness_ext.heads.batched import Job, batched_traces
 from harness_ext.heads.model import LoadedModel, stop_token_ids
 from harness_ext.heads.probes import success
 from harness_ext.heads.prompts import Probe, encode
+from harness_ext.heads.steps import copy_hits, prefill
 
 
 @dataclass
@@ -48,8 +50,7 @@ def greedy_trace(
     hits = torch.zeros(ctl.num_layers, ctl.num_heads, dtype=torch.int64)
     generated: list[int] = []
     with torch.inference_mode():
-        out = model(input_ids=prompt[:, :-1], use_cache=True)
-        past, inp = out.past_key_values, prompt[:, -1:]
+        past, inp = prefill(model, ids), prompt[:, -1:]
         context = prompt[0]
         for _ in range(max_new_tokens):
             with ctl.record():
@@ -67,23 +68,29 @@ def greedy_trace(
     return generated, hits.numpy()
 
 
-def copy_hits(argmax: torch.Tensor, span: tuple[int, int], context: torch.Tensor, token: int) -> torch.Tensor:
-    """Wu et al.'s copy-paste test for one step: each head's most-attended position lies in the needle
-    span and holds the token just generated. ``argmax`` is (layers, heads) positions into ``context``."""
-    inside = (argmax >= span[0]) & (argmax < span[1])
-    same = context[argmax.clamp(0, len(context) - 1)] == token
-    return inside & same
-
-
 def run_probe(lm: LoadedModel, probe: Probe, extra_tokens: int = 24) -> ProbeResult:
     """Decode one probe greedily (up to needle tokens + ``extra_tokens``), score its reply and its heads."""
+    return run_probes(lm, [probe], extra_tokens)[0]
+
+
+def _job(lm: LoadedModel, probe: Probe, extra_tokens: int) -> Job:
     ids, span = encode(lm.tokenizer, probe, lm.chat)
-    needle_len = span[1] - span[0]
     # NIAH and MDQA answers are one line (both references stop at a newline); KV decodes like its task (no stop).
-    generated, hits = greedy_trace(lm, ids, span, needle_len + extra_tokens, stop_at_newline=probe.family != "kv")
-    response = lm.tokenizer.decode(generated, skip_special_tokens=True)
-    value = success(probe, response)
-    return ProbeResult(probe, len(ids), needle_len, response, value > 0.5, value, hits)
+    return Job(ids, span, span[1] - span[0] + extra_tokens, stop_at_newline=probe.family != "kv")
+
+
+def run_probes(lm: LoadedModel, probes: Sequence[Probe], extra_tokens: int = 24) -> list[ProbeResult]:
+    """Decode ``probes`` (one at a time when there is one, else batched) and score replies and heads."""
+    jobs = [_job(lm, p, extra_tokens) for p in probes]
+    traces = batched_traces(lm, jobs) if len(jobs) > 1 else None
+    if traces is None:
+        traces = [greedy_trace(lm, j.ids, j.span, j.max_new_tokens, j.stop_at_newline) for j in jobs]
+    results = []
+    for probe, job, (generated, hits) in zip(probes, jobs, traces):
+        response = lm.tokenizer.decode(generated, skip_special_tokens=True)
+        value = success(probe, response)
+        results.append(ProbeResult(probe, len(job.ids), job.span[1] - job.span[0], response, value > 0.5, value, hits))
+    return results
 
 
 def aggregate(results: Sequence[ProbeResult], num_layers: int, num_heads: int) -> tuple[np.ndarray, int]:
@@ -95,19 +102,21 @@ def aggregate(results: Sequence[ProbeResult], num_layers: int, num_heads: int) -
 
 
 def detect(
-    lm: LoadedModel, probes: Sequence[Probe], extra_tokens: int = 24, progress: bool = True
+    lm: LoadedModel, probes: Sequence[Probe], extra_tokens: int = 24, progress: bool = True, batch_size: int = 1
 ) -> list[ProbeResult]:
-    """Run every probe in order (one progress line each on stderr unless ``progress`` is off)."""
-    results = []
-    for i, probe in enumerate(probes, 1):
-        res = run_probe(lm, probe, extra_tokens)
-        results.append(res)
-        if progress:
-            mark = "ok " if res.retrieved else "miss"
-            print(
-                f"[needles heads] {i}/{len(probes)} {mark} {probe.probe_id} ({res.n_tokens} tok): "
-                f"{res.response[:60]!r}",
-                file=sys.stderr,
-                flush=True,
-            )
+    """Run every probe in order (one progress line each on stderr unless ``progress`` is off). ``batch_size``
+    > 1 decodes that many probes per forward pass (faster on CPU; equal up to float round-off, see batched)."""
+    results: list[ProbeResult] = []
+    size = max(1, batch_size)
+    for start in range(0, len(probes), size):
+        for res in run_probes(lm, probes[start : start + size], extra_tokens):
+            results.append(res)
+            if progress:
+                mark = "ok " if res.retrieved else "miss"
+                print(
+                    f"[needles heads] {len(results)}/{len(probes)} {mark} {res.probe.probe_id} ({res.n_tokens} tok): "
+                    f"{res.response[:60]!r}",
+                    file=sys.stderr,
+                    flush=True,
+                )
     return results

@@ -305,6 +305,12 @@ def test_cli_is_deterministic_and_writes_scores_heatmap_and_list(tiny_llama_dir,
     assert rep["settings"]["niah"]["lengths"] == [128] and rep["model"]["chat_template"] is True
     assert rep["num_retrieved"] == sum(p["retrieved"] for p in rep["probes"])
     assert (tmp_path / "r1" / "heads.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --probe-batch decodes several probes per forward pass: the same replies and copy-paste counts here
+    _cli(*args, "--probe-batch", "3", "-o", str(tmp_path / "batched"))
+    batched = json.loads((tmp_path / "batched" / "heads.json").read_text())
+    assert batched["settings"]["probe_batch"] == 3 and rep["settings"]["probe_batch"] == 1
+    assert [p["response"] for p in batched["probes"]] == [p["response"] for p in rep["probes"]]
+    assert batched["scores"] == rep["scores"]
 
     out = _cli(
         "compare",
