@@ -47,6 +47,8 @@ DETECT = [
     "--kv-depths",
     "0",
     "1",
+    "--probe-batch",  # the batched decoding path on the real model (equal to one-by-one up to round-off)
+    "5",
     "--quiet",
 ]
 K = 10
