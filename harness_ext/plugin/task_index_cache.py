@@ -1,7 +1,7 @@
 """A disk cache of lm-eval's index of its own built-in task folder, so an lm_eval launch does not re-parse ~14,000 YAMLs.
 
 lm-eval 0.4.13 builds its task index on every ``TaskManager()`` (once per ``lm_eval`` run and per
-``simple_evaluate``) by parsing every YAML under ``lm_eval/tasks``: 6-11 s on a 2-core machine, the largest
+``simple_evaluate``) by parsing every YAML under ``lm_eval/tasks``: 6-10 s on a 2-core machine, the largest
 fixed cost of a run (benchmarks/README.md). That folder only changes when lm-eval is upgraded or edited, so
 its index is stored once under the cache root and reused while a fingerprint of the folder (every file's
 relative path, size and mtime, the lm-eval version, the folder itself) is unchanged; any edit rebuilds it.
