@@ -14,7 +14,7 @@ from pathlib import Path
 
 from harness_ext.core.stats import mean_stderr
 from harness_ext.reporting.results_io import Run, as_number, sample_metric_values, split_metric_key
-from harness_ext.tasklib.breakdowns import is_length, parse_name
+from harness_ext.tasklib.breakdowns import is_length, not_run, parse_name, run_length
 
 COLUMNS = [
     "model", "adapter", "task", "group", "length", "position", "position_kind", "metric", "filter",
@@ -114,11 +114,18 @@ def rows_from_run(run: Run, model: str | None = None, adapter: str | None = None
             if section == "results" and task in (data.get("groups") or {}):
                 continue  # lm-eval repeats group aggregates under results; keep one copy
             group = task if section == "groups" else groups_of.get(task, "")
-            rows.extend(_task_rows(run, task, group, block, common))
+            rows.extend(_task_rows(run, task, group, block, common, _run_length(run, task)))
     return rows
 
 
-def _task_rows(run: Run, task: str, group: str, block: dict, common: Row) -> list[Row]:
+def _run_length(run: Run, task: str) -> int | None:
+    """The length a task (or every subtask of a group) was run at when only its metadata says it (babilong)."""
+    subtasks = (run.data.get("group_subtasks") or {}).get(task)
+    found = {run_length(run.task_metadata(t)) for t in (subtasks if subtasks else [task])}
+    return found.pop() if len(found) == 1 else None
+
+
+def _task_rows(run: Run, task: str, group: str, block: dict, common: Row, length_of_run: int | None) -> list[Row]:
     """Rows of one task (or group) block: each numeric metric with its stderr, n and breakdown columns."""
     data = run.data
     values: dict[tuple[str, str], float] = {}
@@ -130,7 +137,7 @@ def _task_rows(run: Run, task: str, group: str, block: dict, common: Row) -> lis
         metric, filt, is_stderr = parsed
         if is_stderr:
             stderrs[(metric, filt)] = as_number(raw)
-        elif as_number(raw) is not None:
+        elif as_number(raw) is not None and not not_run(metric, as_number(raw)):  # ruler's -1: length not run
             values[(metric, filt)] = as_number(raw)
     if not values:
         return []
@@ -152,7 +159,7 @@ def _task_rows(run: Run, task: str, group: str, block: dict, common: Row) -> lis
         position, kind = (
             (bd.position, bd.position_kind) if bd.position is not None else (task_bd.position, task_bd.position_kind)
         )
-        length = bd.length if bd.length is not None else task_bd.length
+        length = next((x for x in (bd.length, task_bd.length, length_of_run) if x is not None), None)
         row = dict(common)
         row.update(
             task=task,

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness_ext.core.errors import NeedlesError
+from harness_ext.tasklib.breakdowns import not_run
 
 # lm-eval names results "<prefix>_<date_id>.json" and samples "samples_<task>_<date_id>.jsonl" (same date_id).
 _DATE_ID = re.compile(r"_(\d{4}-\d{2}-\d{2}T\d{2}-\d{2}-\d{2}(?:\.\d+)?)\.json$")
@@ -301,12 +302,15 @@ def _sample_row(path: Path, lineno: int, line: str) -> dict:
 
 
 def sample_metric_values(path: Path, metrics: set[str]) -> dict[tuple[str, str], list[float]]:
-    """(metric, filter) -> per-sample values, read once from a samples file (prompts are not kept)."""
+    """(metric, filter) -> per-sample values, read once from a samples file (prompts are not kept).
+
+    lm-eval ruler's -1 ("this document is not at that length") is not a value.
+    """
     out: dict[tuple[str, str], list[float]] = {}
     for row in iter_samples(path):
         filt = row.get("filter", "none")
         for m in metrics:
             v = as_number(row.get(m))
-            if v is not None:
+            if v is not None and not not_run(m, v):
                 out.setdefault((m, filt), []).append(v)
     return out

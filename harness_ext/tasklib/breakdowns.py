@@ -3,6 +3,8 @@
 Metric keys: ``<metric>[_len<N>|_ctx<N>][_depth<F>|_pos<N>|_disp<name>]`` in any order, e.g.
 ``both_acc_len1024_depth0.50`` (KV), ``best_subspan_em_pos10`` (MDQA), ``acc_ctx500`` (FLenQA).
 Task names may carry the same suffixes, e.g. MDQA's per-position subtasks ``mdqa20_pos10``.
+lm-eval's ``ruler`` names its per-length metrics by the bare length (``"4096"``, ... ``"131072"``) and writes
+-1 for a length it did not run: such a key is metric ``score`` at that length, and -1 is "not measured".
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ KV_TASK = re.compile(r"^kv_retrieval(_\w+)?$")
 KV_METRIC = "both_acc"
 NIAH_TASK = re.compile(r"^niah(_\w+)?$")
 NIAH_METRIC = "niah_success"
+
+# lm-eval's ruler: metric keys that are a bare length; the value -1 means the length was not run.
+BARE_LENGTH_METRIC = "score"
+_BARE_LENGTH = re.compile(rf"^{_NUMBER}$", flags=re.ASCII)
+NOT_RUN = -1.0
 
 
 @dataclass(frozen=True)
@@ -93,6 +100,8 @@ def with_breakdowns(scores: dict[str, float], suffixes: list[str]) -> dict[str, 
 
 def parse_name(name: str) -> Breakdown:
     """Split a metric or task name into its base name and the length / position it is restricted to."""
+    if _BARE_LENGTH.match(name):  # lm-eval ruler's "4096": the score at that length
+        return Breakdown(BARE_LENGTH_METRIC, int(name))
     found: dict[str, str] = {}
     rest = name
     progress = True
@@ -114,6 +123,22 @@ def parse_name(name: str) -> Breakdown:
                 value = format_depth(value)
             return Breakdown(rest, length, value, kind)
     return Breakdown(rest, length)
+
+
+_RUN_LENGTH = re.compile(r"^([1-9]\d{0,5})k$", flags=re.ASCII)
+
+
+def run_length(metadata: dict) -> int | None:
+    """The one input length a task was run at, from ``--metadata '{"max_seq_lengths": "4k"}'`` (lm-eval's babilong,
+    whose scores carry no length): ``"4k"`` -> 4096. babilong's ``"0k"`` (the facts without a haystack) is not an
+    input length, and lists (lm-eval's ruler) are per-length metrics already: both give None."""
+    m = _RUN_LENGTH.match(str(metadata.get("max_seq_lengths", "")).strip())
+    return int(m.group(1)) * 1024 if m else None
+
+
+def not_run(name: str, value: float) -> bool:
+    """lm-eval ruler's placeholder: a bare-length metric whose value is -1 was not run at that length."""
+    return value == NOT_RUN and _BARE_LENGTH.match(name) is not None
 
 
 def is_length(value: str) -> bool:
