@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from harness_ext.cli.leaderboard import add_rule_flags
+
 DEMO_EXPERIMENT = "smollm2_cpu.yaml"
 
 
@@ -47,9 +49,26 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _results(args: argparse.Namespace) -> int:
+    from harness_ext.cli.leaderboard import rules_from_args
+    from harness_ext.reporting import length_curves
+    from harness_ext.reporting.results_io import InvalidInput
     from harness_ext.reporting.results_table import format_table, rows_from_paths
 
-    print(format_table(rows_from_paths(args.paths)))
+    rules = rules_from_args(args)  # a threshold outside the scale stops before anything is read
+    table = rows_from_paths(args.paths)
+    try:
+        summaries, rows = length_curves.summarize_paths(args.paths, rules)
+    except InvalidInput:
+        if args.effective_length:
+            raise
+        summaries, rows = [], []  # the score table reads looser files than lm-eval's full schema
+    if args.effective_length:
+        length_curves.require_curves(summaries, rows, "effective length")
+    else:
+        print(format_table(table))
+    if summaries:
+        print("\nEffective context length (bootstrap: 90% interval over resampled documents):")
+        print(length_curves.format_summaries(summaries))
     return 0
 
 
@@ -62,6 +81,14 @@ def register(sub: Any) -> None:
     p.add_argument("--output", default="outputs/demo", help="where results, samples and the adapter go")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("results", help="print a results table for lm-eval results files or folders")
+    p = sub.add_parser(
+        "results",
+        help="print a results table for lm-eval results files or folders",
+        description="The score table of lm-eval results files or folders (a folder: its newest results_*.json) and, "
+        "for results with a length breakdown, the effective context length under the RULER and relative rules.",
+    )
     p.add_argument("paths", nargs="+")
+    p.add_argument("--effective-length", action="store_true",
+                   help="print only the effective-length table; exit 2 when the results have no length breakdown")  # fmt: skip
+    add_rule_flags(p)
     p.set_defaults(func=_results)

@@ -24,6 +24,9 @@ def _gate(args: argparse.Namespace) -> int:
         bootstrap_iters=args.bootstrap_iters,
         seed=args.seed,
         paired=not args.unpaired,
+        effective_length=args.effective_length,
+        threshold=args.threshold,
+        relative=args.relative,
     )
     report = gate.run_gate(args.baseline, args.candidate, config)
     sys.stdout.write(gate.to_text(report))
@@ -68,6 +71,15 @@ def register(sub: Any) -> None:
     p.add_argument("--bootstrap-iters", type=int, default=10000)
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (the gate is deterministic)")
     p.add_argument("--unpaired", action="store_true", help="ignore sample logs and use the unpaired z-test")
+    p.add_argument("--effective-length", action="store_true",
+                   help="also fail (exit 1) when the candidate's effective context length is shorter than the "
+                   "baseline's under the RULER rule (--threshold) on any task or group with a length breakdown; "
+                   "exit 2 when a run has none")  # fmt: skip
+    p.add_argument("--threshold", type=float, default=85.6,
+                   help="effective-length threshold on the 0-100 scale (default 85.6, RULER's)")  # fmt: skip
+    p.add_argument("--relative", type=float,
+                   help="also require the relative rule (above this fraction of the run's shortest-length score) "
+                   "not to shrink")  # fmt: skip
     p.add_argument("--report", help="write the JSON report here")
     p.add_argument("--summary", help="write the Markdown summary here (also appended to $GITHUB_STEP_SUMMARY)")
     p.set_defaults(func=_gate)

@@ -1,4 +1,4 @@
-"""``needles plot {mdqa,kv,niah,flenqa} RESULTS... -o out.png``."""
+"""``needles plot {mdqa,kv,niah,flenqa,length} RESULTS... -o out.png``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Any
 
+from harness_ext.cli.leaderboard import add_rule_flags
 from harness_ext.core.errors import NeedlesError
 
 _WHAT = {
@@ -13,6 +14,8 @@ _WHAT = {
     "kv": "KV-retrieval length x depth breakdowns (<metric>_len<N>_depth<F> keys)",
     "niah": "NIAH length x depth breakdowns (tasks niah*, <metric>_len<N>_depth<F> keys)",
     "flenqa": "FLenQA length breakdowns (tasks flenqa_monorel/pir/ruletaker, <metric>_ctx<N> or _len<N> keys)",
+    "length": "score by input length per family (any length breakdown: our tasks, lm-eval ruler, babilong runs), "
+    "with the effective-length threshold, each model's effective length and its native window",
 }
 
 
@@ -23,6 +26,8 @@ def _plot(args: argparse.Namespace) -> int:
     from harness_ext.tasklib import breakdowns as names
 
     check_output(args.output, "plot")
+    if args.kind == "length":
+        return _length(args)
     rows = collect_rows(args.inputs)
     default = {
         "mdqa": names.MDQA_METRIC,
@@ -44,6 +49,27 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _length(args: argparse.Namespace) -> int:
+    from harness_ext.cli.leaderboard import rules_from_args
+    from harness_ext.core.output_files import write_output
+    from harness_ext.reporting import plots
+    from harness_ext.reporting.leaderboard import collect_rows
+    from harness_ext.reporting.length_curves import require_curves
+
+    rule = rules_from_args(args)[0]  # checked before anything is read
+    if args.native is not None and args.native <= 0:
+        raise NeedlesError(f"--native {args.native} is not a context length", fix="give the window in tokens")
+    rows = collect_rows(args.inputs)
+    native = {label: args.native for label in {r["model"] + (f" + {r['adapter']}" if r["adapter"] else "")
+                                               for r in rows}} if args.native else None  # fmt: skip
+    png = plots.length_plot(rows, rule, native, [args.metric] if args.metric else None)
+    if png is None:
+        require_curves([], rows, "nothing to plot")
+    write_output(args.output, png, "plot")
+    print(f"wrote {args.output}", file=sys.stderr)
+    return 0
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("plot", help="plot accuracy by position (MDQA), length x depth (KV, NIAH) or length (FLenQA)")
     p.add_argument("kind", choices=sorted(_WHAT), help="; ".join(f"{k}: {v}" for k, v in _WHAT.items()))
@@ -51,4 +77,7 @@ def register(sub: Any) -> None:
     p.add_argument("-o", "--output", required=True, help="PNG file to write")
     p.add_argument("--metric", help="metric to plot (default: best_subspan_em / both_acc / acc)")
     p.add_argument("--filter", help="lm-eval filter to plot (default: none, else the first one)")
+    p.add_argument("--native", type=int, help="length: the models' native context window in tokens (default: "
+                   "max_model_len / max_length of the run's model_args, or a claimed_length row)")  # fmt: skip
+    add_rule_flags(p)
     p.set_defaults(func=_plot)

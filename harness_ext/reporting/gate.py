@@ -10,7 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness_ext.core.errors import NeedlesError
+from harness_ext.reporting.effective_length import default_rules
 from harness_ext.reporting.gate_compare import Comparison, compare_paired, compare_unpaired, decide
+from harness_ext.reporting.gate_length import check_lengths
 from harness_ext.reporting.gate_pairing import (
     GateConfig,
     IncomparableRuns,
@@ -49,6 +51,8 @@ def _check_config(config: GateConfig) -> None:
     for flag, value, ok, fix in checks:
         if not ok:
             raise NeedlesError(f"{flag} {value} is out of range", fix=f"use {fix}")
+    if config.effective_length:
+        default_rules(config.threshold, config.relative)  # exit 2 on a threshold outside the 0-100 scale
 
 
 def run_gate(baseline: str | Path, candidate: str | Path, config: GateConfig | None = None) -> GateReport:
@@ -96,5 +100,9 @@ def run_gate(baseline: str | Path, candidate: str | Path, config: GateConfig | N
                 compare_paired(task, metric, filt, values.baseline, values.candidate, hib, config, alpha_mde)
             )
     decide(comparisons, config)
+    lengths = []
+    if config.effective_length:
+        rules = default_rules(config.threshold, config.relative)
+        lengths = check_lengths(base, cand, rules, config.tasks, config.seed)
     b_model, c_model = (" + ".join(x for x in model_identity(r) if x) for r in (base, cand))
-    return GateReport(str(base.path), str(cand.path), b_model, c_model, config, comparisons, notes)
+    return GateReport(str(base.path), str(cand.path), b_model, c_model, config, comparisons, notes, lengths)

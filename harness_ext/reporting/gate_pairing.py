@@ -31,6 +31,9 @@ class GateConfig:
     bootstrap_iters: int = 10000
     seed: int = 0
     paired: bool = True  # False forces the unpaired test even when sample logs exist
+    effective_length: bool = False  # also fail when the candidate's effective length shrinks (gate_length)
+    threshold: float = 85.6  # RULER rule threshold, 0-100 scale
+    relative: float | None = None  # also check the relative rule at this fraction
 
 
 @dataclass

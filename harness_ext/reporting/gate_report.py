@@ -7,9 +7,10 @@ or be taken as HTML.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from harness_ext.reporting.gate_compare import Comparison
+from harness_ext.reporting.gate_length import LengthCheck, length_lines
 from harness_ext.reporting.gate_pairing import GateConfig
 from harness_ext.reporting.markdown_text import md_code, md_escape
 
@@ -23,10 +24,13 @@ class GateReport:
     config: GateConfig
     comparisons: list[Comparison]
     notes: list[str]
+    lengths: list[LengthCheck] = field(default_factory=list)  # --effective-length
 
     @property
-    def regressions(self) -> list[Comparison]:
-        return [c for c in self.comparisons if c.verdict == "REGRESSION"]
+    def regressions(self) -> list[Comparison | LengthCheck]:
+        return [c for c in self.comparisons if c.verdict == "REGRESSION"] + [
+            c for c in self.lengths if c.verdict == "SHRANK"
+        ]
 
     @property
     def exit_code(self) -> int:
@@ -46,6 +50,7 @@ class GateReport:
             "ci_level": 1 - 2 * self.config.alpha,
             "notes": self.notes,
             "comparisons": [asdict(c) for c in self.comparisons],
+            "effective_length": [asdict(c) for c in self.lengths],
         }
 
 
@@ -116,6 +121,11 @@ def to_text(report: GateReport) -> str:
     ]
     for r in [header, *body]:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    if report.lengths:
+        table = length_lines(report.lengths)
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+        lines += ["", "effective context length (must not shrink):"]
+        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines) + "\n"
 
@@ -135,6 +145,11 @@ def to_markdown(report: GateReport) -> str:
         "|" + "---|" * len(header),
     ]
     lines += ["| " + " | ".join(md_escape(cell) for cell in r) + " |" for r in body]
+    if report.lengths:
+        head, *rest = length_lines(report.lengths)
+        lines += ["", "Effective context length (must not shrink):", "", "| " + " | ".join(head) + " |",
+                  "|" + "---|" * len(head)]  # fmt: skip
+        lines += ["| " + " | ".join(md_escape(cell) for cell in r) + " |" for r in rest]
     if report.notes:
         lines += ["", *(f"> {md_escape(n)}" for n in report.notes)]
     return "\n".join(lines) + "\n"

@@ -7,10 +7,12 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from harness_ext.core.output_files import locked, output_error, write_output
+from harness_ext.reporting import length_curves
+from harness_ext.reporting.effective_length import Rule
 from harness_ext.reporting.leaderboard_rows import COLUMNS, KEY, Row, length_number, rows_from_run
 from harness_ext.reporting.results_io import InvalidInput, find_results, load_run
 from harness_ext.tasklib.breakdowns import POSITION_KINDS, is_length, is_position
@@ -133,21 +135,45 @@ def upsert(existing: list[Row], new: list[Row]) -> list[Row]:
     return list(merged.values())
 
 
-def collect_rows(inputs: Iterable[str | Path], model: str | None = None, adapter: str | None = None) -> list[Row]:
-    """Rows from a mix of lm-eval outputs (folders, results JSON) and leaderboard CSVs. Validates all first."""
+def collect_rows(
+    inputs: Iterable[str | Path],
+    model: str | None = None,
+    adapter: str | None = None,
+    rules: Sequence[Rule] | None = None,
+) -> list[Row]:
+    """Rows from a mix of lm-eval outputs (folders, results JSON) and leaderboard CSVs. Validates all first.
+
+    With ``rules``, the lm-eval runs' score-by-length curves also give ``effective_length`` (one row per rule)
+    and ``wavg_inc`` / ``wavg_dec`` rows (harness_ext.reporting.length_curves); a CSV's rows are kept as they are.
+    """
     rows: list[Row] = []
+    run_rows: list[Row] = []
+    runs = []
     for raw in inputs:
         path = Path(raw)
         if path.is_file() and path.suffix.lower() == ".csv":
             rows = upsert(rows, read_csv(path))
             continue
         for results in find_results([path]):
-            rows = upsert(rows, rows_from_run(load_run(results), model, adapter))
+            run = load_run(results)
+            new = rows_from_run(run, model, adapter)
+            runs.append(run)
+            run_rows = upsert(run_rows, new)
+            rows = upsert(rows, new)
+    if rules and runs:
+        summaries = length_curves.summarize(run_rows, rules, runs)
+        rows = upsert(
+            rows, length_curves.leaderboard_rows(length_curves.require_curves(summaries, run_rows, "effective length"))
+        )
     return rows
 
 
 def export(
-    inputs: Iterable[str | Path], output: Path, model: str | None = None, adapter: str | None = None
+    inputs: Iterable[str | Path],
+    output: Path,
+    model: str | None = None,
+    adapter: str | None = None,
+    rules: Sequence[Rule] | None = None,
 ) -> tuple[list[Row], int]:
     """Upsert the inputs into ``output`` atomically; returns (all rows, number of rows added or changed).
 
@@ -155,7 +181,7 @@ def export(
     file at once each see the others' rows and none is lost.
     """
     output = Path(output)
-    new = collect_rows(inputs, model, adapter)  # every input is parsed before anything is written
+    new = collect_rows(inputs, model, adapter, rules)  # every input is parsed before anything is written
     with locked(output, "leaderboard CSV"):
         try:
             exists = output.is_file()

@@ -12,6 +12,7 @@ import io
 from collections.abc import Callable, Iterable
 
 from harness_ext.core.paths import templates_dir
+from harness_ext.reporting.effective_length import cell_text
 from harness_ext.reporting.leaderboard_rows import KEY, Row, length_number
 from harness_ext.reporting.markdown_text import md_escape
 from harness_ext.tasklib.breakdowns import parse_name
@@ -82,7 +83,7 @@ def pivot(rows: Iterable[Row], breakdowns: bool = True) -> tuple[list[str], list
     table: dict[tuple[str, str], dict[str, str]] = {}
     for r in cells:
         line = table.setdefault(entity(r), {"source": set(), "date": ""})
-        line[column_label(r)] = r["value"]
+        line[column_label(r)] = _cell(r) if r["metric"] == "effective_length" else r["value"]
         line["source"].add(r["source"] if r["run_id"].startswith("ref:") else "run")
         line["date"] = max(line["date"], r["date"])
     header = ["model", "adapter", "date", "source", *ordered]
@@ -107,6 +108,8 @@ def pivot_csv_text(rows: Iterable[Row]) -> str:
 def _cell(row: Row | None) -> str:
     if row is None:
         return ""
+    if row["metric"] == "effective_length":  # a length in tokens, with its outcome (">=800", "<400")
+        return cell_text(row["note"], row["value"])
     value, stderr = _num(row["value"]), _num(row["stderr"])
     if value is None:
         return row["value"]

@@ -1,4 +1,5 @@
-"""PNG plots from leaderboard rows: MDQA accuracy by gold position, KV length x depth heatmap, FLenQA by length.
+"""PNG plots from leaderboard rows: MDQA accuracy by gold position, KV length x depth heatmap, FLenQA by length,
+and score by length per family with the effective-length threshold and the native window (``length_plot``).
 
 Each function returns PNG bytes, or None when the rows hold nothing to plot. Task and metric names come from
 harness_ext.tasklib.breakdowns.
@@ -8,12 +9,15 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import re
 from collections.abc import Callable, Iterable
 
 from harness_ext.core.errors import NeedlesError
+from harness_ext.reporting.effective_length import Rule, effective_length
 from harness_ext.reporting.leaderboard_rows import Row
 from harness_ext.reporting.leaderboard_views import latest
+from harness_ext.reporting.length_curves import curves
 from harness_ext.tasklib import breakdowns as names
 
 _STYLE = {"dpi": 110}
@@ -237,6 +241,78 @@ def flenqa_plot(rows: Iterable[Row], metric: str = names.FLENQA_METRIC, filt: st
 def niah_heatmap(rows: Iterable[Row], metric: str = names.NIAH_METRIC, filt: str | None = None) -> bytes | None:
     """The NIAH grid (Wu et al.'s success rule by length and depth), drawn as the KV one."""
     return kv_heatmap(rows, metric, filt, task=names.NIAH_TASK)
+
+
+def native_windows(rows: Iterable[Row]) -> dict[str, int]:
+    """Model label -> its context window where the rows say it: vLLM's ``max_model_len`` or HF's ``max_length`` in
+    ``model_args``, else a ``claimed_length`` row (the reference leaderboards' claimed context)."""
+    out: dict[str, int] = {}
+    for r in rows:
+        if r["metric"] == "claimed_length":
+            out.setdefault(_label(r), int(float(r["value"])))
+            continue
+        try:
+            args = json.loads(r["model_args"]) if r["model_args"] else {}
+        except ValueError:
+            continue
+        window = args.get("max_model_len") or args.get("max_length") if isinstance(args, dict) else None
+        if str(window).isdigit():
+            out[_label(r)] = int(window)
+    return out
+
+
+@_literal_text
+def length_plot(
+    rows: Iterable[Row], rule: Rule, native: dict[str, int] | None = None, metrics: list[str] | None = None
+) -> bytes | None:
+    """Score by input length, one panel per family (a group's mean curve, else each task), one line per model;
+    the RULER threshold as a dashed line, each model's effective length as a star, its native window dotted."""
+    rows = list(rows)
+    found = curves(rows, metrics)
+    if not found:
+        return None
+    families: dict[str, list] = {}
+    for c in found:
+        families.setdefault(c.group or c.task, []).append(c)
+    for family, members in families.items():
+        if any(c.members for c in members):
+            families[family] = [c for c in members if c.members]  # the group's mean is what the rule reads
+    windows = {**native_windows(rows), **(native or {})}
+    plt = _pyplot()
+    n = len(families)
+    cols = min(n, 2)
+    nrows = (n + cols - 1) // cols
+    tallest = max(len(m) for m in families.values())  # a legend line per curve: the panel grows with it
+    height = max(3.8, 0.17 * tallest + 1.0)
+    fig, axes = plt.subplots(nrows, cols, figsize=(7.5 * cols + 2, height * nrows), squeeze=False, layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = sorted({c.label for c in found})
+    for ax, (family, members) in zip(axes.flat, sorted(families.items()), strict=False):
+        for c in sorted(members, key=lambda c: (c.label, c.task)):
+            color = colors[labels.index(c.label) % len(colors)]
+            xs = sorted(c.points)
+            name = c.label if len(members) == len({m.label for m in members}) else f"{c.label}: {c.task}"
+            ax.plot(xs, [c.points[x] for x in xs], marker="o", color=color, label=name)
+            result = effective_length(c.points, rule)
+            if result.length is not None:
+                ax.plot([result.length], [c.points[result.length]], marker="*", markersize=14, color=color)
+            window = windows.get(c.label)
+            if window and min(xs) / 2 <= window <= max(xs) * 2:  # a 1M window would squash a 4K-128K sweep
+                ax.axvline(window, color=color, linestyle=":", linewidth=1.2)
+        ax.axhline(rule.value / 100.0, color="gray", linestyle="--", linewidth=1, label=f"threshold {rule.value:g}")
+        ax.set_xscale("log", base=2)
+        ticks = sorted({x for c in members for x in c.points})
+        ax.set_xticks(ticks, [f"{x // 1024}K" if x >= 1024 and x % 1024 == 0 else str(x) for x in ticks])
+        ax.minorticks_off()
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("Input length (tokens; K = 1024); dotted: native window; star: effective length")
+        ax.set_ylabel(f"Score ({members[0].metric})")
+        ax.set_title(f"{family}: score by length", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return _png(fig)
 
 
 PLOTS = {"mdqa": mdqa_plot, "kv": kv_heatmap, "niah": niah_heatmap, "flenqa": flenqa_plot}
