@@ -104,8 +104,12 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
     for f in dataclasses.fields(FinetuneConfig):
         expand = f.metadata.get("expand")
         if expand is not None:
-            given = {s.name: getattr(args, flag_dest(s), None) for s in dataclasses.fields(expand)}
-            given = {k: v for k, v in given.items() if v is not None}
+            own = flag_dest(f)  # e.g. --context JSON: the expanded flags set keys inside it
+            given = json.loads(json.dumps(getattr(args, own, None) or {})) if own else {}
+            for s in dataclasses.fields(expand):
+                value = getattr(args, flag_dest(s), None)
+                if value is not None:
+                    set_dotted(given, s.metadata.get("key") or s.name, value)
             if given:
                 if f.name == "data" and "num_dicts" in given and "lengths" not in given:
                     given["lengths"] = None  # a dictionary count replaces token targets
@@ -115,6 +119,16 @@ def overrides_from_args(args: argparse.Namespace) -> dict:
         if dest is not None and getattr(args, dest, None) is not None:
             out[f.name] = getattr(args, dest)
     return out
+
+
+def set_dotted(target: dict, key: str, value: Any) -> None:
+    """``target["a"]["b"] = value`` for the key ``a.b`` (missing mappings are created)."""
+    *parents, last = key.split(".")
+    for name in parents:
+        child = target.get(name)
+        target[name] = child = dict(child) if isinstance(child, dict) else {}
+        target = child
+    target[last] = value
 
 
 def options_from_args(cls: type, args: argparse.Namespace) -> Any:

@@ -31,6 +31,12 @@ GROUP_EVAL = "evaluation set (its documents are never trained on)"
 GROUP_LORA = "LoRA"
 GROUP_OPTIM = "optimisation"
 GROUP_OUTPUTS = "checkpoints and outputs"
+GROUP_CONTEXT = "context extension (train and serve past the model's native window; docs/extension.md)"
+ROPE_TYPES = ("yarn", "linear", "dynamic", "llama3", "theta")  # theta: a new base frequency only
+# Above this many tokens in the longest example, gradient checkpointing is on unless set: activations grow
+# linearly with the sequence (attention's scores too, without a fused kernel), and past ~2K tokens they outweigh
+# a LoRA's weights and optimizer state on the models this project trains; below it recomputation costs ~30%.
+GRADIENT_CHECKPOINTING_ABOVE = 2048
 
 
 def option(
@@ -48,10 +54,12 @@ def option(
     label: str | None = None,
     fix: str | None = None,
     expand: type | None = None,
+    key: str | None = None,
 ) -> Any:
     """A dataclass field with its flag: ``flag`` "" derives ``--field-name``, None means no flag;
     ``gt``/``ge``/``lt`` bound a number (None values pass); ``expand`` names a dataclass whose fields
-    are flags for the keys of this dict-valued field."""
+    are flags for the keys of this dict-valued field; ``key`` is the dotted key such a flag sets inside that dict
+    (default: the field's name), e.g. ``rope.factor``."""
     metadata = {
         "help": help,
         "flag": flag,
@@ -64,6 +72,7 @@ def option(
         "label": label,
         "fix": fix,
         "expand": expand,
+        "key": key,
     }
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
@@ -105,6 +114,24 @@ class DataOptions:
         help="synth_mdqa: facts per record/entity (default 3)", ge=1, label="data.facts_per_document", fix="use 1..6"
     )
     reference_needles: bool | None = option(negatable=True, help="synth_mdqa natural_in_prose: add Wu et al.'s needles")
+
+
+@dataclass
+class ContextOptions:
+    """Flags for keys of ``FinetuneConfig.context`` (None: not given); ``key`` is where each goes in it."""
+
+    length: int | None = option(flag="--context-length", help="target window in tokens: train and serve up to it")
+    rope_type: str | None = option(key="rope.type", help=f"RoPE change: {', '.join(ROPE_TYPES)}")
+    rope_factor: float | None = option(key="rope.factor", help="scaling factor (default ceil(length / native window))")
+    rope_theta: float | None = option(key="rope.theta", help="base frequency (required for type theta)")
+    rope_original_max_position_embeddings: int | None = option(
+        key="rope.original_max_position_embeddings", help="yarn, llama3: pretraining window (default the model's)"
+    )
+    rope_attention_factor: float | None = option(key="rope.attention_factor", help="yarn")
+    rope_beta_fast: float | None = option(key="rope.beta_fast", help="yarn (transformers' default 32)")
+    rope_beta_slow: float | None = option(key="rope.beta_slow", help="yarn (transformers' default 1)")
+    rope_low_freq_factor: float | None = option(key="rope.low_freq_factor", help="llama3 (default 1, Llama 3.1's)")
+    rope_high_freq_factor: float | None = option(key="rope.high_freq_factor", help="llama3 (default 4, Llama 3.1's)")
 
 
 def default_data(family: str = "kv") -> dict:
@@ -155,7 +182,12 @@ class FinetuneConfig:
     lr_scheduler: str = option("cosine", group=GROUP_OPTIM, choices=LR_SCHEDULERS)
     weight_decay: float = option(0.0, group=GROUP_OPTIM, ge=0.0)
     max_grad_norm: float = option(1.0, group=GROUP_OPTIM, ge=0.0, fix="use e.g. 1.0 (0 turns clipping off)")
-    gradient_checkpointing: bool = option(False, group=GROUP_OPTIM, negatable=True)
+    gradient_checkpointing: bool | None = option(
+        None,
+        "default: on when the longest example exceeds --gradient-checkpointing-above",
+        group=GROUP_OPTIM,
+        negatable=True,
+    )
     batching: str = option("grouped", group=GROUP_OPTIM, choices=BATCHING_MODES)
     # packed: tokens per row (default batch_size * longest example)
     pack_tokens: int | None = option(None, group=GROUP_OPTIM, ge=1)
@@ -176,6 +208,21 @@ class FinetuneConfig:
         help="training-log trackers: none (default), tensorboard, wandb, trackio; loss and learning rate "
         "of every step, files under OUTPUT_DIR/runs (tensorboard --logdir OUTPUT_DIR/runs)",
         group=GROUP_OUTPUTS,
+    )
+    # context extension (harness_ext.finetune.context): {length, rope: {type, factor, theta, ...}}
+    context: dict = option(
+        factory=dict,
+        help='JSON, e.g. \'{"length": 16384, "rope": {"type": "yarn"}}\' (the flags above set its keys)',
+        flag="--context",
+        group=GROUP_CONTEXT,
+        expand=ContextOptions,
+    )
+    gradient_checkpointing_above: int = option(
+        GRADIENT_CHECKPOINTING_ABOVE,
+        f"tokens (default {GRADIENT_CHECKPOINTING_ABOVE}): longer examples turn gradient checkpointing on",
+        group=GROUP_OPTIM,
+        ge=1,
+        fix="use e.g. --gradient-checkpointing-above 2048",
     )
     log_every: int = option(1, flag=None, ge=1)
 
@@ -221,7 +268,9 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     given only on the command line starts from that family's defaults, not the KV ones."""
     values: dict = read_yaml(path) if path else {}
     for key, value in (overrides or {}).items():
-        if key == "data" and isinstance(value, dict):
+        if key == "context" and isinstance(value, dict) and isinstance(values.get("context"), dict):
+            values["context"] = merge_nested(values["context"], value)
+        elif key == "data" and isinstance(value, dict):
             given = values.get("data")
             base = dict(given or default_data(str(value.get("family", "kv"))))
             base.update(value)
@@ -229,6 +278,16 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         else:
             values[key] = value
     return FinetuneConfig.from_dict(values)
+
+
+def merge_nested(base: dict, update: dict) -> dict:
+    """``update`` over ``base``, dicts merged key by key at every depth (a flag sets one key of a YAML mapping)."""
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = (
+            merge_nested(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        )
+    return out
 
 
 def flag_names(f: dataclasses.Field) -> tuple[str, ...]:

@@ -155,7 +155,8 @@ def format_docs(tokenizer: Any, docs: list[dict], system: str | None = None) -> 
 
 
 def check_lengths(examples: list[Example], model_max: int | None, max_length: int | None) -> int:
-    """The training sequence length: the longest example. Never truncated: too long -> error."""
+    """The training sequence length: the longest example. Never truncated: too long -> error. ``model_max`` is
+    the window the run trains with: the model's, or the extended one of a ``context`` section."""
     longest = max(len(e) for e in examples)
     if max_length is not None and longest > max_length:
         raise NeedlesError(
@@ -165,7 +166,8 @@ def check_lengths(examples: list[Example], model_max: int | None, max_length: in
     if model_max is not None and longest > model_max:
         raise NeedlesError(
             f"the longest training example has {longest} tokens; the model holds at most {model_max}",
-            fix="lower the data lengths (e.g. --lengths 512) or use a model with a longer context",
+            fix="lower the data lengths (e.g. --lengths 512), or extend the window past them "
+            "(--context-length N --rope-type yarn; docs/extension.md)",
         )
     return longest
 

@@ -70,15 +70,27 @@ def load_base(cfg: Any) -> tuple[str, Any, Any]:
     return base, model_config, tokenizer
 
 
-def merge_adapter(base: str, adapter: Path, target: Path, trust_remote_code: bool = False) -> Path:
+def merge_adapter(base: str, adapter: Path, target: Path, trust_remote_code: bool = False, context: Any = None) -> Path:
     """base + adapter -> one plain model folder. Done from the saved adapter on the main process, so
-    it works the same after FSDP / DeepSpeed training (sharded weights are never merged in place)."""
+    it works the same after FSDP / DeepSpeed training (sharded weights are never merged in place).
+
+    ``context`` (a :class:`harness_ext.finetune.context.ContextPlan`): the folder's config.json carries the RoPE
+    and window the adapter was trained with, in the installed transformers' form, and its tokenizer's
+    ``model_max_length`` is raised to the window where it was lower (vLLM caps its window by it)."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    from harness_ext.finetune.context import extended_config
+
+    config = extended_config(base, context, trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        base, dtype=torch.float32, trust_remote_code=trust_remote_code, **({"config": config} if config else {})
+    )
     merged = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     merged.save_pretrained(target)
-    AutoTokenizer.from_pretrained(adapter).save_pretrained(target)
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    if context is not None and (tokenizer.model_max_length or 0) < context.window:
+        tokenizer.model_max_length = context.window
+    tokenizer.save_pretrained(target)
     return target

@@ -23,18 +23,22 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
-from harness_ext.core.atomic_io import write_atomic, write_json_atomic
+from harness_ext.core.atomic_io import write_json_atomic
 from harness_ext.core.errors import NeedlesError
-from harness_ext.data.dataset_cache import file_sha256
 from harness_ext.finetune import rundir, tracking
 from harness_ext.finetune.batches import SampleLog, plan_index, plan_loader, plan_run
 from harness_ext.finetune.config import FinetuneConfig, validate_hparams
+from harness_ext.finetune.context import (
+    LengthMeter,
+    context_manifest,
+    extended_config,
+    plan_context,
+    use_gradient_checkpointing,
+)
 from harness_ext.finetune.data import (
     check_lengths,
     data_summary,
@@ -45,7 +49,7 @@ from harness_ext.finetune.data import (
     train_spec,
     write_docs,
 )
-from harness_ext.finetune.manifest import build_manifest, eval_max_model_len
+from harness_ext.finetune.manifest import build_manifest
 from harness_ext.finetune.modeling import (
     check_target_modules,
     load_base,
@@ -53,7 +57,7 @@ from harness_ext.finetune.modeling import (
     model_max_length,
     resolve_model,
 )
-from harness_ext.plugin.runner import adapter_rank, vllm_eval_command
+from harness_ext.finetune.outputs import record_outputs
 
 
 class FinetuneRecipe:
@@ -78,7 +82,8 @@ class FinetuneRecipe:
         cfg = self.cfg
         validate_hparams(cfg)
         train_spec(cfg.data)  # the data options and the model's name, before anything is loaded
-        resolve_model(cfg.model)
+        # a bad context section fails here too: it is checked against config.json alone
+        self.context = plan_context(cfg.context, resolve_model(cfg.model), cfg.model)
         self.trackers = tracking.trackers(cfg.report_to)  # a missing tracker package fails here, before any loading
         import torch
         from accelerate import Accelerator
@@ -120,7 +125,9 @@ class FinetuneRecipe:
         t0 = time.perf_counter()
         self.spec, self.tasks, self.docs, self.leak = prepare_docs(cfg, self.tokenizer, self.base)
         self.examples = format_docs(self.tokenizer, self.docs, cfg.system_prompt)
-        self.seq_len = check_lengths(self.examples, model_max_length(self.model_config), cfg.max_length)
+        self.window = self.context.window if self.context else model_max_length(self.model_config)
+        self.seq_len = check_lengths(self.examples, self.window, cfg.max_length)
+        self.checkpointing = use_gradient_checkpointing(cfg, self.seq_len)
         self.summary = data_summary(self.examples)
         self.say(
             f"data: {self.summary['examples']} examples, {self.summary['min_len']}-{self.seq_len} tokens, generated "
@@ -141,6 +148,7 @@ class FinetuneRecipe:
             dtype=torch.bfloat16 if lora_bf16 else torch.float32,
             attn_implementation=cfg.attn_implementation,
             trust_remote_code=cfg.trust_remote_code,
+            **({"config": c} if (c := extended_config(self.base, self.context, cfg.trust_remote_code)) else {}),
         )
         model.config.use_cache = False
         if cfg.method == "lora":
@@ -156,7 +164,7 @@ class FinetuneRecipe:
                 task_type="CAUSAL_LM",
             )
             model = get_peft_model(model, lora)
-        if cfg.gradient_checkpointing:
+        if self.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if cfg.method == "lora":
                 model.enable_input_require_grads()
@@ -227,10 +235,13 @@ class FinetuneRecipe:
         tokens_seen, t_start = 0, time.perf_counter()
         rank, processes = accelerator.process_index, accelerator.num_processes
         sample_log = SampleLog(rank)
+        self.meter = LengthMeter(accelerator.device)
         for step in range(start_step + 1, min(total_steps, last_stop) + 1):
-            step_loss, step_tokens, step_labels = 0.0, 0, 0
+            step_loss, step_tokens, step_labels, longest = 0.0, 0, 0, 0
+            self.meter.start()
             for micro in range(cfg.grad_accum):
                 batch = next(it)
+                longest = max(longest, int(batch["input_ids"].shape[-1]))
                 sample_log.record(step, micro, batch)
                 # Dropout masks come from (seed, plan entry) alone, so a resumed run repeats an uninterrupted
                 # one exactly (a DataLoader iterator draws from the global RNG when it starts, which happens at
@@ -258,6 +269,7 @@ class FinetuneRecipe:
                 totals = torch.tensor([step_loss, step_tokens, step_labels], dtype=torch.float64)
                 totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").tolist()
                 step_loss, step_tokens, step_labels = totals[0] / processes, int(totals[1]), int(totals[2])
+            self.meter.stop(longest, step_tokens)
             tokens_seen += step_tokens
             elapsed = time.perf_counter() - t_start
             row = {
@@ -288,7 +300,7 @@ class FinetuneRecipe:
         """The run's manifest as it stands (stopped early or finished)."""
         history = self.history
         stopped = history[-1]["step"] < self.total_steps if history else self.start_step < self.total_steps
-        return build_manifest(
+        manifest = build_manifest(
             self.cfg,
             self.base,
             self.spec,
@@ -301,6 +313,7 @@ class FinetuneRecipe:
             history,
             stopped,
         )
+        return context_manifest(manifest, self.context, getattr(self, "meter", LengthMeter()), self.checkpointing)
 
     def save(self) -> dict:
         """Adapter or full model (+ merged), training docs/log, eval commands and manifest; returns the manifest.
@@ -321,52 +334,27 @@ class FinetuneRecipe:
             self.tokenizer.save_pretrained(target)
             merged = None
             if cfg.merge and cfg.method == "lora":
-                merged = merge_adapter(self.base, target, out / "merged", cfg.trust_remote_code)
+                merged = merge_adapter(self.base, target, out / "merged", cfg.trust_remote_code, self.context)
             write_docs(out / "train_docs.jsonl", self.docs)
-            self._record_outputs(manifest, target, merged)
+            record_outputs(
+                manifest,
+                cfg,
+                self.base,
+                self.tasks,
+                target,
+                merged,
+                window=self.window,
+                seq_len=self.seq_len,
+                eval_max_tokens=self.leak.eval_max_tokens,
+                on_gpu=self.on_gpu,
+                context=self.context,
+            )
             write_json_atomic(out / "train_log.json", self.history)
             write_json_atomic(out / rundir.MANIFEST, manifest)
         accelerator.wait_for_everyone()
         self.say(f"final loss {manifest['final_loss']:.4f}; outputs in {out}")
         self.say("score it with:\n  " + manifest.get("eval_command", ""))
         return manifest
-
-    def _record_outputs(self, manifest: dict, target: Path, merged: Path | None) -> None:
-        """Output files, hashes and the lm_eval commands that score them, into the manifest and eval_command.sh."""
-        cfg, out = self.cfg, self.out
-        max_len = eval_max_model_len(self.seq_len, self.leak.eval_max_tokens, model_max_length(self.model_config))
-        adapter = target if cfg.method == "lora" else None
-        full = target if cfg.method == "full" else None
-
-        def command(output: str, **kwargs: Any) -> list[str]:
-            return vllm_eval_command(
-                self.base,
-                self.tasks,
-                cfg.eval_metadata,
-                max_len,
-                output_path=out / output,
-                on_gpu=self.on_gpu,
-                **kwargs,
-            )
-
-        argv = command("eval", adapter=adapter, merged=full)
-        manifest["outputs"] = {
-            "dir": str(out),
-            "adapter": str(adapter) if adapter else None,
-            "model": str(full or merged) if (full or merged) else None,
-            "files": {
-                p.name: file_sha256(p) for p in sorted(target.iterdir()) if p.suffix in {".safetensors", ".json"}
-            },
-        }
-        if adapter:
-            manifest["outputs"]["lora_rank"] = adapter_rank(adapter)
-        manifest["eval_argv"] = argv
-        manifest["eval_command"] = shlex.join(argv)
-        lines = [manifest["eval_command"]]
-        if merged:
-            manifest["eval_command_merged"] = shlex.join(command("eval_merged", merged=merged))
-            lines.append("# or, the merged model:\n# " + manifest["eval_command_merged"])
-        write_atomic(out / "eval_command.sh", "#!/bin/sh\n" + "\n".join(lines) + "\n")
 
     # ------------------------------------------------------------------ all three
     def run(self) -> dict:

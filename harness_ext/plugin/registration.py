@@ -105,9 +105,15 @@ def _cache_builtin_index(index_cls, builtin: Path) -> None:
 
 # ------------------------------------------------------------------------------ length guard
 def check_prompt_lengths(lm, requests) -> None:
-    """Raise if a plugin task's prompt plus ``max_gen_toks`` exceeds the model's context."""
+    """Raise if a plugin task's prompt plus ``max_gen_toks`` exceeds the model's context: ``max_length``
+    (vLLM's max_model_len) or, when shorter, the RoPE window the model is served with."""
+    from harness_ext.plugin.rope_guard import fix_for, served_window
+
     ours = plugin_task_names()
     limit = int(lm.max_length)
+    rope_window, served = served_window(lm)
+    by_rope = rope_window is not None and rope_window < limit
+    limit = rope_window if by_rope else limit
     worst: dict[str, tuple[int, int, int]] = {}  # task -> (count, longest prompt, gen tokens)
     for req in requests:
         task = getattr(req, "task_name", None)
@@ -120,19 +126,31 @@ def check_prompt_lengths(lm, requests) -> None:
             count, longest, _ = worst.get(task, (0, 0, gen))
             worst[task] = (count + 1, max(longest, n), gen)
     if worst:
+        what = "RoPE window" if by_rope else "model limit"
         lines = [
-            f"task {t}: {c} prompt(s) do not fit; longest {n} tokens + max_gen_toks {g} = {n + g} > model limit {limit}"
+            f"task {t}: {c} prompt(s) do not fit; longest {n} tokens + max_gen_toks {g} = {n + g} > {what} {limit}"
             for t, (c, n, g) in sorted(worst.items())
         ]
+        need = max(n + g for _, n, g in worst.values())
+        fix = "lower the target lengths (e.g. --metadata '{\"lengths\": [2048]}') or raise max_model_len / max_length"
+        if by_rope or (rope_window is not None and need > rope_window):  # more room needs a RoPE extension
+            fix = fix_for(served, need)
+        elif rope_window is not None:
+            fix += f" in --model_args (the served RoPE window holds {rope_window})"
+        else:
+            fix += " in --model_args if the model supports a longer context"
         raise NeedlesError(
             "prompts longer than the model's context (lm-eval would silently cut them from the left):\n  "
             + "\n  ".join(lines),
-            fix="lower the target lengths (e.g. --metadata '{\"lengths\": [2048]}') or raise max_model_len / "
-            "max_length in --model_args if the model supports a longer context",
+            fix=fix,
         )
 
 
 def patch_generation(module) -> None:
+    from harness_ext.plugin.rope_guard import patch_vllm_init
+
+    if getattr(module, "VLLM", None) is not None:
+        patch_vllm_init(module.VLLM)  # refuses a max_model_len past the served RoPE window before the engine starts
     for cls_name in ("VLLM", "HFLM"):
         cls = getattr(module, cls_name, None)
         if cls is None or getattr(cls.generate_until, _MARK, False):

@@ -111,10 +111,15 @@ def vllm_eval_command(
     output_path: Path | None = None,
     on_gpu: bool = False,
     lora_rank: int | None = None,
+    hf_overrides: dict | None = None,
 ) -> list[str]:
     """The lm_eval argv that scores a model with vLLM: ``base``, a peft adapter on it (lora_local_path,
     max_lora_rank read from the adapter, or from ``lora_rank`` for an adapter still to be trained), or a
-    ``merged`` / fully finetuned model folder."""
+    ``merged`` / fully finetuned model folder. ``hf_overrides`` (e.g. a RoPE extension,
+    ``harness_ext.core.rope.vllm_overrides``) changes the served config. It travels as a second ``--model_args``
+    value, ``hf_overrides={...}``: lm_eval 0.4.13 reads a first value holding ``{`` as a whole JSON object and
+    refuses anything else, while later values are ``key=value`` pairs whose value it reads as a Python literal
+    (a JSON object of strings and numbers is one); vLLM applies the dict to the model's config."""
     pretrained = str(merged) if merged else base
     extra = ""
     if adapter is not None and merged is None:
@@ -129,6 +134,8 @@ def vllm_eval_command(
             extra += f",max_num_batched_tokens={CPU_LORA_CHUNK}"
         args = vllm_model_args(pretrained, max_model_len, extra)
     cmd = ["lm_eval", "run", "--tasks", ",".join(eval_tasks), "--model", "vllm", "--model_args", args]
+    if hf_overrides:
+        cmd.append("hf_overrides=" + json.dumps(hf_overrides, separators=(",", ":"), sort_keys=True))
     cmd.append("--apply_chat_template")
     if eval_metadata:
         cmd += ["--metadata", json.dumps(eval_metadata, separators=(",", ":"))]
@@ -136,3 +143,20 @@ def vllm_eval_command(
         cmd += ["--output_path", str(output_path)]
     # --batch_size auto: vLLM gets every request at once (lm_eval's default of 1 is ~10x slower on CPU)
     return cmd + ["--batch_size", "auto", "--log_samples"]
+
+
+def eval_env(served: str | Path, max_model_len: int) -> dict[str, str]:
+    """Environment the eval command needs: ``VLLM_ALLOW_LONG_MAX_MODEL_LEN=1`` only where vLLM would refuse the
+    length although the served RoPE holds it (the tokenizer's ``model_max_length`` caps vLLM's window)."""
+    from harness_ext.core.rope import tokenizer_max_length
+
+    cap = tokenizer_max_length(served)
+    return {"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"} if cap is not None and max_model_len > cap else {}
+
+
+def shell_command(argv: list[str], env: dict[str, str] | None = None) -> str:
+    """The argv as one shell line, prefixed with its environment (``VAR=value lm_eval ...``)."""
+    import shlex
+
+    prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted((env or {}).items()))
+    return (prefix + " " if prefix else "") + shlex.join(argv)

@@ -45,7 +45,12 @@ FINETUNE_FLAGS = [
     *("--lr-scheduler", "--weight-decay", "--max-grad-norm", "--gradient-checkpointing"),
     *("--no-gradient-checkpointing", "--batching", "--pack-tokens", "--max-length", "--seed"),
     *("--attn-implementation", "--trust-remote-code", "--save-every", "--keep-checkpoints", "--resume"),
-    *("--stop-after-steps", "--merge", "--report-to", "--backend", "--openai-model", "--n-epochs", "--suffix"),
+    *("--stop-after-steps", "--merge", "--report-to"),
+    # context extension (issue 23): the context section's keys, the section as JSON, the checkpointing threshold
+    *("--context-length", "--rope-type", "--rope-factor", "--rope-theta", "--rope-original-max-position-embeddings"),
+    *("--rope-attention-factor", "--rope-beta-fast", "--rope-beta-slow", "--rope-low-freq-factor"),
+    *("--rope-high-freq-factor", "--context", "--gradient-checkpointing-above"),
+    *("--backend", "--openai-model", "--n-epochs", "--suffix"),
     *("--poll-interval", "--timeout"),
 ]
 EXPORT_FLAGS = [
