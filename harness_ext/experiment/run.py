@@ -77,8 +77,10 @@ def eval_argv(
     adapter: Path | None = None,
     merged: Path | None = None,
     lora_rank: int | None = None,
+    hf_overrides: dict | None = None,
 ) -> list[str]:
-    """The lm_eval command that scores the suite (the same documents for the base and the finetuned model)."""
+    """The lm_eval command that scores the suite (the same documents for the base and the finetuned model);
+    ``hf_overrides``: the RoPE of a context extension, for an adapter served on the base model."""
     from harness_ext.plugin.runner import vllm_eval_command
 
     argv = vllm_eval_command(
@@ -91,6 +93,7 @@ def eval_argv(
         output_path=out,
         on_gpu=cfg.on_gpu,
         lora_rank=lora_rank,
+        hf_overrides=hf_overrides,
     )
     if cfg.gen_kwargs:
         argv += ["--gen_kwargs", cfg.gen_kwargs]
@@ -115,6 +118,7 @@ def run_experiment(
     """Run (or resume) the experiment into ``out``; returns the comparison (also in OUT/comparison.json)."""
     import yaml
 
+    from harness_ext.finetune.context import plan_context
     from harness_ext.finetune.modeling import resolve_model
     from harness_ext.finetune.recipe import finetune
     from harness_ext.finetune.rundir import list_checkpoints
@@ -145,7 +149,19 @@ def run_experiment(
 
     adapter, merged = scored_model(ft, out)
     base_argv = eval_argv(run_cfg, base, out / "eval_base")
-    tuned_argv = eval_argv(run_cfg, base, out / "eval_finetuned", adapter=adapter, merged=merged, lora_rank=ft.lora_r)
+    # an extended adapter is served on the base model with the RoPE it was trained with (a merged folder's config
+    # carries it already)
+    plan = plan_context(ft.context, base, cfg.model)
+    overrides = plan.hf_overrides() if plan and adapter else None
+    tuned_argv = eval_argv(
+        run_cfg,
+        base,
+        out / "eval_finetuned",
+        adapter=adapter,
+        merged=merged,
+        lora_rank=ft.lora_r,
+        hf_overrides=overrides,
+    )
 
     def train() -> dict:
         done_manifest = Path(ft.output_dir) / "manifest.json"
