@@ -108,8 +108,8 @@ def config_kwargs(rope: Mapping[str, Any], max_position_embeddings: int, form: s
     if form == "rope_parameters":
         return {"rope_parameters": dict(rope), "max_position_embeddings": int(max_position_embeddings)}
     scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-    return {
-        "rope_scaling": None if scaling.get("rope_type") == "default" else scaling,  # transformers >= 4.45 reads rope_type
+    return {  # transformers >= 4.45 (this package's lower bound) reads rope_scaling's rope_type
+        "rope_scaling": None if scaling.get("rope_type") == "default" else scaling,
         "rope_theta": rope["rope_theta"],
         "max_position_embeddings": int(max_position_embeddings),
     }

@@ -158,7 +158,14 @@ def run_finetune(args: argparse.Namespace) -> int:
     job = options_from_args(OpenAIJobOptions, args)
     check_bounds(job)
     if job.backend == "openai":
+        from harness_ext.core.errors import NeedlesError
         from harness_ext.finetune.openai_ft import finetune_openai
+
+        if cfg.context:  # OpenAI's models have fixed windows: nothing here can change their RoPE
+            raise NeedlesError(
+                "a context section (context extension) applies to local training only",
+                fix="drop --context-length / --rope-* / context: for --backend openai",
+            )
 
         result = finetune_openai(
             cfg,

@@ -1,6 +1,7 @@
 """The finetuning configuration: the ``FinetuneConfig`` dataclass, its YAML loading and its validation.
 
-Every field carries its command-line flag in ``dataclasses.field`` metadata (see :func:`option`):
+Every field carries its command-line flag in ``dataclasses.field`` metadata (see
+:func:`harness_ext.finetune.options.option`):
 help text, flag name, choices, argument group and numeric bounds. ``harness_ext.finetune.args``
 turns that metadata into argparse flags and :func:`check_bounds` into checks, so a new option is
 one line here. YAML keys are the field names; ``data`` holds the training-data family (``family``: kv,
@@ -12,12 +13,12 @@ whose flags come from :class:`DataOptions`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from harness_ext.core.errors import NeedlesError
+from harness_ext.finetune.options import check_bounds, flag_names, option  # noqa: F401 - public names here too
 
 DEFAULT_LR = {"lora": 2e-4, "full": 5e-6}  # full: the paper's Mistral recipe (2 epochs, batch 16)
 BATCHING_MODES = ("grouped", "padded", "packed")
@@ -37,46 +38,6 @@ ROPE_TYPES = ("yarn", "linear", "dynamic", "llama3", "theta")  # theta: a new ba
 # linearly with the sequence (attention's scores too, without a fused kernel), and past ~2K tokens they outweigh
 # a LoRA's weights and optimizer state on the models this project trains; below it recomputation costs ~30%.
 GRADIENT_CHECKPOINTING_ABOVE = 2048
-
-
-def option(
-    default: Any = None,
-    help: str | None = None,  # noqa: A002 - the argparse keyword
-    *,
-    factory: Any = None,
-    flag: str | tuple[str, ...] | None = "",
-    group: str | None = None,
-    choices: tuple | None = None,
-    negatable: bool = False,
-    gt: float | None = None,
-    ge: float | None = None,
-    lt: float | None = None,
-    label: str | None = None,
-    fix: str | None = None,
-    expand: type | None = None,
-    key: str | None = None,
-) -> Any:
-    """A dataclass field with its flag: ``flag`` "" derives ``--field-name``, None means no flag;
-    ``gt``/``ge``/``lt`` bound a number (None values pass); ``expand`` names a dataclass whose fields
-    are flags for the keys of this dict-valued field; ``key`` is the dotted key such a flag sets inside that dict
-    (default: the field's name), e.g. ``rope.factor``."""
-    metadata = {
-        "help": help,
-        "flag": flag,
-        "group": group,
-        "choices": choices,
-        "negatable": negatable,
-        "gt": gt,
-        "ge": ge,
-        "lt": lt,
-        "label": label,
-        "fix": fix,
-        "expand": expand,
-        "key": key,
-    }
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -116,22 +77,55 @@ class DataOptions:
     reference_needles: bool | None = option(negatable=True, help="synth_mdqa natural_in_prose: add Wu et al.'s needles")
 
 
+def _positive(key: str, example: str) -> dict:
+    """Bounds of a positive RoPE number, its label and fix (for ``option``)."""
+    return {"gt": 0, "label": f"context.rope.{key}", "fix": f"use e.g. {example}"}
+
+
 @dataclass
 class ContextOptions:
     """Flags for keys of ``FinetuneConfig.context`` (None: not given); ``key`` is where each goes in it."""
 
-    length: int | None = option(flag="--context-length", help="target window in tokens: train and serve up to it")
-    rope_type: str | None = option(key="rope.type", help=f"RoPE change: {', '.join(ROPE_TYPES)}")
-    rope_factor: float | None = option(key="rope.factor", help="scaling factor (default ceil(length / native window))")
-    rope_theta: float | None = option(key="rope.theta", help="base frequency (required for type theta)")
-    rope_original_max_position_embeddings: int | None = option(
-        key="rope.original_max_position_embeddings", help="yarn, llama3: pretraining window (default the model's)"
+    length: int | None = option(
+        flag="--context-length",
+        help="target window in tokens: train and serve up to it",
+        gt=0,
+        label="context.length",
+        fix="set the target window, e.g. --context-length 16384",
     )
-    rope_attention_factor: float | None = option(key="rope.attention_factor", help="yarn")
-    rope_beta_fast: float | None = option(key="rope.beta_fast", help="yarn (transformers' default 32)")
-    rope_beta_slow: float | None = option(key="rope.beta_slow", help="yarn (transformers' default 1)")
-    rope_low_freq_factor: float | None = option(key="rope.low_freq_factor", help="llama3 (default 1, Llama 3.1's)")
-    rope_high_freq_factor: float | None = option(key="rope.high_freq_factor", help="llama3 (default 4, Llama 3.1's)")
+    rope_type: str | None = option(key="rope.type", help=f"RoPE change: {', '.join(ROPE_TYPES)}")
+    rope_factor: float | None = option(
+        key="rope.factor",
+        help="scaling factor (default ceil(length / native window))",
+        ge=1,
+        label="context.rope.factor",
+        fix="use factor >= 1, or drop it: the default is ceil(length / native window)",
+    )
+    rope_theta: float | None = option(
+        key="rope.theta",
+        help="base frequency (required for type theta)",
+        **_positive("theta", "8.0e6 (ProLong's, 64K)"),
+    )
+    rope_original_max_position_embeddings: int | None = option(
+        key="rope.original_max_position_embeddings",
+        help="yarn, llama3: pretraining window (default the model's)",
+        **_positive("original_max_position_embeddings", "the model's declared window (the default)"),
+    )
+    rope_attention_factor: float | None = option(
+        key="rope.attention_factor", help="yarn", **_positive("attention_factor", "1.0, or drop it")
+    )
+    rope_beta_fast: float | None = option(
+        key="rope.beta_fast", help="yarn (transformers' default 32)", **_positive("beta_fast", "32")
+    )
+    rope_beta_slow: float | None = option(
+        key="rope.beta_slow", help="yarn (transformers' default 1)", **_positive("beta_slow", "1")
+    )
+    rope_low_freq_factor: float | None = option(
+        key="rope.low_freq_factor", help="llama3 (default 1, Llama 3.1's)", **_positive("low_freq_factor", "1")
+    )
+    rope_high_freq_factor: float | None = option(
+        key="rope.high_freq_factor", help="llama3 (default 4, Llama 3.1's)", **_positive("high_freq_factor", "4")
+    )
 
 
 def default_data(family: str = "kv") -> dict:
@@ -290,53 +284,6 @@ def merge_nested(base: dict, update: dict) -> dict:
     return out
 
 
-def flag_names(f: dataclasses.Field) -> tuple[str, ...]:
-    """The option strings of a field ("" in metadata: ``--field-name``; None: no flag)."""
-    flag = f.metadata.get("flag", "")
-    if flag is None:
-        return ()
-    if flag == "":
-        return ("--" + f.name.replace("_", "-"),)
-    return (flag,) if isinstance(flag, str) else tuple(flag)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_bounds(obj: Any, skip_groups: tuple[str, ...] = ()) -> None:
-    """Refuse any field of the dataclass ``obj`` outside its ``gt``/``ge``/``lt`` bounds (None passes)."""
-    for f in dataclasses.fields(obj):
-        meta, value = f.metadata, getattr(obj, f.name)
-        if meta.get("group") in skip_groups or value is None or all(meta.get(k) is None for k in ("gt", "ge", "lt")):
-            continue
-        names = flag_names(f)
-        via = f" (set by {max(names, key=len)})" if names else ""  # the user typed the flag, maybe not the field
-        label = meta.get("label") or f.name
-        if not _is_number(value):
-            raise NeedlesError(
-                f"{label}={value!r} is not a number{via}",
-                fix="write a number (YAML reads 2e-4 as text: write 2.0e-4)",
-            )
-        gt, ge, lt = meta.get("gt"), meta.get("ge"), meta.get("lt")
-        if lt is not None:
-            if not (ge if ge is not None else gt) <= value < lt:  # only ge is combined with lt
-                low = ge if ge is not None else gt
-                raise NeedlesError(
-                    f"{label}={value} is not in [{low:g}, {lt:g}){via}", fix=meta.get("fix") or "use e.g. 0.05"
-                )
-        elif gt is not None and not value > gt:
-            wanted = "positive" if gt == 0 else f"above {gt}"
-            raise NeedlesError(
-                f"{label}={value} must be {wanted}{via}", fix=meta.get("fix") or f"set {f.name} above {gt}"
-            )
-        elif ge is not None and not value >= ge:
-            wanted = f"at least {ge:g}"
-            raise NeedlesError(
-                f"{label}={value} must be {wanted}{via}", fix=meta.get("fix") or f"set {f.name} to {ge:g} or more"
-            )
-
-
 def validate_data(data: dict) -> None:
     """The numeric bounds of the training-data options (the KV generator checks the rest)."""
     if not isinstance(data, dict):
@@ -345,9 +292,24 @@ def validate_data(data: dict) -> None:
     check_bounds(DataOptions(**{k: v for k, v in data.items() if k in names}))
 
 
+def validate_context(context: Any) -> None:
+    """The numeric bounds of the context section (harness_ext.finetune.context checks it against the model)."""
+    if not context:
+        return
+    if not isinstance(context, dict):
+        raise NeedlesError(
+            f"context={context!r} is not a mapping", fix="write context: {length: 16384, rope: {type: yarn}}"
+        )
+    rope = context.get("rope") if isinstance(context.get("rope"), dict) else {}
+    names = {f.name for f in dataclasses.fields(ContextOptions)}
+    values = {f"rope_{k}": v for k, v in rope.items() if f"rope_{k}" in names and k != "type"}
+    check_bounds(ContextOptions(length=context.get("length"), **values))
+
+
 def validate_hparams(cfg: FinetuneConfig) -> None:
     """Checks that need no model: fail before loading anything."""
     validate_data(cfg.data)
+    validate_context(cfg.context)
     if cfg.method not in DEFAULT_LR:
         raise NeedlesError(f"unknown method {cfg.method!r}", fix="use method lora or full")
     if cfg.method == "lora" and not cfg.target_modules:

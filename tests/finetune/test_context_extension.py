@@ -308,3 +308,9 @@ def test_the_guard_window_is_the_served_one(small):
     assert "max_model_len=1024 is past the RoPE window 512" in exc.value.problem
     suggested = json.loads(exc.value.fix.split("hf_overrides=", 1)[1].split("'", 1)[0])
     assert suggested == plan.hf_overrides()  # the fix names the override needles finetune would train with
+
+
+def test_the_openai_backend_refuses_a_context_section(small, tmp_path, capsys):
+    argv = ["finetune", "--backend", "openai", "--model", str(small), "-o", str(tmp_path / "o")]
+    code, err = needles([*argv, "--context-length", "1024", "--rope-type", "yarn"], capsys)
+    assert code == 2 and "applies to local training only" in err and "--backend openai" in err
