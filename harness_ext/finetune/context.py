@@ -306,3 +306,31 @@ def context_manifest(manifest: dict, plan: ContextPlan | None, meter: LengthMete
     manifest["training"]["gradient_checkpointing"] = checkpointing
     manifest["training"]["by_length"] = meter.summary()
     return manifest
+
+
+def refuse_sequence_parallel(environ: Any = None, on_gpu: bool = False) -> None:
+    """Refuse an accelerate launch with context or sequence parallelism (``parallelism_config`` cp_size or
+    sp_size > 1, e.g. examples/accelerate/fsdp2_context_parallel.yaml) before accelerate builds its device mesh."""
+    import os
+
+    env = os.environ if environ is None else environ
+    if str(env.get("ACCELERATE_USE_PARALLELISM_CONFIG", "false")).lower() != "true":
+        return
+    sizes = {k: int(env.get(f"PARALLELISM_CONFIG_{k.upper()}_SIZE", "1") or 1) for k in ("cp", "sp")}
+    split = {k: v for k, v in sizes.items() if v > 1}
+    if not split:
+        return
+    what = ", ".join(f"{k}_size={v}" for k, v in split.items())
+    if not on_gpu:
+        raise NeedlesError(
+            f"the accelerate config asks for sequence parallelism ({what}), which needs CUDA GPUs: torch's context "
+            "parallel shards attention over NCCL, and this machine has none",
+            fix="train on one process (long examples fit through gradient checkpointing, on above "
+            "--gradient-checkpointing-above tokens, and --batch-size 1), or run the config on a GPU node",
+        )
+    raise NeedlesError(
+        f"the accelerate config asks for sequence parallelism ({what}), which the needles training loop does not "
+        "do yet: its answer-only loss reads the last positions of each sequence, which context parallelism "
+        "splits over ranks",
+        fix="shard the model instead (examples/accelerate/fsdp.yaml) with gradient checkpointing and --batch-size 1",
+    )

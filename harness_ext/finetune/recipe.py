@@ -37,6 +37,7 @@ from harness_ext.finetune.context import (
     context_manifest,
     extended_config,
     plan_context,
+    refuse_sequence_parallel,
     use_gradient_checkpointing,
 )
 from harness_ext.finetune.data import (
@@ -89,6 +90,7 @@ class FinetuneRecipe:
         from accelerate import Accelerator
 
         self.on_gpu = torch.cuda.is_available()
+        refuse_sequence_parallel(on_gpu=self.on_gpu)  # before accelerate builds a device mesh it cannot use
         self.mixed = os.environ.get("ACCELERATE_MIXED_PRECISION") or (
             "bf16" if self.on_gpu and torch.cuda.is_bf16_supported() else "no"
         )

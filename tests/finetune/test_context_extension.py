@@ -314,3 +314,41 @@ def test_the_openai_backend_refuses_a_context_section(small, tmp_path, capsys):
     argv = ["finetune", "--backend", "openai", "--model", str(small), "-o", str(tmp_path / "o")]
     code, err = needles([*argv, "--context-length", "1024", "--rope-type", "yarn"], capsys)
     assert code == 2 and "applies to local training only" in err and "--backend openai" in err
+
+
+# ------------------------------------------------------------------------------------- past one device
+CP_CONFIG = Path(__file__).resolve().parents[2] / "examples" / "accelerate" / "fsdp2_context_parallel.yaml"
+
+
+def test_the_shipped_context_parallel_config_is_built_by_accelerate_and_refused_on_cpu(
+    small, tmp_path, capsys, monkeypatch
+):
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.parallelism_config import ParallelismConfig
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    # what `accelerate launch --config_file ... -m harness_ext.finetune` builds, by accelerate's own code
+    args = launch_command_parser().parse_args(["--config_file", str(CP_CONFIG), "-m", "harness_ext.finetune"])
+    args = _validate_launch_command(args)[0]
+    assert args.use_fsdp and args.fsdp_version == 2 and args.use_parallelism_config
+    env = {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(("ACCELERATE_", "FSDP_", "PARALLEL"))}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    mesh = ParallelismConfig()  # reads the launch environment; its __post_init__ validates sizes and backends
+    assert mesh.cp_enabled and (mesh.dp_shard_size, mesh.cp_size) == (4, 2)
+    assert mesh.total_size == args.num_processes == 8  # the mesh covers every launched process
+    monkeypatch.setenv("PARALLELISM_CONFIG_DP_REPLICATE_SIZE", "2")
+    monkeypatch.setenv("PARALLELISM_CONFIG_DP_SHARD_SIZE", "1")
+    with pytest.raises(ValueError, match="pure data parallelism"):  # the same validation catches a broken one
+        ParallelismConfig()
+    monkeypatch.setenv("PARALLELISM_CONFIG_DP_REPLICATE_SIZE", "1")
+    monkeypatch.setenv("PARALLELISM_CONFIG_DP_SHARD_SIZE", "4")
+
+    # this machine has no GPU: needles refuses before accelerate builds a device mesh, naming why and what works
+    out = tmp_path / "cp"
+    code, err = needles(
+        ["finetune", "--model", str(small), "-o", str(out), "--context-length", "1024", "--rope-type", "yarn"], capsys
+    )
+    assert code == 2 and "sequence parallelism (cp_size=2), which needs CUDA GPUs" in err
+    assert "--gradient-checkpointing-above" in err.split("fix:", 1)[1] and "Traceback" not in err
+    assert not out.exists()
