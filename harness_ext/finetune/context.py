@@ -126,7 +126,7 @@ def plan_context(context: Any, model_path: str, model_name: str | None = None) -
     if rope.get("theta") is not None and rope["theta"] <= 0:
         _fail(f"context.rope.theta={rope['theta']} must be positive", "use e.g. theta: 8.0e6 (ProLong's for 64K)")
     if rope_type == "theta":
-        return _theta_plan(rope, length, native, declared, base, name)
+        return _theta_plan(rope, length, native, declared, base)
     if base["rope_type"] != "default":
         _fail(
             f"{name} already uses {base['rope_type']} RoPE scaling (window {native})",
@@ -138,7 +138,7 @@ def plan_context(context: Any, model_path: str, model_name: str | None = None) -
             f"context.rope.type={rope_type} scales RoPE",
             f"raise context.length above {native}, or drop context.rope",
         )
-    return _scaled_plan(rope, rope_type, length, native, base, name)
+    return _scaled_plan(rope, rope_type, length, native, base)
 
 
 def _check_keys(rope: dict, rope_type: str) -> None:
@@ -153,7 +153,7 @@ def _check_keys(rope: dict, rope_type: str) -> None:
         _fail(f"context.rope.{key} is not a parameter of {rope_type} RoPE", fix)
 
 
-def _scaled_plan(rope: dict, rope_type: str, length: int, native: int, base: dict, name: str) -> ContextPlan:
+def _scaled_plan(rope: dict, rope_type: str, length: int, native: int, base: dict) -> ContextPlan:
     original = int(rope.get("original_max_position_embeddings") or native)
     if original < 1:
         _fail(f"context.rope.original_max_position_embeddings={original} must be positive", f"use {native}")
@@ -193,7 +193,7 @@ def _scaled_plan(rope: dict, rope_type: str, length: int, native: int, base: dic
     return ContextPlan(length, native, out, max_positions, window, base)
 
 
-def _theta_plan(rope: dict, length: int, native: int, declared: int, base: dict, name: str) -> ContextPlan:
+def _theta_plan(rope: dict, length: int, native: int, declared: int, base: dict) -> ContextPlan:
     if rope.get("theta") is None:
         _fail("context.rope.theta is required for type theta", "set e.g. theta: 8.0e6 (ProLong's for 64K)")
     out = {**base, "rope_theta": float(rope["theta"])}
