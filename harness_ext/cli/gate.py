@@ -9,9 +9,11 @@ from typing import Any
 
 
 def _gate(args: argparse.Namespace) -> int:
+    from harness_ext.cli.leaderboard import rules_from_args
     from harness_ext.core.output_files import append_output, check_output, write_output
     from harness_ext.reporting import gate
 
+    rules_from_args(args)  # a threshold outside the scale is refused before anything is read, used or not
     check_output(args.summary, "gate summary")
     check_output(args.report, "gate report")
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from harness_ext.cli.leaderboard import add_rule_flags
+from harness_ext.cli.leaderboard import add_rule_flags, rules_from_args
 from harness_ext.core.errors import NeedlesError
 
 _WHAT = {
@@ -26,6 +26,9 @@ def _plot(args: argparse.Namespace) -> int:
     from harness_ext.tasklib import breakdowns as names
 
     check_output(args.output, "plot")
+    rules_from_args(args)  # bad --threshold / --relative / --native are refused for every kind, used or not
+    if args.native is not None and args.native <= 0:
+        raise NeedlesError(f"--native {args.native} is not a context length", fix="give the window in tokens")
     if args.kind == "length":
         return _length(args)
     rows = collect_rows(args.inputs)
@@ -50,15 +53,12 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _length(args: argparse.Namespace) -> int:
-    from harness_ext.cli.leaderboard import rules_from_args
     from harness_ext.core.output_files import write_output
     from harness_ext.reporting import plots
     from harness_ext.reporting.leaderboard import collect_rows
     from harness_ext.reporting.length_curves import require_curves
 
-    rule = rules_from_args(args)[0]  # checked before anything is read
-    if args.native is not None and args.native <= 0:
-        raise NeedlesError(f"--native {args.native} is not a context length", fix="give the window in tokens")
+    rule = rules_from_args(args)[0]
     rows = collect_rows(args.inputs)
     native = {label: args.native for label in {r["model"] + (f" + {r['adapter']}" if r["adapter"] else "")
                                                for r in rows}} if args.native else None  # fmt: skip
