@@ -110,7 +110,9 @@ def test_vllm_serves_the_printed_command_past_the_native_window_and_the_guard_re
     res = lm_eval_run(argv[2:], "extended")
     served = res["config"]["model_args"]
     assert served["hf_overrides"] == m["context"]["hf_overrides"] and served["max_model_len"] == TARGET
+    # the adapter itself is served through vLLM's LoRA path (the SmolLM2 loop test scores a merged model)
     assert served["lora_local_path"] == m["outputs"]["adapter"]
+    assert int(served["max_lora_rank"]) >= m["outputs"]["lora_rank"]
     log = next(p / "lm_eval.log" for p in Path(res["_path"]).parents if (p / "lm_eval.log").is_file()).read_text()
     assert "Initializing a V1 LLM engine" in log and "max_seq_len=1024" in log
     samples_file = next(Path(res["_path"]).parent.glob("samples_kv_retrieval_simple_*.jsonl"))

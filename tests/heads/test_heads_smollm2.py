@@ -4,8 +4,8 @@
   deterministic (two CLI runs);
 * the detector agrees exactly with a reference loop written the way Wu et al. wrote theirs
   (transformers' eager attention with output_attentions, topk(1) of each head's last row);
-* the LoRA adapter of the finetuning issue's loop (the session's `finetuned_smollm2` fixture: 80 steps
-  on synthetic KV, value_acc ~0.1 -> ~0.9) is detected and compared with the base;
+* the LoRA adapter of the finetuning issue's loop (the session's `finetuned_smollm2` fixture: 40 steps
+  on synthetic KV, value_acc ~0.05 -> ~0.6-0.8) is detected and compared with the base;
 * on that finetuned model, knocking out the top-10 heads lowers KV-retrieval value_acc clearly more
   than knocking out 10 random heads (paired per document, with a bootstrap CI). The base model is
   too weak at KV retrieval (value_acc ~0.12 at 256-512 tokens) for a knockout to have room to show.

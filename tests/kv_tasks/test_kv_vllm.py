@@ -26,7 +26,9 @@ def test_vllm_cli_kv_retrieval_group(smollm2_vllm_suite):
         scores = res["results"][task]
         assert res["n-samples"][task]["effective"] == per_task
         for metric in ("value_acc", "dict_acc", "both_acc"):
-            for suffix in ("", "_len400", "_len800", "_depth0.00", "_depth0.50", "_depth1.00", "_len800_depth1.00"):
+            lengths = [f"_len{n}" for n in meta["lengths"]]
+            depths = [f"_depth{d:.2f}" for d in meta["depths"]]
+            for suffix in ("", *lengths, *depths, lengths[-1] + depths[-1]):
                 assert 0.0 <= scores[f"{metric}{suffix},none"] <= 1.0
                 assert isinstance(scores[f"{metric}{suffix}_stderr,none"], float)
     group = res["results"]["kv_retrieval"]

@@ -1,5 +1,5 @@
 """Effective length on real lm-eval outputs: the session's `smollm2_vllm_suite` run (tests/conftest.py; SmolLM2
-through `lm_eval --model vllm --log_samples`, KV at 400 and 800 tokens, FLenQA fixture at 250 and 500).
+through `lm_eval --model vllm --log_samples`, KV at its SUITE_KV lengths, FLenQA fixture at 250 and 500).
 No engine of its own: it reads what that run wrote."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def test_effective_length_of_the_real_suite_run(smollm2_vllm_suite, tmp_path, ca
             assert "bootstrap over documents" in row["note"], row["note"]  # the sample logs were found
         if task != "kv_retrieval":
             scores = res["results"][task]
-            points = {n: scores[f"both_acc_len{n},none"] for n in (400, 800)}
+            points = {n: scores[f"both_acc_len{n},none"] for n in res["_meta"]["lengths"]}
             ours = effective_length(points, default_rules()[0])
             assert el[(task, "ruler>85.6")]["note"].startswith(ours.display() + " | ")
             assert el[(task, "ruler>85.6")]["n"] == str(res["n-samples"][task]["effective"])
