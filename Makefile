@@ -4,6 +4,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.needles-setup
 # Tests that start no engine and train nothing (see tests/conftest.py for the "heavy" mark).
 FAST := -m "not heavy"
+# The light tests are mostly single-threaded Python (subprocess starts, imports, tokenizers): pytest-xdist runs
+# them on up to 4 workers. The heavy ones run one at a time: each engine or training run uses every core itself.
+WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: setup demo test test-fast bench lint format
 
@@ -18,11 +21,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/test-deps.sh
-	$(PY) -m pytest -q -rs --durations=15
+	$(PY) -m pytest -q -rs --durations=10 -n $(WORKERS) $(FAST)
+	$(PY) -m pytest -q -rs --durations=25 -m heavy
 
 test-fast: $(STAMP)
 	bash scripts/test-deps.sh
-	$(PY) -m pytest -q -rs --durations=10 $(FAST)
+	$(PY) -m pytest -q -rs --durations=10 -n $(WORKERS) $(FAST)
 
 # Every benchmark that fits on a CPU (~40 min on 2 cores); the finetuning one needs TRL (the [bench] extra).
 bench: $(STAMP)
