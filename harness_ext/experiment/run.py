@@ -27,6 +27,10 @@ KV_TASK = re.compile(r"^kv_retrieval_(simple|simple_template|multisubkey)$")
 FAMILY_TASK = re.compile(r"^(kv_retrieval|synth_mdqa|mdqa|niah)(_\w+)?$")
 
 
+# The experiment's steps, in order (the progress lines number them out of these)
+PLAN = ("data", "eval_base", "finetune", "eval_finetuned", "compare", "report")
+
+
 def finetune_config(cfg: ExperimentConfig, out: Path):
     """The FinetuneConfig of the experiment: its recipe (packaged name or YAML path) < its `finetune` keys."""
     from harness_ext.core.output_files import check_output_dir
@@ -136,7 +140,7 @@ def run_experiment(
     data_step = Step(
         "data", reproduce, lambda: prepare_data(cfg, out / "fixtures", runner.log), out / "fixtures", same_command=False
     )
-    data = runner.run([data_step])["data"]
+    data = runner.run([data_step], 1, len(PLAN))["data"]
     settled = sorted(data["suite"] + [s["task"] for s in data["skipped"]])
     if settled != sorted(e.name for e in cfg.suite):
         raise NeedlesError(
@@ -188,12 +192,13 @@ def run_experiment(
         Step("compare", reproduce, compare, same_command=False),
         Step("report", reproduce, lambda: report(run_cfg, done, out), same_command=False),
     ]
+    assert [data_step.name, *(s.name for s in steps)] == list(PLAN)
     runner.write_plan(
         [data_step, *steps],
         {"name": cfg.name, "model": base, "config": str(out / "experiment.yaml"), "skipped": skipped},
     )
-    for step in steps:  # run one at a time so later steps see earlier outputs
-        done.update(runner.run([step]))
+    for i, step in enumerate(steps, 2):  # run one at a time so later steps see earlier outputs
+        done.update(runner.run([step], i, len(PLAN)))
     return compare_runs(done["eval_base"]["results"], done["eval_finetuned"]["results"], run_cfg, skipped)
 
 

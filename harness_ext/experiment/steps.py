@@ -62,9 +62,12 @@ class StepRunner:
         }
         write_json_atomic(self.out / "plan.json", plan)
 
-    def run(self, steps: list[Step]) -> dict[str, dict]:
+    def run(self, steps: list[Step], first: int = 1, total: int | None = None) -> dict[str, dict]:
+        """Run (or skip, when finished before) each step in order; ``first``/``total`` number them within a longer
+        plan run a few steps at a time (the progress lines read ``3/6``, not ``1/1``)."""
         results: dict[str, dict] = {}
-        for i, step in enumerate(steps, 1):
+        total = total or len(steps)
+        for i, step in enumerate(steps, first):
             finished = self.done(step.name)
             if finished is not None and step.same_command and finished.get("command") != shlex.join(step.command):
                 raise NeedlesError(
@@ -73,12 +76,12 @@ class StepRunner:
                     fix=f"use a new output folder, or delete {self.marker(step.name)} (and its outputs) to redo it",
                 )
             if finished is not None:
-                self.log(f"{i}/{len(steps)} {step.name}: done before, skipped ({self.marker(step.name)})")
+                self.log(f"{i}/{total} {step.name}: done before, skipped ({self.marker(step.name)})")
                 results[step.name] = finished["outputs"]
                 continue
             if step.folder is not None and step.folder.exists() and not step.keep_partial:
                 shutil.rmtree(step.folder)  # half-written by an interrupted run: never trusted
-            self.log(f"{i}/{len(steps)} {step.name}: {shlex.join(step.command)}")
+            self.log(f"{i}/{total} {step.name}: {shlex.join(step.command)}")
             t = time.perf_counter()
             outputs = step.run()
             record = {

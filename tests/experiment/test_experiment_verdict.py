@@ -5,6 +5,7 @@ planted as finished steps, so only the comparison and the report run here)."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import yaml
 
 from harness_ext.cli import main
 from harness_ext.experiment.config import experiment_from_dict
-from harness_ext.experiment.run import eval_argv, finetune_config
+from harness_ext.experiment.run import PLAN, eval_argv, finetune_config
 from harness_ext.experiment.verdict import compare_runs
 from harness_ext.finetune.modeling import resolve_model
 
@@ -117,6 +118,9 @@ def test_improvement_and_held_guard_make_the_claim_hold(tmp_path, smollm2_dir, l
     assert main(["experiment", str(tmp_path / "exp.yaml"), "-o", str(out)]) == 0
     printed = capsys.readouterr()
     assert "CLAIM HOLDS" in printed.out and "done before, skipped" in printed.err
+    # progress counts the plan's six steps, in order (not "1/1" before each)
+    counters = re.findall(r"\[needles experiment\] (\d)/(\d) (\w+):", printed.err)
+    assert counters == [(str(i), "6", name) for i, name in enumerate(PLAN, 1)], counters
     comparison = json.loads((out / "comparison.json").read_text())
     kv, guard = comparison["tasks"]
     assert kv["verdict"] == "improved" and kv["delta"] == pytest.approx(0.5) and kv["p"] < 1e-8
