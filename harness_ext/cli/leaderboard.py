@@ -32,9 +32,8 @@ def _leaderboard(args: argparse.Namespace) -> int:
     from harness_ext.reporting.plots import all_plots, length_plot
     from harness_ext.reporting.plots import available as plots_available
 
-    # checked even without --effective-length: a bad value is a user error whether or not it is used yet
-    rules = rules_from_args(args)
-    rules = rules if args.effective_length else None
+    checked = rules_from_args(args)  # even without --effective-length: a bad value is an error, used or not
+    rules = checked if args.effective_length else None
 
     for path, what in ((args.output, "leaderboard CSV"), (args.pivot, "pivot CSV"), (args.markdown, "Markdown report"),
                        (args.html, "HTML report")):  # fmt: skip
