@@ -4,8 +4,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.needles-setup
 # Tests that start no engine and train nothing (see tests/conftest.py for the "heavy" mark).
 FAST := -m "not heavy"
-# The light tests are mostly single-threaded Python (subprocess starts, imports, tokenizers): pytest-xdist runs
-# them on up to 4 workers. The heavy ones run one at a time: each engine or training run uses every core itself.
+# pytest-xdist workers, up to 4. Light tests are mostly single-threaded Python (subprocess starts, imports,
+# tokenizers); a heavy test's engine or training run alternates single-threaded start-up with work on every core,
+# so two of them side by side still fill the machine better than one. --dist loadgroup keeps each heavy file, and
+# every test that shares a session's SmolLM2 run, on one worker (tests/conftest.py), so nothing trains twice.
 WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); [ $$n -gt 4 ] && n=4; echo $$n)
 
 .PHONY: setup demo test test-fast bench lint format
@@ -21,8 +23,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/test-deps.sh
-	$(PY) -m pytest -q -rs --durations=10 -n $(WORKERS) $(FAST)
-	$(PY) -m pytest -q -rs --durations=25 -m heavy
+	$(PY) -m pytest -q -rs --durations=30 -n $(WORKERS) --dist loadgroup
 
 test-fast: $(STAMP)
 	bash scripts/test-deps.sh

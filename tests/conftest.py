@@ -186,9 +186,18 @@ def finetuned_smollm2(smollm2_dir, shared_data, tmp_path_factory) -> dict:
 HEAVY_FIXTURES = {"smollm2_vllm_suite", "finetuned_smollm2", "lm_eval_run"}
 
 
+# Session fixtures that train or serve SmolLM2: under pytest-xdist every test that uses one runs on the same worker.
+SHARED_RUNS = ("finetuned_smollm2", "smollm2_vllm_suite")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the xdist_group marks
 def pytest_collection_modifyitems(config, items):
     """`heavy` = runs lm-eval, a model or training: marked explicitly, by the vllm/slow marks, by a heavy fixture,
-    or by living in tests/kv_tasks (the task folders through lm-eval)."""
+    or by living in tests/kv_tasks (the task folders through lm-eval).
+
+    For `pytest -n N --dist loadgroup` (how `make test` runs the heavy tests), each heavy test gets an xdist group:
+    its file (module fixtures are built once), or the shared SmolLM2 run its file uses, so that the session
+    fixtures above train and serve once per test run, not once per worker."""
     for item in items:
         if item.get_closest_marker("heavy"):
             continue
@@ -199,6 +208,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.heavy)
         elif HEAVY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.heavy)
+    file_group: dict[str, str] = {}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        shared = [name for name in SHARED_RUNS if name in getattr(item, "fixturenames", ())]
+        if shared and path not in file_group:
+            file_group[path] = shared[0]
+    for item in items:
+        if item.get_closest_marker("heavy") and not item.get_closest_marker("xdist_group"):
+            path = item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(file_group.get(path, path)))
 
 
 def pytest_sessionfinish(session, exitstatus):
