@@ -218,6 +218,19 @@ def pytest_collection_modifyitems(config, items):
         if item.get_closest_marker("heavy") and not item.get_closest_marker("xdist_group"):
             path = item.nodeid.split("::")[0]
             item.add_marker(pytest.mark.xdist_group(file_group.get(path, path)))
+        _apply_xdist_group(config, item)
+
+
+def _apply_xdist_group(config, item) -> None:
+    """What pytest-xdist 3.8 does for --dist loadgroup (suffix the node id with "@group"), for pytest >= 9, where
+    xdist's own assignment to ``item._nodeid`` no longer reaches the node id (pytest keeps it in ``item._id``) and
+    every test would be scheduled on its own: the SmolLM2 fixtures would then train and serve once per worker."""
+    mark = item.get_closest_marker("xdist_group")
+    if not (mark and getattr(config.option, "loadgroup", False) and hasattr(item, "_id") and "@" not in item.nodeid):
+        return
+    from _pytest.nodeid import NodeId
+
+    item._id = NodeId.parse(f"{item.nodeid}@{mark.args[0] if mark.args else mark.kwargs.get('name', 'default')}")
 
 
 def pytest_sessionfinish(session, exitstatus):
