@@ -29,6 +29,14 @@ def _fetch(args: argparse.Namespace) -> int:
         plan.append((FLENQA, [FLENQA_FILE]))
     if args.what in ("niah", "all"):
         plan.append((RETRIEVAL_HEAD, list(RETRIEVAL_HEAD.files)))
+    if args.what in ("musique", "all"):
+        from harness_ext.data.qa_sources import MUSIQUE, MUSIQUE_DEV, MUSIQUE_TRAIN
+
+        plan.append((MUSIQUE, [MUSIQUE_DEV] + ([MUSIQUE_TRAIN] if args.musique_train else [])))
+    if args.what in ("summhay", "all"):
+        from harness_ext.data.qa_sources import SUMMHAY
+
+        plan.append((SUMMHAY, list(SUMMHAY.files)))
     for source, files in plan:
         if args.out:
             root = Path(args.out) / source.name
@@ -58,11 +66,16 @@ def _fetch_general() -> None:
 def _verify(args: argparse.Namespace) -> int:
     """0 when every file of the mirror is the pinned one; 1 when any is missing or differs; 2 when it is no mirror."""
     from harness_ext.core.errors import NeedlesError
-    from harness_ext.data.sources import FLENQA, LOST_IN_THE_MIDDLE, RETRIEVAL_HEAD, file_sha256, fixture_label
+    from harness_ext.data.qa_sources import MUSIQUE, SUMMHAY
+    from harness_ext.data.sources import FLENQA, LOST_IN_THE_MIDDLE, RETRIEVAL_HEAD, fixture_label, mismatch
 
-    source = {"mdqa": LOST_IN_THE_MIDDLE, "flenqa": FLENQA, "niah": RETRIEVAL_HEAD}[args.what]
+    source = {"mdqa": LOST_IN_THE_MIDDLE, "flenqa": FLENQA, "niah": RETRIEVAL_HEAD, "musique": MUSIQUE}.get(
+        args.what, SUMMHAY
+    )
     root = Path(args.mirror)
     files = _mdqa_files(args.documents) if args.what == "mdqa" else list(source.files)
+    if args.what == "musique":  # the 241 MB train file is only needed for the real-data baseline
+        files = [rel for rel in files if rel == "musique_ans_v1.0_dev.jsonl" or (root / rel).is_file()]
     fix = f"point --mirror at a folder written by `needles data fetch {args.what} --out DIR` (DIR/{source.name})"
     if not root.is_dir():
         raise NeedlesError(f"mirror {root} {'is a file' if root.exists() else 'does not exist'}", fix=fix)
@@ -76,9 +89,9 @@ def _verify(args: argparse.Namespace) -> int:
         entry, path = source.files[rel], root / rel
         if not path.is_file():
             status = "missing"
-        elif entry.sha256 is None:
+        elif not entry.pinned:
             status = "present (no published checksum; pinned by revision only)"
-        elif path.stat().st_size == entry.size and file_sha256(path) == entry.sha256:
+        elif mismatch(entry, path) is None:
             status = "OK"
         else:
             status, bad = "MISMATCH (not the official file)", bad + 1
@@ -193,7 +206,7 @@ def register(sub) -> None:
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
 
     p = dsub.add_parser("fetch", help="download and verify official data into the cache (or a mirror with --out)")
-    p.add_argument("what", choices=["mdqa", "flenqa", "niah", "general", "all"])
+    p.add_argument("what", choices=["mdqa", "flenqa", "niah", "musique", "summhay", "general", "all"])
     p.add_argument(
         "--documents",
         type=int,
@@ -203,12 +216,15 @@ def register(sub) -> None:
         help="MDQA settings to fetch (default 20); the oracle file is always fetched",
     )
     p.add_argument(
-        "--out", help="write an offline mirror here (<out>/lost-in-the-middle, <out>/flenqa, <out>/retrieval-head)"
+        "--out", help="write an offline mirror here (<out>/lost-in-the-middle, <out>/flenqa, <out>/retrieval-head, ...)"
+    )
+    p.add_argument(
+        "--musique-train", action="store_true", help="MuSiQue: also the 241 MB train file (real-data baseline pool)"
     )
     p.set_defaults(func=_fetch)
 
     p = dsub.add_parser("verify", help="check a mirror folder against the pinned checksums")
-    p.add_argument("what", choices=["mdqa", "flenqa", "niah"])
+    p.add_argument("what", choices=["mdqa", "flenqa", "niah", "musique", "summhay"])
     p.add_argument("--mirror", required=True)
     p.add_argument(
         "--documents",

@@ -58,7 +58,7 @@ LM_EVAL_KEYS = frozenset(
 # Keys the plugin itself writes into a task's metadata (data hashes, labels): a rebuilt task sees them again.
 PLUGIN_INFO_PREFIX = "needles_"
 # Prefixes that mark a key as meant for a plugin family: such a key is never passed on as a model argument.
-FAMILY_PREFIXES = ("mdqa_", "flenqa_", "niah_", "synth_")
+FAMILY_PREFIXES = ("mdqa_", "flenqa_", "niah_", "synth_", "musique_", "summhay_")
 
 
 def truthy(value: object) -> bool:

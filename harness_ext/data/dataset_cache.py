@@ -20,6 +20,16 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def git_blob_sha1(path: str | Path) -> str:
+    """git's object id of the file's bytes (``git hash-object``): SHA-1 of ``b"blob <size>\\0"`` + the bytes."""
+    h = hashlib.sha1(usedforsecurity=False)
+    h.update(f"blob {os.path.getsize(path)}\0".encode())
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def cache_key(payload: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:32]
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from harness_ext.core.errors import NeedlesError
 from harness_ext.core.metadata import truthy
 from harness_ext.core.paths import cache_dir
-from harness_ext.data.dataset_cache import file_sha256
+from harness_ext.data.dataset_cache import file_sha256, git_blob_sha1
 
 ALLOW_UNOFFICIAL_ENV = "NEEDLES_ALLOW_UNOFFICIAL_DATA"
 ALLOW_UNOFFICIAL_KEY = "allow_unofficial_data"
@@ -42,6 +42,13 @@ FIXTURE_MARKER = "NEEDLES_FIXTURE.json"  # written at the root of every fixture 
 class FileEntry:
     sha256: str | None  # None: upstream publishes no checksum; the pinned revision is the only pin
     size: int | None
+    # git's blob id (SHA-1 of "blob <size>\0" + bytes): what a repository records for a file when no SHA-256 is
+    # published (SummHay); it pins the bytes and the size together.
+    git_blob_sha1: str | None = None
+
+    @property
+    def pinned(self) -> bool:
+        return self.sha256 is not None or self.git_blob_sha1 is not None
 
 
 @dataclass(frozen=True)
@@ -221,7 +228,14 @@ def _mismatch(entry: FileEntry, path: Path, sha: str) -> str | None:
         return f"size {size} bytes, expected {entry.size}"
     if entry.sha256 is not None and sha != entry.sha256:
         return f"SHA-256 {sha}, expected {entry.sha256}"
+    if entry.git_blob_sha1 is not None and (blob := git_blob_sha1(path)) != entry.git_blob_sha1:
+        return f"git blob id {blob}, expected {entry.git_blob_sha1}"
     return None
+
+
+def mismatch(entry: FileEntry, path: Path) -> str | None:
+    """Why the file at ``path`` is not the pinned one (size, SHA-256, git blob id), or None when it is."""
+    return _mismatch(entry, path, file_sha256(path))
 
 
 # ---------------------------------------------------------------------------------- fetch
@@ -259,7 +273,7 @@ def _from_mirror(source: Source, relpath: str, entry: FileEntry, root: Path, met
     sha = file_sha256(path)
     problem = _mismatch(entry, path, sha)
     label = fixture_label(root)
-    if problem is None and (entry.sha256 is not None or label is None):
+    if problem is None and (entry.pinned or label is None):
         # The pinned bytes (even inside a fixture folder), or an unpinned file in an ordinary mirror.
         return Resolved(path, relpath, sha, True, "mirror", source.label())
     why = problem or f"the mirror is marked as a fixture ({FIXTURE_MARKER}: {label})"

@@ -1,7 +1,8 @@
 """The one place that knows how our tasks name their breakdowns (length, position) and task families.
 
-Metric keys: ``<metric>[_len<N>|_ctx<N>][_depth<F>|_pos<N>|_disp<name>]`` in any order, e.g.
-``both_acc_len1024_depth0.50`` (KV), ``best_subspan_em_pos10`` (MDQA), ``acc_ctx500`` (FLenQA).
+Metric keys: ``<metric>[_len<N>|_ctx<N>][_depth<F>|_pos<N>|_disp<name>|_place_<name>]`` in any order, e.g.
+``both_acc_len1024_depth0.50`` (KV), ``best_subspan_em_pos10`` (MDQA), ``acc_ctx500`` (FLenQA),
+``answer_f1_len4096_place_late`` (MuSiQue: where the supporting paragraphs sit; SummHay likewise).
 Task names may carry the same suffixes, e.g. MDQA's per-position subtasks ``mdqa20_pos10``.
 lm-eval's ``ruler`` names its per-length metrics by the bare length (``"4096"``, ... ``"131072"``) and writes
 -1 for a length it did not run: such a key is metric ``score`` at that length, and -1 is "not measured".
@@ -19,6 +20,7 @@ _POSITION_VALUE = {
     "depth": rf"{_NUMBER}(?:\.{_NUMBER})?",
     "doc": _NUMBER,
     "dispersion": r"first|middle|last|random",
+    "placement": r"early|spread|late",
 }
 # kind -> (column it fills, pattern of a trailing suffix). Tried repeatedly from the right, each kind at most once.
 _SUFFIXES: tuple[tuple[str, re.Pattern], ...] = (
@@ -26,11 +28,12 @@ _SUFFIXES: tuple[tuple[str, re.Pattern], ...] = (
     ("depth", re.compile(rf"_depth({_POSITION_VALUE['depth']})$")),
     ("doc", re.compile(rf"_pos({_POSITION_VALUE['doc']})$")),
     ("dispersion", re.compile(rf"_disp(?:ersion)?_?({_POSITION_VALUE['dispersion']})$")),
+    ("placement", re.compile(rf"_place_?({_POSITION_VALUE['placement']})$")),
 )
-POSITION_KINDS = ("depth", "doc", "dispersion")
-# Subset scores that are neither a length nor a position (FLenQA's padding type): kept as their own metric
-# name in the leaderboard, but not an overall metric (the gate does not gate them by default).
-_SUBSET = re.compile(r"_pad_(identity|same|books)$")
+POSITION_KINDS = ("depth", "doc", "dispersion", "placement")
+# Subset scores that are neither a length nor a position (FLenQA's padding type, MuSiQue's number of hops): kept
+# as their own metric name in the leaderboard, but not an overall metric (the gate does not gate them by default).
+_SUBSET = re.compile(r"_pad_(identity|same|books)$|_hops\d$")
 
 # MDQA (Lost in the Middle): per-position subtasks, closed-book and oracle baselines, metric.
 MDQA_POSITION_TASK = re.compile(r"^mdqa(\d+)_pos(\d+)$")
@@ -72,7 +75,14 @@ def format_depth(depth: float | str | None) -> str:
 
 
 # How each breakdown is written as a key suffix ("ctx" is FLenQA's name for a length).
-_SUFFIX_FORMATS = {"length": "_len{}", "ctx": "_ctx{}", "depth": "_depth{}", "doc": "_pos{}", "dispersion": "_disp_{}"}
+_SUFFIX_FORMATS = {
+    "length": "_len{}",
+    "ctx": "_ctx{}",
+    "depth": "_depth{}",
+    "doc": "_pos{}",
+    "dispersion": "_disp_{}",
+    "placement": "_place_{}",
+}
 
 
 def key_suffix(kind: str, value: int | float | str | None) -> str:

@@ -1,7 +1,8 @@
 """Which downloaded files a task reads: lets a caller check, in seconds and before anything slow runs, that
 every task of a suite can get its data (a mirror, the cache or a verified download).
 
-Synthetic tasks (``kv_retrieval*``) need nothing; every ``synth_mdqa`` cell reads the NQ-Open oracle file
+Synthetic tasks (``kv_retrieval*``) need nothing; ``musique`` reads the MuSiQue dev file and
+``summhay_citation`` the haystacks of ``summhay_haystacks``; every ``synth_mdqa`` cell reads the NQ-Open oracle file
 (real passages, and the answers invented values must not collide with). Unknown tasks (lm-eval's own,
 groups such as ``needles_paper``) are not checked here: lm-eval reports their data problems itself.
 """
@@ -9,6 +10,7 @@ groups such as ``needles_paper``) are not checked here: lm-eval reports their da
 from __future__ import annotations
 
 from harness_ext.core.metadata import truthy
+from harness_ext.data.qa_sources import MUSIQUE, MUSIQUE_DEV, SUMMHAY, summhay_path
 from harness_ext.data.sources import (
     FLENQA,
     FLENQA_FILE,
@@ -35,4 +37,10 @@ def data_needs(task: str, metadata: dict) -> list[tuple[Source, str]]:
         return needs
     if task.startswith("mdqa"):
         return [(LOST_IN_THE_MIDDLE, rel) for rel in mdqa_files(task, metadata)]
+    if task == "musique":
+        return [(MUSIQUE, MUSIQUE_DEV)]
+    if task == "summhay_citation":
+        from harness_ext.tasklib.summhay import spec_from_metadata
+
+        return [(SUMMHAY, summhay_path(h)) for h in spec_from_metadata(metadata).haystacks]
     return []

@@ -64,6 +64,28 @@ FAMILY_KEYS: dict[str, frozenset[str]] = {
             "niah_mirror",
         }
     ),
+    "musique": frozenset(
+        {
+            "musique_lengths",
+            "musique_placements",
+            "musique_num_questions",
+            "musique_seed",
+            "musique_mirror",
+            "allow_unofficial_data",
+        }
+    ),
+    "summhay": frozenset(
+        {
+            "summhay_lengths",
+            "summhay_placements",
+            "summhay_num_insights",
+            "summhay_num_gold",
+            "summhay_haystacks",
+            "summhay_seed",
+            "summhay_mirror",
+            "allow_unofficial_data",
+        }
+    ),
     "synth_mdqa": frozenset(
         {
             "synth_num_documents",

@@ -4,16 +4,22 @@
   ``src/lost_in_the_middle/metrics.py`` + ``scripts/evaluate_qa_responses.py``).
 * ``flenqa_category`` / ``flenqa_correct``: Same Task, More Tokens (github.com/alonj/Same-Task-More-Tokens,
   ``FLenQA analysis.ipynb``: ``normalize_answer``, ``response_category``, ``response_analysis``).
+* ``musique_em`` / ``musique_f1``: MuSiQue (github.com/StonyBrookNLP/musique, ``metrics/answer.py`` as
+  ``evaluate_v1.0.py`` calls it: max over ``[answer] + answer_aliases``).
+* ``summhay_citations`` / ``citation_scores``: Summary of a Haystack (github.com/salesforce/summary-of-a-haystack,
+  ``utils_eval.py``: ``extract_citations`` and the P/R/F1 of ``compute_single_sample_scores``).
 * ``rouge1_recall`` / ``niah_success``: Retrieval Head (github.com/nightdessert/Retrieval_Head,
   ``retrieval_head_detection.py``: ``rouge_scorer.RougeScorer(['rouge1', 'rougeL'], use_stemmer=True)``,
   a test succeeds when ``score(real_needle, response)['rouge1'].recall * 100 > 50``).
 
 They are reproduced step for step, quirks included (see the comments); tests/tasklib/test_mdqa_metric.py,
-test_flenqa_metric.py and test_niah.py check them against hand-worked cases.
+test_flenqa_metric.py, test_niah.py and test_musique_summhay_metrics.py check them against hand-worked cases
+and independent re-implementations.
 """
 
 from __future__ import annotations
 
+import collections
 import re
 import string
 from collections.abc import Iterable
@@ -66,6 +72,73 @@ def contains_answer(text: str, answers: Iterable[str]) -> bool:
     """
     padded = f" {squad_normalize(text)} "
     return any(a and f" {a} " in padded for a in (squad_normalize(x) for x in answers))
+
+
+# ------------------------------------------------------------------------------ MuSiQue
+_MUSIQUE_ARTICLES = re.compile(r"\b(a|an|the)\b", re.UNICODE)  # the reference uses ``re`` here, not ``regex``
+
+
+def musique_normalize(text: str) -> str:
+    """``normalize_answer`` of MuSiQue's ``metrics/answer.py``: lowercase, drop ASCII punctuation, articles ->
+    space, collapse whitespace (same steps as SQuAD, with ``re``'s word boundaries)."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_MUSIQUE_ARTICLES.sub(" ", text).split())
+
+
+def _musique_tokens(text: str) -> list[str]:
+    return musique_normalize(text).split() if text else []
+
+
+def musique_f1(prediction: str, answers: Iterable[str]) -> float:
+    """Token F1 of the reply against each gold answer, the maximum (``compute_f1`` + ``metric_max_over_...``).
+
+    As the reference: when either side normalises to no tokens, the score is 1 if both do, else 0.
+    """
+    best = 0.0
+    pred = _musique_tokens(prediction)
+    for answer in answers:
+        gold = _musique_tokens(answer)
+        if not gold or not pred:
+            score = float(gold == pred)
+        else:
+            same = sum((collections.Counter(gold) & collections.Counter(pred)).values())
+            precision, recall = same / len(pred), same / len(gold)
+            score = 0.0 if same == 0 else 2 * precision * recall / (precision + recall)
+        best = max(best, score)
+    return best
+
+
+def musique_em(prediction: str, answers: Iterable[str]) -> float:
+    """1.0 when the normalised reply equals a normalised gold answer (``compute_exact``, max over answers)."""
+    pred = musique_normalize(prediction)
+    return float(any(musique_normalize(a) == pred for a in answers))
+
+
+# ------------------------------------------------------------------------------ SummHay
+_CITATION = re.compile(r"\[([\d, ]+)\]")  # the reference's pattern: digits, commas and spaces in brackets
+
+
+def summhay_citations(text: str) -> set[int]:
+    """The document ids a reply cites: every ``[...]`` of digits, commas and spaces (``extract_citations``).
+
+    One deviation, where the reference has no answer: it calls ``int()`` on each comma-separated part, so
+    ``[1 2]`` raises ``ValueError`` there; here such a part counts as the numbers it holds (1 and 2).
+    """
+    ids: set[int] = set()
+    for match in _CITATION.findall(text):
+        for part in match.split(","):
+            ids.update(int(n) for n in part.split())
+    return ids
+
+
+def citation_scores(cited: set[int], gold: set[int]) -> dict[str, float]:
+    """Citation precision, recall and F1 of ``compute_single_sample_scores``: no citation -> precision 0, an empty
+    gold set -> recall 0, F1 0 when precision + recall is 0."""
+    hit = len(cited & gold)
+    precision = hit / len(cited) if cited else 0.0
+    recall = hit / len(gold) if gold else 0.0
+    f1 = 0.0 if precision + recall == 0 else 2 * precision * recall / (precision + recall)
+    return {"citation_precision": precision, "citation_recall": recall, "citation_f1": f1}
 
 
 # ------------------------------------------------------------------------------ FLenQA
