@@ -106,7 +106,8 @@ def eval_argv(
     return argv
 
 
-def _lm_eval(argv: list[str], out: Path) -> dict:
+def lm_eval_step(argv: list[str], out: Path) -> dict:
+    """Run one evaluation step's ``lm_eval`` command into ``out`` (log beside it); the marker's record."""
     from harness_ext.plugin.runner import run_lm_eval
 
     args = list(argv[2:])
@@ -114,6 +115,20 @@ def _lm_eval(argv: list[str], out: Path) -> dict:
     del args[i : i + 2]
     path = run_lm_eval(args, out, log_file=out.parent / f"{out.name}.log")
     return {"results": str(path)}
+
+
+def finetune_step(ft) -> dict:
+    """The finetune step: train (resuming from checkpoints), or find the finished run whose marker was lost."""
+    from harness_ext.finetune.recipe import finetune
+    from harness_ext.finetune.rundir import list_checkpoints
+
+    done_manifest = Path(ft.output_dir) / "manifest.json"
+    if done_manifest.is_file():  # written atomically, last: the run finished before its marker was
+        manifest = json.loads(done_manifest.read_text(encoding="utf-8"))
+        return {"manifest": str(done_manifest), "final_loss": manifest["final_loss"]}
+    resume = bool(list_checkpoints(Path(ft.output_dir)))
+    manifest = finetune(dataclasses.replace(ft, resume=resume))
+    return {"manifest": str(Path(ft.output_dir) / "manifest.json"), "final_loss": manifest["final_loss"]}
 
 
 def run_experiment(
@@ -124,8 +139,6 @@ def run_experiment(
 
     from harness_ext.finetune.context import plan_context
     from harness_ext.finetune.modeling import resolve_model
-    from harness_ext.finetune.recipe import finetune
-    from harness_ext.finetune.rundir import list_checkpoints
 
     out = Path(out).expanduser().resolve()
     base = resolve_model(cfg.model)
@@ -167,15 +180,6 @@ def run_experiment(
         hf_overrides=overrides,
     )
 
-    def train() -> dict:
-        done_manifest = Path(ft.output_dir) / "manifest.json"
-        if done_manifest.is_file():  # written atomically, last: the run finished before its marker was
-            manifest = json.loads(done_manifest.read_text(encoding="utf-8"))
-            return {"manifest": str(done_manifest), "final_loss": manifest["final_loss"]}
-        resume = bool(list_checkpoints(Path(ft.output_dir)))
-        manifest = finetune(dataclasses.replace(ft, resume=resume))
-        return {"manifest": str(Path(ft.output_dir) / "manifest.json"), "final_loss": manifest["final_loss"]}
-
     def compare() -> dict:
         comparison = compare_runs(done["eval_base"]["results"], done["eval_finetuned"]["results"], run_cfg, skipped)
         write_json_atomic(out / "comparison.json", comparison)
@@ -184,10 +188,19 @@ def run_experiment(
 
     done: dict[str, dict] = {"data": data}
     steps = [
-        Step("eval_base", base_argv, lambda: _lm_eval(base_argv, out / "eval_base"), out / "eval_base"),
-        Step("finetune", ["needles", "finetune", "--config", str(ft_yaml)], train, out / "finetune", keep_partial=True),
+        Step("eval_base", base_argv, lambda: lm_eval_step(base_argv, out / "eval_base"), out / "eval_base"),
         Step(
-            "eval_finetuned", tuned_argv, lambda: _lm_eval(tuned_argv, out / "eval_finetuned"), out / "eval_finetuned"
+            "finetune",
+            ["needles", "finetune", "--config", str(ft_yaml)],
+            lambda: finetune_step(ft),
+            out / "finetune",
+            keep_partial=True,
+        ),
+        Step(
+            "eval_finetuned",
+            tuned_argv,
+            lambda: lm_eval_step(tuned_argv, out / "eval_finetuned"),
+            out / "eval_finetuned",
         ),
         Step("compare", reproduce, compare, same_command=False),
         Step("report", reproduce, lambda: report(run_cfg, done, out), same_command=False),
