@@ -201,6 +201,25 @@ def _flenqa_fixture(args: argparse.Namespace) -> int:
     return 0
 
 
+def _qa_fixture(args: argparse.Namespace) -> int:
+    from harness_ext.core.output_files import check_output_dir
+    from harness_ext.data.qa_sources import MUSIQUE, SUMMHAY
+    from harness_ext.tasklib.qa_fixtures import write_musique_fixture, write_summhay_fixture
+
+    check_output_dir(args.out, "fixture folder")
+    if args.data_command == "musique-fixture":
+        write_musique_fixture(Path(args.out), args.size or 24, args.seed)
+    else:
+        write_summhay_fixture(Path(args.out), args.size or 16, args.seed)
+    source = MUSIQUE if args.data_command == "musique-fixture" else SUMMHAY
+    print(
+        f"wrote a {source.name} FIXTURE to {args.out}; use it with {source.mirror_env}={args.out} and "
+        "--metadata '{\"allow_unofficial_data\": true}'",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def register(sub) -> None:
     data = sub.add_parser("data", help="official data for MDQA/FLenQA/NIAH/general benchmarks: fetch, verify, fixtures")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -256,6 +275,13 @@ def register(sub) -> None:
     p.add_argument("--documents", type=int, nargs="+", choices=MDQA_SETTINGS, default=[20])
     p.add_argument("--num-questions", type=int, help="keep the first N questions (default: all 2,655)")
     p.set_defaults(func=_mdqa_fixture)
+
+    for name, size in (("musique-fixture", "questions (default 24)"), ("summhay-fixture", "documents (default 16)")):
+        p = dsub.add_parser(name, help=f"write a labelled {name.split('-')[0]} FIXTURE in the official file format")
+        p.add_argument("--out", required=True)
+        p.add_argument("--size", type=int, help=f"number of {size}")
+        p.add_argument("--seed", type=int, default=0)
+        p.set_defaults(func=_qa_fixture)
 
     p = dsub.add_parser("flenqa-fixture", help="write a small labelled FLenQA FIXTURE in the dataset's schema")
     p.add_argument("--out", required=True)

@@ -34,6 +34,8 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # experiments shipped 
 FIXTURE_OPTIONS = {
     "flenqa": ("ctx_sizes", "instances", "seed"),
     "mdqa": ("documents", "num_questions", "seed"),
+    "musique": ("num_questions", "seed"),
+    "summhay": ("num_documents", "seed"),
 }
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness_ext.core.errors import NeedlesError
+from harness_ext.data.qa_sources import MUSIQUE, SUMMHAY
 from harness_ext.data.sources import ALLOW_UNOFFICIAL_KEY, FLENQA, LOST_IN_THE_MIDDLE, fetch
 from harness_ext.experiment.config import ExperimentConfig
 
@@ -41,7 +42,26 @@ def _mdqa_fixture(options: dict, folder: Path, metadata: dict) -> str:
     return LOST_IN_THE_MIDDLE.mirror_key
 
 
-_BUILDERS = {"flenqa": (_flenqa_fixture, FLENQA), "mdqa": (_mdqa_fixture, LOST_IN_THE_MIDDLE)}
+def _musique_fixture(options: dict, folder: Path, metadata: dict) -> str:
+    from harness_ext.tasklib.qa_fixtures import write_musique_fixture
+
+    write_musique_fixture(folder, int(options.get("num_questions", 24)), int(options.get("seed", 0)))
+    return MUSIQUE.mirror_key
+
+
+def _summhay_fixture(options: dict, folder: Path, metadata: dict) -> str:
+    from harness_ext.tasklib.qa_fixtures import write_summhay_fixture
+
+    write_summhay_fixture(folder, int(options.get("num_documents", 16)), int(options.get("seed", 0)))
+    return SUMMHAY.mirror_key
+
+
+_BUILDERS = {
+    "flenqa": (_flenqa_fixture, FLENQA),
+    "mdqa": (_mdqa_fixture, LOST_IN_THE_MIDDLE),
+    "musique": (_musique_fixture, MUSIQUE),
+    "summhay": (_summhay_fixture, SUMMHAY),
+}
 
 
 def prepare_data(cfg: ExperimentConfig, folder: Path, log: Callable[[str], None]) -> dict:
