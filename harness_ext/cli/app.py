@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "harness_ext.cli.heads",
     "harness_ext.cli.experiment",
     "harness_ext.cli.study",
+    "harness_ext.cli.scorecard",
 ]
 
 
@@ -34,6 +35,7 @@ Start here:
   needles finetune --model MODEL --output-dir D  LoRA on synthetic KV data (prints the lm_eval command to score it)
   needles experiment CONFIG.yaml                 base -> finetune -> finetuned on a suite: transfer + no-regression verdict
   needles gate --baseline A --candidate B        paired regression test between two lm_eval runs (exit 0/1/2)
+  needles scorecard MODEL                        long-context report card: effective length per family, one HTML page
 """
 
 EPILOG = "Run `needles COMMAND --help` for a command's flags. Docs: README.md and docs/ in the repository."

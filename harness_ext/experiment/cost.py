@@ -40,6 +40,30 @@ def _training_documents(ft) -> tuple[int, list[int] | None]:
     return n, list(synth.lengths) if synth.lengths else None
 
 
+def eval_rows(tasks: list[str], metadata: dict, limit: int | None = None) -> tuple[list[dict], list[str]]:
+    """([{task, documents, prompt_tokens, max_generated_tokens}], tasks not estimated) of one evaluation
+    (also ``needles scorecard``'s estimate)."""
+    rows, unknown = [], []
+    for task in tasks:
+        family = _family(task)
+        if family is None:
+            unknown.append(task)
+            continue
+        len_key, n_key, d_key, d_lengths, d_n, d_depths, max_new = _FAMILIES[family]
+        lens = metadata.get(len_key) or d_lengths
+        lens = [lens] if isinstance(lens, int) else list(lens)
+        n = int(metadata.get(n_key, d_n))
+        depths = metadata.get(d_key, [0] * d_depths)
+        n_depths = 1 if depths is None else len(depths) if isinstance(depths, list) else 1
+        subtasks = _GROUP_TASKS[family] if task == family else 1
+        docs = n * len(lens) * n_depths * subtasks
+        if limit:
+            docs = min(docs, limit * subtasks)
+        prompt = int(docs * sum(lens) / len(lens))
+        rows.append({"task": task, "documents": docs, "prompt_tokens": prompt, "max_generated_tokens": docs * max_new})
+    return rows, unknown
+
+
 def estimate(cfg: ExperimentConfig, ft) -> dict:
     """{"training_tokens", "eval": [{task, documents, prompt_tokens, max_generated_tokens}], "not_estimated": [...]}.
 
@@ -51,24 +75,7 @@ def estimate(cfg: ExperimentConfig, ft) -> dict:
         epochs = min(epochs, ft.max_steps * ft.batch_size * ft.grad_accum / max(samples, 1))
     # without length targets a synth_mdqa document is as long as its passages: not guessed
     training = int(samples * (sum(lengths) / len(lengths)) * epochs) if lengths else None
-    rows, unknown = [], []
-    for task in cfg.tasks:
-        family = _family(task)
-        if family is None:
-            unknown.append(task)
-            continue
-        len_key, n_key, d_key, d_lengths, d_n, d_depths, max_new = _FAMILIES[family]
-        lens = cfg.metadata.get(len_key) or d_lengths
-        lens = [lens] if isinstance(lens, int) else list(lens)
-        n = int(cfg.metadata.get(n_key, d_n))
-        depths = cfg.metadata.get(d_key, [0] * d_depths)
-        n_depths = 1 if depths is None else len(depths) if isinstance(depths, list) else 1
-        subtasks = _GROUP_TASKS[family] if task == family else 1
-        docs = n * len(lens) * n_depths * subtasks
-        if cfg.limit:
-            docs = min(docs, cfg.limit * subtasks)
-        prompt = int(docs * sum(lens) / len(lens))
-        rows.append({"task": task, "documents": docs, "prompt_tokens": prompt, "max_generated_tokens": docs * max_new})
+    rows, unknown = eval_rows(cfg.tasks, cfg.metadata, cfg.limit)
     return {"training_tokens": training, "epochs": epochs, "eval": rows, "not_estimated": unknown}
 
 

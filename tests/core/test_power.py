@@ -1,0 +1,63 @@
+"""The planning MDE (harness_ext.core.power) against known values and a brute-force simulation of McNemar's test."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from harness_ext.core import power, stats
+
+
+def test_known_value_and_connor_sample_size_round_trip():
+    # the project's statistics notes: paired, n 500, 10% discordant, alpha 0.05 one-sided, power 0.8 -> ~3.5 points
+    mde = power.mde_paired_binary(500, 0.05, 0.8, psi=0.10)
+    assert mde == pytest.approx(0.0351, abs=5e-4)
+    # Connor's sample-size formula, solved for n at that delta, gives back n = 500
+    za, zb = stats.z(0.95), stats.z(0.8)
+    n = (za * math.sqrt(0.10) + zb * math.sqrt(0.10 - mde**2)) ** 2 / mde**2
+    assert n == pytest.approx(500, rel=1e-6)
+    # close to the gate's exact MDE (the exact test is discrete, hence a little larger)
+    assert stats.mcnemar_mde(500, 0.10, 0.05) == pytest.approx(mde, abs=0.003)
+
+
+def _simulated_power(n: int, p10: float, p01: float, alpha: float, trials: int, seed: int) -> tuple[float, float]:
+    """(asymptotic McNemar, exact McNemar) rejection rates of "second model better" over simulated paired data."""
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(n, [p10, p01, 1 - p10 - p01], size=trials)
+    b, c = counts[:, 0], counts[:, 1]
+    zstat = np.where(b + c > 0, (c - b) / np.sqrt(np.maximum(b + c, 1)), 0.0)
+    asym = float(np.mean(zstat > stats.z(1 - alpha)))
+    exact = float(np.mean([stats.mcnemar_one_sided(losses=int(ci), wins=int(bi)) <= alpha for bi, ci in zip(b, c)]))
+    return asym, exact
+
+
+@pytest.mark.parametrize(("n", "psi"), [(500, 0.10), (120, 0.30)])
+def test_power_at_the_mde_is_the_stated_power_in_simulation(n, psi):
+    alpha = 0.05
+    mde = power.mde_paired_binary(n, alpha, 0.8, psi=psi)
+    p01, p10 = (psi + mde) / 2, (psi - mde) / 2
+    asym, exact = _simulated_power(n, p10, p01, alpha, trials=4000, seed=1)
+    assert asym == pytest.approx(0.8, abs=0.03), (asym, mde)
+    assert 0.70 <= exact <= 0.82, exact  # the exact test is conservative: at most a little below
+    # half the MDE is detected far less often: the number is not an artefact of a loose test
+    half, _ = _simulated_power(n, (psi - mde / 2) / 2, (psi + mde / 2) / 2, alpha, trials=2000, seed=2)
+    assert half < 0.45
+
+
+def test_independence_assumption_and_plan_marks():
+    # independence at base rate 0.5 is the largest discordance: a larger MDE than any smaller stated psi
+    assert power.independent_discordance(0.5, 0.1) == pytest.approx(0.5 * 0.4 + 0.6 * 0.5)
+    indep = power.mde_paired_binary(60, 0.05, 0.8, p_base=0.5)
+    assert indep > power.mde_paired_binary(60, 0.05, 0.8, psi=0.2)
+    # n 24 at Holm's alpha / 3 cannot detect 10 points; n 2000 can
+    small, large = power.plan("flenqa", 24, 0.05 / 3, effect=0.10), power.plan("kv", 2000, 0.05 / 3, effect=0.10)
+    assert small.can_detect is False and large.can_detect is True
+    unknown = power.plan("mdqa", None, 0.05)
+    assert unknown.can_detect is None and "unknown" in unknown.text()
+    text = power.format_plan([small, large, unknown], "[x]", 0.10)
+    assert "flenqa: MDE 0." in text and "CANNOT DETECT" in text.splitlines()[1] and "[ok]" in text.splitlines()[2]
+    # a base rate of 1 leaves no room to improve: nothing is detectable
+    assert power.mde_paired_binary(100, 0.05, 0.8, p_base=1.0) is None
+    assert power.power_paired_binary(100, 0.0, 0.2, 0.05) == 0.0
