@@ -11,17 +11,18 @@ from pathlib import Path
 def _experiment(args: argparse.Namespace) -> int:
     from harness_ext.core.output_files import check_output_dir
     from harness_ext.experiment.config import load_experiment
-    from harness_ext.experiment.cost import estimate, format_estimate
-    from harness_ext.experiment.run import describe_plan, finetune_config, run_experiment
+    from harness_ext.experiment.extension import describe, estimate_text, run
+    from harness_ext.experiment.run import finetune_config
 
     cfg = load_experiment(args.config)
     out = Path(args.output or Path("outputs") / cfg.name)
     check_output_dir(out, "experiment folder")
-    print(format_estimate(estimate(cfg, finetune_config(cfg, out))), file=sys.stderr)
+    # a finetune with a context section past the native window runs the three-variant extension experiment
+    print(estimate_text(cfg, finetune_config(cfg, out)), file=sys.stderr)
     if args.dry_run:
-        print(describe_plan(cfg, out))
+        print(describe(cfg, out))
         return 0
-    comparison = run_experiment(cfg, out, config_path=str(args.config))
+    comparison = run(cfg, out, config_path=str(args.config))
     print((out / "comparison.md").read_text(encoding="utf-8"))
     if args.json:
         print(json.dumps(comparison, indent=2))
