@@ -127,3 +127,36 @@ def test_bad_extension_suites_exit_2_naming_the_key(tmp_path, model, capsys, cha
     code, out, err = dry_run(tmp_path, config(model, **change), capsys)
     assert code == 2 and message in err and "fix:" in err and fix in err.split("fix:", 1)[1], err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_shipped_llama3_extension_prints_its_cost_first(tmp_path, capsys, monkeypatch):
+    """examples/experiments/llama3_8b_extend.yaml: the estimate and the commands from the model's config.json alone,
+    found in the Hugging Face cache (here a cache holding only Llama-3-8B-Instruct's published config.json)."""
+    import huggingface_hub.constants
+
+    repo = "meta-llama/Meta-Llama-3-8B-Instruct"
+    cache = tmp_path / "hub"
+    snapshot = cache / ("models--" + repo.replace("/", "--")) / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    conf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "max_position_embeddings": 8192,
+            "rope_theta": 500000.0, "rope_scaling": None, "num_hidden_layers": 32}  # fmt: skip
+    (snapshot / "config.json").write_text(json.dumps(conf))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    code = main(["experiment", "examples/experiments/llama3_8b_extend.yaml", "-o", str(tmp_path / "out"), "--dry-run"])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    head = cap.err.splitlines()[0]
+    assert "context extension 8192 -> 32768 tokens (yarn, factor 4)" in head
+    assert "training ~7,900,000 tokens (1 epochs)" in head  # 100 documents x (8K + 16K + 24K + 31K) x 1 epoch
+    commands = [line for line in cap.out.splitlines() if line.startswith("lm_eval run")]
+    base, free, tuned = (model_args(c) for c in commands)
+    assert base["max_model_len"] == "8192" and base["metadata"]["lengths"] == [4096, 7680]
+    assert base["metadata"]["niah_lengths"] == [4096, 7680]
+    assert free["hf_overrides"]["rope_parameters"] == {
+        "rope_type": "yarn", "rope_theta": 500000.0, "factor": 4.0, "original_max_position_embeddings": 8192,
+    }  # fmt: skip
+    assert free["max_model_len"] == tuned["max_model_len"] == "32768" and tuned["pretrained"].endswith("merged")
+    assert not (tmp_path / "out").exists()
