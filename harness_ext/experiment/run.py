@@ -19,6 +19,7 @@ from harness_ext.core.atomic_io import write_atomic, write_json_atomic
 from harness_ext.core.errors import NeedlesError
 from harness_ext.experiment.config import ExperimentConfig
 from harness_ext.experiment.data_step import prepare_data
+from harness_ext.experiment.mde import experiment_plan_text
 from harness_ext.experiment.steps import Step, StepRunner
 from harness_ext.experiment.verdict import compare_runs, to_markdown
 
@@ -163,6 +164,8 @@ def run_experiment(
     kept = set(data["suite"])
     run_cfg = dataclasses.replace(cfg, suite=[e for e in cfg.suite if e.name in kept], metadata=data["metadata"])
     skipped = data["skipped"]
+    # what each target can detect at its n, before the evaluations (a resumed run plans from its base scores)
+    runner.log(experiment_plan_text(run_cfg, (runner.done("eval_base") or {}).get("outputs", {}).get("results")))
 
     adapter, merged = scored_model(ft, out)
     base_argv = eval_argv(run_cfg, base, out / "eval_base")
@@ -269,12 +272,14 @@ def report(cfg: ExperimentConfig, done: dict, out: Path) -> dict:
 
 
 def describe_plan(cfg: ExperimentConfig, out: Path) -> str:
-    """The commands the experiment will run, for --dry-run (nothing is loaded or written)."""
+    """The commands the experiment will run, for --dry-run (nothing is loaded or written), and what its targets can
+    detect."""
     ft = finetune_config(cfg, out)
     adapter, merged = scored_model(ft, out)
     fixtures = f"build fixtures {', '.join(cfg.fixtures)} into {out / 'fixtures'}, " if cfg.fixtures else ""
     return "\n".join(
         [
+            "# " + experiment_plan_text(cfg).replace("\n", "\n# "),
             f"# data: {fixtures}check every suite task's data (optional tasks without it are left out)",
             shlex.join(eval_argv(cfg, cfg.model, out / "eval_base")),
             f"needles finetune --config {out / 'finetune.yaml'}",

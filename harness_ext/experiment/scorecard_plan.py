@@ -44,21 +44,22 @@ class Budget:
     niah_depths: tuple[float, ...]
     mdqa_samples: int
     mdqa_positions: tuple[int, ...]  # of 20 documents (scaled down when fewer fit)
+    mdqa_documents: int  # 20, as Lost in the Middle's main setting; fewer when the window is short
     synth_samples: int  # 0: no synth length sweep
     flenqa_limit: int  # lm_eval --limit of the FLenQA run (rows per task, sizes interleaved)
     what: str
 
 
 BUDGETS = {
-    "tiny": Budget("tiny", (256, 512), 1, (0.0, 1.0), True, 1, (0.0, 1.0), 1, (1, 5), 0, 5,
+    "tiny": Budget("tiny", (256, 512), 1, (0.0, 1.0), True, 1, (0.0, 1.0), 1, (1, 5), 5, 0, 5,
                    "a smoke test: lengths 256 and 512 only, one sample per cell"),
-    "small": Budget("small", "ladder", 1, (0.0, 1.0), False, 1, (0.5,), 2, (1, 20), 0, 5,
+    "small": Budget("small", "ladder", 1, (0.0, 1.0), False, 1, (0.5,), 2, (1, 20), 20, 0, 5,
                     "the ladder with one KV sample at depths 0 and 1, one NIAH sample, 2 MDQA questions"),
-    "default": Budget("default", "ladder", 1, (0.0, 0.5, 1.0), True, 1, (0.0, 1.0), 4, (1, 10, 20), 0, 10,
+    "default": Budget("default", "ladder", 1, (0.0, 0.5, 1.0), True, 1, (0.0, 1.0), 4, (1, 10, 20), 20, 0, 10,
                       "the ladder; KV simple 1 sample x 3 depths, multi-key 1 x 3, NIAH 1 x 2 depths per length; "
                       "4 MDQA questions at gold positions 1/10/20 of 20"),
     "full": Budget("full", "ladder", 10, (0.0, 0.25, 0.5, 0.75, 1.0), True, 6, (0.0, 0.25, 0.5, 0.75, 1.0), 50,
-                   (1, 5, 10, 15, 20), 10, 0,
+                   (1, 5, 10, 15, 20), 20, 10, 0,
                    "the ladder; KV 10 samples x 5 depths, NIAH 6 x 5, 50 MDQA questions at 5 positions, the synthetic "
                    "MDQA cells at every length, all of FLenQA up to the window"),
 }  # fmt: skip
@@ -158,8 +159,8 @@ def make_plan(
     plan.runs.append(FamilyRun("kv", kv_tasks, kv_meta, what="KV retrieval, simple and multi-key, length x depth"))
     niah_meta = {"niah_lengths": grid, "niah_depths": list(b.niah_depths), "niah_num_samples": b.niah_samples}
     plan.runs.append(FamilyRun("niah", ["niah_single"], niah_meta, what="needle in a haystack, length x depth"))
-    docs = 20 if 20 * MDQA_TOKENS_PER_DOC + TOP_RESERVE <= window else 10
-    positions = sorted({min(p, docs) if p < 20 else docs for p in b.mdqa_positions})
+    docs = b.mdqa_documents if b.mdqa_documents * MDQA_TOKENS_PER_DOC + TOP_RESERVE <= window else 10
+    positions = sorted({min(p, docs) for p in b.mdqa_positions})
     mdqa_meta = {"synth_num_documents": docs, "synth_positions": positions, "synth_num_samples": b.mdqa_samples}
     plan.runs.append(FamilyRun("mdqa", ["synth_mdqa_real"], mdqa_meta,
                                what=f"MDQA on real NQ-Open questions, {docs} documents, gold position curve"))  # fmt: skip

@@ -117,11 +117,13 @@ def run_scorecard(
         name = f"eval_{entry['family']}"
         done = runner.run([by_name[name]], number, total)[name]
         marker = runner.done(name) or {}
-        entry |= {"results": done["results"], "seconds": marker.get("seconds")}
+        # relative to the scorecard folder, so a copied or moved folder still reads (and compares)
+        entry |= {"results": os.path.relpath(done["results"], out), "seconds": marker.get("seconds")}
         number += 1
     runner.log(f"{total}/{total} report: {out / 'scorecard.html'}")
     card, rows = build_scorecard(
         families,
+        out,
         rules,
         meta={
             "model": plan.model,

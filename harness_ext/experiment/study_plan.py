@@ -215,7 +215,15 @@ def run_step(study: st.Study, steps: list[PlannedStep], name: str) -> dict:
     return runner.run([planned])[name]
 
 
+def log_mde(study: st.Study) -> None:
+    """Before a whole study runs: what each target's "vs base" test can detect at its n."""
+    from harness_ext.experiment.mde import study_plan_text
+
+    study.log(study_plan_text(study.cfg, len(study.runs)))
+
+
 def run_local(study: st.Study, steps: list[PlannedStep]) -> None:
+    log_mde(study)
     for step in steps:
         run_step(study, steps, step.name)
 
@@ -228,6 +236,7 @@ def run_ray(study: st.Study, steps: list[PlannedStep], task: Callable) -> None:
         import ray
     except ImportError:
         raise NeedlesError("--executor ray needs Ray", fix="pip install 'lm-eval-needles[ray]' (or ray)") from None
+    log_mde(study)
     runner = StepRunner(study.out, study.log)
     pending = []
     for step in steps:

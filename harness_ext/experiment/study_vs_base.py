@@ -14,6 +14,7 @@ import numpy as np
 from harness_ext.core import stats
 from harness_ext.core.errors import NeedlesError
 from harness_ext.experiment.config import SuiteTask
+from harness_ext.experiment.mde import beside
 from harness_ext.experiment.study_config import BASE
 from harness_ext.experiment.study_steps import Study
 
@@ -47,6 +48,9 @@ def with_holm(tests: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
     adjusted = stats.holm([tests[r][t]["p"] for r, t in family])
     for (run, target), p_holm in zip(family, adjusted, strict=True):
         tests[run][target]["p_holm"] = p_holm
+        test = tests[run][target]
+        if p_holm >= 1 - LEVEL and "mde_text" in test:
+            test["note"] = f"no significant change; {test['mde_text']}"
     return tests
 
 
@@ -86,6 +90,10 @@ def vs_base(study: Study, done: dict[str, dict]) -> dict[str, dict[str, dict]]:
                 tests[name][t.name] = {"error": _relative(study, exc)}
                 continue
             tests[name][t.name] = paired_test(b, r, study.cfg.bootstrap_iters)
+            # what this pair could detect (Holm's first step over the family, two-sided), shown beside "no significant"
+            level = (1 - LEVEL) / (2 * len(study.runs) * len(targets))
+            found = beside(b, r, level)
+            tests[name][t.name] |= {"mde": found["mde"], "mde_text": found["text"]}
     return {run: {t: _rounded(v) for t, v in row.items()} for run, row in with_holm(tests).items()}
 
 
@@ -101,4 +109,7 @@ def cell(test: dict | None) -> str:
     if "error" in test:
         return "n/a"
     low, high = test["ci95"]
-    return f"{test['delta']:+.3f} [{low:+.3f}, {high:+.3f}] p={test['p']:.3g} (Holm {test['p_holm']:.3g})"
+    text = f"{test['delta']:+.3f} [{low:+.3f}, {high:+.3f}] p={test['p']:.3g} (Holm {test['p_holm']:.3g})"
+    if test["p_holm"] >= 1 - LEVEL and test.get("mde") is not None:
+        text += f", n.s.: MDE {test['mde']:.3f}"
+    return text

@@ -16,6 +16,7 @@ import numpy as np
 from harness_ext.core import stats
 from harness_ext.core.errors import NeedlesError
 from harness_ext.experiment.config import ExperimentConfig, SuiteTask
+from harness_ext.experiment.mde import beside
 from harness_ext.reporting.gate_pairing import check_task_compatible, load_one_run, load_pairs
 from harness_ext.reporting.results_io import Run
 
@@ -96,11 +97,12 @@ def compare_runs(
     """The whole comparison: per-task tests, Holm across them, per-task verdicts and the claim's verdict.
     ``skipped``: optional suite tasks left out for want of data; the verdict then says it is partial."""
     base, new = load_one_run(base_path, "baseline"), load_one_run(new_path, "candidate")
-    rows = []
+    rows, values = [], []
     for entry in cfg.suite:
         b, n, leaves = paired_values(base, new, entry)
         rows.append({**compare_entry(entry, b, n, cfg), "leaf_tasks": leaves})
-    for row, p_holm in zip(rows, stats.holm([r["p"] for r in rows]), strict=True):
+        values.append((b, n))
+    for row, (b, n), p_holm in zip(rows, values, stats.holm([r["p"] for r in rows]), strict=True):
         row["p_holm"] = p_holm
         shown = p_holm < cfg.alpha
         row["verdict"] = (
@@ -109,6 +111,10 @@ def compare_runs(
             else ("held (non-inferior)" if shown else "not shown to hold (possible regression)")
         )
         row["pass"] = shown
+        if row["role"] == "target" and not shown:
+            # what this n could have detected (at Holm's first step), so "no significant" is not read as "no effect"
+            found = beside(b, n, cfg.alpha / len(rows))
+            row["mde"], row["mde_text"] = found["mde"], found["text"]
     holds = all(r["pass"] for r in rows)
     skipped = list(skipped or [])
     verdict = "CLAIM HOLDS" if holds else "CLAIM NOT SHOWN"
@@ -147,7 +153,7 @@ def to_markdown(comparison: dict, reference: dict | None = None) -> str:
         line = (
             f"| {r['task']} | {role} | {r['metric']} | {r['n']} | {r['base']:.3f} | {r['finetuned']:.3f} | "
             f"{r['delta']:+.3f} | [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | {r['p']:.3g} | {r['p_holm']:.3g} | "
-            f"{r['verdict']} |"
+            f"{r['verdict']}{' (' + r['mde_text'] + ')' if r.get('mde_text') else ''} |"
         )
         if ref:
             line += f" {ref.get(r['task'], '')} |"

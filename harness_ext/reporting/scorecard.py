@@ -36,8 +36,9 @@ def reference_path(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def load_runs(families: Sequence[dict]) -> list[Run]:
-    return [load_run(Path(f["results"])) for f in families if f.get("results")]
+def load_runs(families: Sequence[dict], root: Path) -> list[Run]:
+    """The family runs' results files (paths relative to the scorecard folder ``root``)."""
+    return [load_run(root / f["results"]) for f in families if f.get("results")]
 
 
 def curve_entries(summaries: Sequence[Summary]) -> list[dict]:
@@ -125,9 +126,9 @@ def data_hashes(runs: Sequence[Run]) -> list[dict]:
     return out
 
 
-def build_scorecard(families: Sequence[dict], rules: Sequence[Rule], meta: dict) -> tuple[dict, list[Row]]:
+def build_scorecard(families: Sequence[dict], root: Path, rules: Sequence[Rule], meta: dict) -> tuple[dict, list[Row]]:
     """(the scorecard dict written as scorecard.json, the tidy rows behind it: scorecard.csv and the plots)."""
-    runs = load_runs(families)
+    runs = load_runs(families, root)
     if not runs:
         raise NeedlesError(
             "the scorecard has no finished family run (every family was left out)",

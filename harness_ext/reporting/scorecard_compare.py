@@ -43,7 +43,7 @@ def load_side(path: str | Path, which: str) -> Side:
     card = path / "scorecard.json"
     if card.is_file():
         data = json.loads(card.read_text(encoding="utf-8"))
-        files = [Path(f["results"]) for f in data.get("families", []) if f.get("results")]
+        files = [path / f["results"] for f in data.get("families", []) if f.get("results")]
         missing = [str(f) for f in files if not f.is_file()]
         if missing or not files:
             raise NeedlesError(
