@@ -157,7 +157,18 @@ def _run(args: argparse.Namespace) -> int:
     saved = load_head_scores(args.scores) if args.scores else None
     if (not saved and "niah" in args.probes) or (specs and args.knockout_task == "niah"):
         hp.load_needles(args.needles)  # a missing needles file should not wait for the model
-    lm = load_model(model_path(args.model), args.adapter, args.dtype, args.chat_template)
+    from harness_ext.heads.rope_window import check_probe_lengths, config_kwargs, probed_rope
+
+    # an extended model is probed with the RoPE it is served with; lengths past that window are refused unloaded
+    overrides, window = probed_rope(model_path(args.model), args.adapter, args.hf_overrides)
+    lengths = {"--eval-lengths": args.eval_lengths} if specs else {}
+    if not saved:
+        lengths |= {"--lengths": args.lengths} if "niah" in args.probes else {}
+        lengths |= {"--kv-lengths": args.kv_lengths} if "kv" in args.probes else {}
+    check_probe_lengths(lengths, max(args.extra_tokens, args.eval_max_new_tokens), window, model_path(args.model))
+    kwargs = config_kwargs(overrides, model_path(args.model))
+    lm = load_model(model_path(args.model), args.adapter, args.dtype, args.chat_template, kwargs)
+    lm.info["rope_window"] = window
     grid = (saved.num_layers, saved.num_heads) if saved else (lm.ctl.num_layers, lm.ctl.num_heads)
     if grid != (lm.ctl.num_layers, lm.ctl.num_heads):
         raise NeedlesError(
@@ -244,6 +255,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--model", default="smollm2", help="HF model folder (default: embedded SmolLM2-135M-Instruct)")
     p.add_argument("--adapter", help="peft LoRA adapter folder, merged into the model")
+    p.add_argument(
+        "--hf-overrides",
+        help="JSON RoPE override to probe an extended model with, as lm_eval's hf_overrides (the training-free "
+        "variant); default: the adapter's finetune manifest, else the model's config",
+    )
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument(
         "--chat-template",

@@ -64,9 +64,14 @@ def check_adapter_path(adapter: str | Path) -> None:
 
 
 def load_model(
-    model: str | Path, adapter: str | Path | None = None, dtype: str = "float32", chat_template: bool | None = None
+    model: str | Path,
+    adapter: str | Path | None = None,
+    dtype: str = "float32",
+    chat_template: bool | None = None,
+    config_kwargs: dict | None = None,
 ) -> LoadedModel:
-    """A causal LM (optionally with a peft LoRA adapter merged in) in eval mode, instrumented."""
+    """A causal LM (optionally with a peft LoRA adapter merged in) in eval mode, instrumented. ``config_kwargs``
+    change its config before the weights load (an extended RoPE: harness_ext.heads.rope_window)."""
     torch_dtype = DTYPES.get(dtype)
     if torch_dtype is None:
         raise NeedlesError(f"dtype {dtype!r} is not supported", fix="use float32 or bfloat16")
@@ -77,13 +82,20 @@ def load_model(
 
     try:
         tok = AutoTokenizer.from_pretrained(str(model))
-        lm = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype)
+        extra = {}
+        if config_kwargs:
+            from transformers import AutoConfig
+
+            extra["config"] = AutoConfig.from_pretrained(str(model), **config_kwargs)
+        lm = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch_dtype, **extra)
     except (OSError, ValueError) as exc:
         raise NeedlesError(
             f"cannot load model {model!r}: {str(exc).splitlines()[0]}",
             fix="pass a local Hugging Face model folder (needles models smollm2 prints one)",
         ) from None
     info = {"model": str(model), "adapter": str(adapter) if adapter else None, "dtype": dtype}
+    if config_kwargs:
+        info["config_overrides"] = config_kwargs
     model_dir = Path(model)
     if model_dir.is_dir():
         info["model_config_sha256"] = _dir_sha256(model_dir, ["config.json"])
