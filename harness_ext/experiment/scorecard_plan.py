@@ -55,9 +55,9 @@ BUDGETS = {
                    "a smoke test: lengths 256 and 512 only, one sample per cell"),
     "small": Budget("small", "ladder", 1, (0.0, 1.0), False, 1, (0.5,), 2, (1, 20), 20, 0, 5,
                     "the ladder with one KV sample at depths 0 and 1, one NIAH sample, 2 MDQA questions"),
-    "default": Budget("default", "ladder", 1, (0.0, 0.5, 1.0), True, 1, (0.0, 1.0), 4, (1, 10, 20), 20, 0, 10,
-                      "the ladder; KV simple 1 sample x 3 depths, multi-key 1 x 3, NIAH 1 x 2 depths per length; "
-                      "4 MDQA questions at gold positions 1/10/20 of 20"),
+    "default": Budget("default", "ladder", 1, (0.0, 0.5, 1.0), False, 1, (0.0, 1.0), 2, (1, 10, 20), 20, 0, 10,
+                      "the ladder; KV simple 1 sample x 3 depths and NIAH 1 x 2 depths per length; 2 MDQA questions at "
+                      "gold positions 1/10/20 of 20 documents; FLenQA 10 rows per task"),
     "full": Budget("full", "ladder", 10, (0.0, 0.25, 0.5, 0.75, 1.0), True, 6, (0.0, 0.25, 0.5, 0.75, 1.0), 50,
                    (1, 5, 10, 15, 20), 20, 10, 0,
                    "the ladder; KV 10 samples x 5 depths, NIAH 6 x 5, 50 MDQA questions at 5 positions, the synthetic "
@@ -156,7 +156,8 @@ def make_plan(
     plan = ScorecardPlan(model, served, window, source, b, grid)
     kv_tasks = ["kv_retrieval_simple"] + (["kv_retrieval_multisubkey"] if b.multikey else [])
     kv_meta = {"lengths": grid, "depths": list(b.kv_depths), "num_samples": b.kv_samples}
-    plan.runs.append(FamilyRun("kv", kv_tasks, kv_meta, what="KV retrieval, simple and multi-key, length x depth"))
+    kind = "simple and multi-key" if b.multikey else "simple"
+    plan.runs.append(FamilyRun("kv", kv_tasks, kv_meta, what=f"KV retrieval ({kind}), length x depth"))
     niah_meta = {"niah_lengths": grid, "niah_depths": list(b.niah_depths), "niah_num_samples": b.niah_samples}
     plan.runs.append(FamilyRun("niah", ["niah_single"], niah_meta, what="needle in a haystack, length x depth"))
     docs = b.mdqa_documents if b.mdqa_documents * MDQA_TOKENS_PER_DOC + TOP_RESERVE <= window else 10

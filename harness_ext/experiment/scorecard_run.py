@@ -84,8 +84,8 @@ def run_scorecard(
     total = len(plan.runs) + 2
     data_step = Step("data", reproduce, lambda: check_data(plan, runner.log), same_command=False)
     data = runner.run([data_step], 1, total)["data"]
-    if [r.family for r in plan.runs] != sorted(data["kept"] + [s["family"] for s in data["skipped"]],
-                                               key=[r.family for r in plan.runs].index):  # fmt: skip
+    settled = data["kept"] + [s["family"] for s in data["skipped"]]
+    if sorted(settled) != sorted(r.family for r in plan.runs):
         raise NeedlesError(
             f"{out} holds a scorecard of other families ({', '.join(data['kept'])})",
             fix=f"use a new output folder, or delete {out / 'steps'} to start this one over",
