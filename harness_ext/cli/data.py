@@ -206,8 +206,16 @@ def _qa_fixture(args: argparse.Namespace) -> int:
     from harness_ext.data.qa_sources import MUSIQUE, SUMMHAY
     from harness_ext.tasklib.qa_fixtures import write_musique_fixture, write_summhay_fixture
 
+    from harness_ext.core.errors import NeedlesError
+
+    musique = args.data_command == "musique-fixture"
+    least = 1 if musique else 6  # a SummHay fixture states each insight in up to 4 of its documents
+    if args.size is not None and args.size < least:
+        raise NeedlesError(f"--size {args.size} is below {least}", fix=f"use --size {least} or more")
+    if args.seed < 0:
+        raise NeedlesError(f"--seed {args.seed} is negative", fix="use a seed of 0 or more")
     check_output_dir(args.out, "fixture folder")
-    if args.data_command == "musique-fixture":
+    if musique:
         write_musique_fixture(Path(args.out), args.size or 24, args.seed)
     else:
         write_summhay_fixture(Path(args.out), args.size or 16, args.seed)

@@ -43,6 +43,8 @@ BASE: dict[tuple[str, ...], list[str]] = {
         "3",
     ],
     ("data", "flenqa-fixture"): ["--out", "{OUT}/flenqa", "--ctx-sizes", "250", "--instances", "2"],
+    ("data", "musique-fixture"): ["--out", "{OUT}/musique", "--size", "3"],
+    ("data", "summhay-fixture"): ["--out", "{OUT}/summhay", "--size", "6"],
     ("finetune",): [
         "--model",
         "{TINY}",
