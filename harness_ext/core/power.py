@@ -49,6 +49,10 @@ def power_paired_binary(n: int, delta: float, psi: float, alpha: float) -> float
     """Connor's approximate power of the one-sided paired test to detect a change of ``delta`` (> 0)."""
     if n <= 0 or delta <= 0:
         return 0.0
+    if n < math.log2(1 / alpha):
+        # even n discordant pairs all one way (p = 0.5^n) cannot reach alpha: the exact test never rejects, whatever
+        # the normal approximation says about such tiny n
+        return 0.0
     psi = min(1.0, max(psi, delta))
     if psi - delta * delta <= 0:
         return 1.0

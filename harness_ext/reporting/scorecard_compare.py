@@ -23,6 +23,7 @@ from harness_ext.reporting.gate_length import check_lengths
 from harness_ext.reporting.gate_pairing import check_task_compatible, load_pairs
 from harness_ext.reporting.leaderboard_rows import model_identity
 from harness_ext.reporting.length_curves import PRIMARY_METRICS, require_curves
+from harness_ext.reporting.markdown_text import md_escape
 from harness_ext.reporting.results_io import Run, find_results, load_run
 from harness_ext.tasklib.breakdowns import parse_name
 
@@ -158,11 +159,11 @@ def compare(
             row["verdict"] = "better" if row["delta"] > 0 else "worse"
         else:
             disc = row["discordant"]
-            psi = sum(disc) / row["n"] if disc else None
+            psi = (sum(disc) / row["n"] or None) if disc else None  # none discordant: plan from the base rate
             observed = power.plan(row["task"], row["n"], alpha / (2 * len(rows)), effect=effect, psi=psi,
                                   p_base=row["a"]) if disc else None  # fmt: skip
             row["mde"] = observed.mde if observed else None
-            row["verdict"] = "no significant change" + (f" ({observed.text()})" if observed else "")
+            row["verdict"] = "no significant change" + (f"; {observed.text()}" if observed else "")
     lengths = []
     for ra in a.runs:
         for rb in b.runs:
@@ -182,16 +183,16 @@ def compare(
 
 def to_markdown(result: dict) -> str:
     a, b = result["a"]["label"], result["b"]["label"]
-    lines = [f"# Scorecard comparison: A = {a}, B = {b}", "",
+    lines = [f"# Scorecard comparison: A = {md_escape(a)}, B = {md_escape(b)}", "",
              f"alpha {result['alpha']}, {result['correction']}; CI: {1 - result['alpha']:.0%} paired interval of B - A.",
              "", "## Effective length", "", "| task | metric | rule | A | B | change |", "|---|---|---|---|---|---|"]  # fmt: skip
     for c in result["effective_length"]:
         change = "shorter" if c["verdict"] == "SHRANK" else ("same" if c["baseline"] == c["candidate"] else "longer")
-        lines.append(f"| {c['task']} | {c['metric']} | {c['rule']} | {c['baseline']} {c['baseline_interval']} | "
-                     f"{c['candidate']} {c['candidate_interval']} | {change} |")  # fmt: skip
+        lines.append(f"| {md_escape(c['task'])} | {c['metric']} | {c['rule']} | {c['baseline']} [{c['baseline_interval']}] "
+                     f"| {c['candidate']} [{c['candidate_interval']}] | {change} |")  # fmt: skip
     lines += ["", "## Paired tests", "", "| task | cell | n | A | B | B - A | CI | p | Holm p | verdict |",
               "|---|---|---:|---:|---:|---:|---|---:|---:|---|"]  # fmt: skip
     for r in result["tests"]:
-        lines.append(f"| {r['task']} | {r['cell']} | {r['n']} | {r['a']:.3f} | {r['b']:.3f} | {r['delta']:+.3f} | "
+        lines.append(f"| {md_escape(r['task'])} | {r['cell']} | {r['n']} | {r['a']:.3f} | {r['b']:.3f} | {r['delta']:+.3f} | "
                      f"[{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | {r['p']:.3g} | {r['p_holm']:.3g} | {r['verdict']} |")  # fmt: skip
     return "\n".join(lines) + "\n"

@@ -17,7 +17,7 @@ from harness_ext.reporting.effective_length import Rule
 from harness_ext.reporting.leaderboard_rows import Row
 
 # the inline SVG of the position curve: plot area inside a 560 x 300 box
-_W, _H, _LEFT, _RIGHT, _TOP, _BOTTOM = 560, 300, 48, 150, 16, 40
+_W, _H, _LEFT, _RIGHT, _TOP, _BOTTOM = 760, 300, 48, 260, 16, 40
 
 
 def report_env():  # -> jinja2.sandbox.SandboxedEnvironment
@@ -97,8 +97,12 @@ def render_scorecard(card: dict, rows: Sequence[Row], rule: Rule) -> str:
     """The scorecard page of one model."""
     ours = card["positions"]
     refs = card["references"]
-    series = [(card["model"] + " (synth_mdqa_real)", {k: v["value"] for k, v in ours.items()}, True)]
-    series += [(f"{r['model']} (paper)", r["positions"], False) for r in refs.get("lost_in_the_middle", [])]
+    mdqa = next((f for f in card["families"] if f["family"] == "mdqa"), {})
+    docs = (mdqa.get("metadata") or {}).get("synth_num_documents", "?")
+    series = [(f"{card['model']} ({docs} documents)", {k: v["value"] for k, v in ours.items()}, True)]
+    series += [
+        (f"{r['model']} (paper, 20 documents)", r["positions"], False) for r in refs.get("lost_in_the_middle", [])
+    ]
     return (
         report_env()
         .get_template("scorecard.html.jinja")

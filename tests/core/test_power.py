@@ -61,3 +61,41 @@ def test_independence_assumption_and_plan_marks():
     # a base rate of 1 leaves no room to improve: nothing is detectable
     assert power.mde_paired_binary(100, 0.05, 0.8, p_base=1.0) is None
     assert power.power_paired_binary(100, 0.0, 0.2, 0.05) == 0.0
+
+
+def test_tiny_n_detects_nothing():
+    # 4 pairs all one way give p = 1/16: never below alpha 0.01, whatever the normal approximation says
+    assert power.power_paired_binary(4, 1.0, 1.0, 0.01) == 0.0
+    assert power.mde_paired_binary(4, 0.01, 0.8, psi=0.5) is None
+
+
+def test_mde_beside_no_significant_in_the_experiment_report(tmp_path):
+    """The experiment's comparison (real verdict code on lm-eval-schema runs) names the MDE beside "no significant"."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reporting"))
+    from runs_fixture import write_run
+
+    from harness_ext.experiment.config import ExperimentConfig, SuiteTask
+    from harness_ext.experiment.mde import experiment_plan_text
+    from harness_ext.experiment.verdict import compare_runs, to_markdown
+
+    base = [1.0] * 10 + [0.0] * 14
+    new = [1.0] * 12 + [0.0] * 12  # +2 of 24: not significant
+    b, n = write_run(tmp_path / "b", base), write_run(tmp_path / "n", new)
+    cfg = ExperimentConfig("x", "m", [SuiteTask("kv_retrieval", "target", "value_acc")], metadata={"num_samples": 8})
+    row = compare_runs(b, n, cfg)["tasks"][0]
+    assert row["verdict"] == "no significant improvement" and row["mde"] > 0.2 and "at n 24" in row["mde_text"]
+    assert f"no significant improvement ({row['mde_text']})" in to_markdown(compare_runs(b, n, cfg))
+    # before the run: n from the metadata (3 KV subtasks x 8 samples x 2 lengths x 5 depths), marked
+    text = experiment_plan_text(cfg)
+    assert "kv_retrieval: MDE 0.1" in text and "at n 240" in text and "CANNOT DETECT" in text  # 0.5 assumed: ~13 points
+
+
+def test_mde_beside_no_significant_in_the_study_report():
+    from harness_ext.experiment.study_vs_base import cell, paired_test, with_holm
+
+    test = paired_test(np.array([1.0] * 10 + [0.0] * 14), np.array([1.0] * 11 + [0.0] * 13), iters=100)
+    found = with_holm({"run": {"mdqa": {**test, "mde": 0.41, "mde_text": "MDE 0.410 at n 24"}}})["run"]["mdqa"]
+    assert found["note"] == "no significant change; MDE 0.410 at n 24" and cell(found).endswith("n.s.: MDE 0.410")
