@@ -28,6 +28,7 @@ from harness_ext.core.errors import NeedlesError
 TOP_RESERVE = 256
 LADDER_START = 256
 FLENQA_SIZES = (250, 500, 1000, 2000, 3000)
+KV_SEED = 1000
 MDQA_TOKENS_PER_DOC = 160  # a real NQ-Open passage with its title, a little above the mean (for the doc count)
 
 
@@ -155,7 +156,8 @@ def make_plan(
         grid = check_lengths([x for x in b.lengths if x <= window - TOP_RESERVE] or [window - TOP_RESERVE], window)
     plan = ScorecardPlan(model, served, window, source, b, grid)
     kv_tasks = ["kv_retrieval_simple"] + (["kv_retrieval_multisubkey"] if b.multikey else [])
-    kv_meta = {"lengths": grid, "depths": list(b.kv_depths), "num_samples": b.kv_samples}
+    # seed 1000: the finetuning recipes train on seed-0 documents and hold out seed 1000 (no document is both)
+    kv_meta = {"lengths": grid, "depths": list(b.kv_depths), "num_samples": b.kv_samples, "seed": KV_SEED}
     kind = "simple and multi-key" if b.multikey else "simple"
     plan.runs.append(FamilyRun("kv", kv_tasks, kv_meta, what=f"KV retrieval ({kind}), length x depth"))
     niah_meta = {"niah_lengths": grid, "niah_depths": list(b.niah_depths), "niah_num_samples": b.niah_samples}

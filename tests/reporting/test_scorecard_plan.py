@@ -30,7 +30,7 @@ def test_ladder_reaches_the_served_window(tmp_path):
     plan = make_plan("m", str(model), "default")
     assert plan.window == 2048 and plan.lengths == [256, 512, 1024, 1792] and "model_max_length" in plan.window_source
     kv = next(r for r in plan.runs if r.family == "kv")
-    assert kv.metadata == {"lengths": [256, 512, 1024, 1792], "depths": [0.0, 0.5, 1.0], "num_samples": 1}
+    assert kv.metadata == {"lengths": [256, 512, 1024, 1792], "depths": [0.0, 0.5, 1.0], "num_samples": 1, "seed": 1000}
     assert kv.documents == 12 and kv.prompt_tokens == 3 * (256 + 512 + 1024 + 1792)
     mdqa = next(r for r in plan.runs if r.family == "mdqa")  # 20 documents do not fit 2048 tokens: 10
     assert mdqa.metadata["synth_num_documents"] == 10 and mdqa.metadata["synth_positions"] == [1, 10]
