@@ -202,11 +202,10 @@ def _flenqa_fixture(args: argparse.Namespace) -> int:
 
 
 def _qa_fixture(args: argparse.Namespace) -> int:
+    from harness_ext.core.errors import NeedlesError
     from harness_ext.core.output_files import check_output_dir
     from harness_ext.data.qa_sources import MUSIQUE, SUMMHAY
     from harness_ext.tasklib.qa_fixtures import write_musique_fixture, write_summhay_fixture
-
-    from harness_ext.core.errors import NeedlesError
 
     musique = args.data_command == "musique-fixture"
     least = 1 if musique else 6  # a SummHay fixture states each insight in up to 4 of its documents
