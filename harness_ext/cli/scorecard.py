@@ -66,8 +66,6 @@ def _compare(args: argparse.Namespace) -> int:
         raise NeedlesError(f"--compare takes exactly two scorecards (or results), {given} given", fix=COMPARE_FIX)
     if args.model:
         raise NeedlesError("give either MODEL or --compare A B, not both", fix=COMPARE_FIX)
-    if not 0 < args.effect < 1:
-        raise NeedlesError(f"--effect {args.effect:g} is not a change of accuracy in (0, 1)", fix="e.g. --effect 0.1")
     rules = _rules(args)
     a, b = (load_side(p, w) for p, w in zip(args.compare, ("A", "B"), strict=True))
     if a.label == b.label:
@@ -86,7 +84,22 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Every numeric flag, used by this mode or not: a bad value is an error before anything runs."""
+    if not 0 < args.alpha < 1:
+        raise NeedlesError(f"--alpha {args.alpha:g} is not a significance level in (0, 1)", fix="e.g. --alpha 0.05")
+    if not 0 < args.effect < 1:
+        raise NeedlesError(f"--effect {args.effect:g} is not a change of accuracy in (0, 1)", fix="e.g. --effect 0.1")
+    if args.seconds_per_kilotoken is not None and not args.seconds_per_kilotoken > 0:
+        raise NeedlesError(
+            f"--seconds-per-kilotoken {args.seconds_per_kilotoken:g} is not a positive time",
+            fix="measure a run and pass its seconds per 1,000 prompt tokens, e.g. --seconds-per-kilotoken 3.5",
+        )
+    _rules(args)
+
+
 def _scorecard(args: argparse.Namespace) -> int:
+    _check_numbers(args)
     if args.compare is not None:
         return _compare(args)
     if not args.model:

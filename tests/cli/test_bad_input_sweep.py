@@ -81,6 +81,7 @@ BASE: dict[tuple[str, ...], list[str]] = {
     ],
     ("experiment",): ["{EXPERIMENT}", "-o", "{OUT}/exp"],
     ("study",): ["{STUDY}", "-o", "{OUT}/study", "--dry-run"],
+    ("scorecard",): ["{TINY}", "--budget", "tiny", "-o", "{OUT}/card", "--dry-run"],
 }
 
 # Flags for which zero is a meaningful value (seeds, ratios that may be off, "0 = disabled").
