@@ -31,7 +31,7 @@ def _card(args: argparse.Namespace) -> int:
 
     rules = _rules(args)
     served = resolve_model(args.model)
-    plan = make_plan(args.model, served, args.budget, args.max_model_len, args.lengths)
+    plan = make_plan(args.model, served, args.budget, args.max_model_len, args.lengths, args.name)
     out = Path(args.output or Path("outputs") / f"scorecard-{Path(served).name}")
     check_output_dir(out, "scorecard folder")
     print(format_cost(plan, args.seconds_per_kilotoken), file=sys.stderr)
@@ -40,6 +40,8 @@ def _card(args: argparse.Namespace) -> int:
         reproduce += ["--max-model-len", str(args.max_model_len)]
     if args.lengths:
         reproduce += ["--lengths", *map(str, args.lengths)]
+    if args.name:
+        reproduce += ["--name", args.name]
     if args.dry_run:
         from harness_ext.experiment.scorecard_run import eval_argv, shell_line
 
@@ -125,6 +127,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--budget", default="default", help="tiny, small, default or full: samples per cell (default: default)"
     )
     p.add_argument("--lengths", type=int, nargs="+", help="input lengths instead of the budget's ladder")
+    p.add_argument("--name", help="how the page names the model (default: the folder's or hub id's last part)")
     p.add_argument("--max-model-len", type=int, help="serve (and score) at this window instead of the model's own")
     p.add_argument("--threshold", type=float, default=85.6, help="RULER threshold, 0-100 scale (default 85.6)")
     p.add_argument("--relative", type=float, default=0.9, help="relative rule: fraction of the shortest-length score")

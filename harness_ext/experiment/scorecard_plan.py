@@ -21,6 +21,7 @@ Hugging Face hub inside lm_eval at run time, which cannot be checked beforehand;
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from harness_ext.core.errors import NeedlesError
 
@@ -88,6 +89,7 @@ class ScorecardPlan:
     budget: Budget
     lengths: list[int]
     runs: list[FamilyRun] = field(default_factory=list)
+    name: str = ""  # how the page names the model: --name, else the folder's (or hub id's) last part
 
 
 def served_window(served: str, max_model_len: int | None) -> tuple[int, str]:
@@ -141,7 +143,12 @@ def check_lengths(lengths: list[int], window: int) -> list[int]:
 
 
 def make_plan(
-    model: str, served: str, budget: str, max_model_len: int | None = None, lengths: list[int] | None = None
+    model: str,
+    served: str,
+    budget: str,
+    max_model_len: int | None = None,
+    lengths: list[int] | None = None,
+    name: str | None = None,
 ) -> ScorecardPlan:
     """The runs of the scorecard (every option checked; nothing loaded but the model's config)."""
     if budget not in BUDGETS:
@@ -154,7 +161,7 @@ def make_plan(
         grid = ladder(window)
     else:
         grid = check_lengths([x for x in b.lengths if x <= window - TOP_RESERVE] or [window - TOP_RESERVE], window)
-    plan = ScorecardPlan(model, served, window, source, b, grid)
+    plan = ScorecardPlan(model, served, window, source, b, grid, name=name or Path(served.rstrip("/")).name)
     kv_tasks = ["kv_retrieval_simple"] + (["kv_retrieval_multisubkey"] if b.multikey else [])
     # seed 1000: the finetuning recipes train on seed-0 documents and hold out seed 1000 (no document is both)
     kv_meta = {"lengths": grid, "depths": list(b.kv_depths), "num_samples": b.kv_samples, "seed": KV_SEED}

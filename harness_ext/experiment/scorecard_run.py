@@ -55,14 +55,15 @@ def check_data(plan: ScorecardPlan, log: Callable[[str], None]) -> dict:
     return {"kept": kept, "skipped": skipped}
 
 
-def _lm_eval(argv: list[str], folder: Path, timeout: int) -> dict:
+def _lm_eval(argv: list[str], folder: Path, out: Path, timeout: int) -> dict:
     from harness_ext.plugin.runner import run_lm_eval
 
     args = list(argv[2:])
     i = args.index("--output_path")
     del args[i : i + 2]
     path = run_lm_eval(args, folder, log_file=folder.parent / f"{folder.name}.log", timeout=timeout)
-    return {"results": str(path)}
+    # relative to the scorecard folder, so a copied or moved folder still reads, resumes and compares
+    return {"results": os.path.relpath(path, out)}
 
 
 def run_scorecard(
@@ -102,7 +103,9 @@ def run_scorecard(
         else:
             entry["status"] = "run"
             folder = out / "runs" / run.family
-            steps.append(Step(f"eval_{run.family}", argv, lambda a=argv, f=folder: _lm_eval(a, f, timeout), folder))
+            steps.append(
+                Step(f"eval_{run.family}", argv, lambda a=argv, f=folder: _lm_eval(a, f, out, timeout), folder)
+            )
         families.append(entry)
     report_step = Step("report", reproduce, lambda: {}, same_command=False)
     runner.write_plan([data_step, *steps, report_step], {"model": plan.model, "served": plan.served,
@@ -117,8 +120,7 @@ def run_scorecard(
         name = f"eval_{entry['family']}"
         done = runner.run([by_name[name]], number, total)[name]
         marker = runner.done(name) or {}
-        # relative to the scorecard folder, so a copied or moved folder still reads (and compares)
-        entry |= {"results": os.path.relpath(done["results"], out), "seconds": marker.get("seconds")}
+        entry |= {"results": done["results"], "seconds": marker.get("seconds")}
         number += 1
     runner.log(f"{total}/{total} report: {out / 'scorecard.html'}")
     card, rows = build_scorecard(
@@ -126,7 +128,8 @@ def run_scorecard(
         out,
         rules,
         meta={
-            "model": plan.model,
+            "model": plan.name,
+            "given": plan.model,
             "served": plan.served,
             "window": plan.window,
             "window_source": plan.window_source,
