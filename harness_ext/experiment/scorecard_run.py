@@ -61,6 +61,7 @@ def _lm_eval(argv: list[str], folder: Path, out: Path, timeout: int) -> dict:
     args = list(argv[2:])
     i = args.index("--output_path")
     del args[i : i + 2]
+    folder.parent.mkdir(parents=True, exist_ok=True)  # runs/: the log sits beside the family's folder
     path = run_lm_eval(args, folder, log_file=folder.parent / f"{folder.name}.log", timeout=timeout)
     # relative to the scorecard folder, so a copied or moved folder still reads, resumes and compares
     return {"results": os.path.relpath(path, out)}
