@@ -48,7 +48,9 @@ def test_extension_experiment_scores_three_variants_by_length(small, tmp_path, c
             {"task": "kv_retrieval_simple", "role": "guard", "metric": "value_acc", "margin": 0.5, "label": "kv_in"},
         ],
     }
-    cfg["finetune"].update({"batch_size": 2, "max_steps": 2, "lr": 5e-3, "lora_r": 8, "lora_alpha": 16, "merge": True})
+    cfg["finetune"].update(
+        {"batch_size": 2, "max_steps": 2, "learning_rate": 5e-3, "lora_r": 8, "lora_alpha": 16, "merge": True}
+    )
     (tmp_path / "ext.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "out"
     argv = ["experiment", str(tmp_path / "ext.yaml"), "-o", str(out)]
