@@ -50,7 +50,7 @@ def _card(args: argparse.Namespace) -> int:
         return 0
     card = run_scorecard(plan, out, reproduce, rules, on_gpu=args.on_gpu, log=_log)
     for e in card["effective_length"]:
-        outcomes = ", ".join(f"{r['rule']} {r['outcome']}" + (f" [{r['bootstrap']}]" if r["bootstrap"] else "")
+        outcomes = ", ".join(f"{r['rule']} {r['outcome']}" + (f" (90% bootstrap {r['bootstrap']})" if r["bootstrap"] else "")
                              for r in e["rules"])  # fmt: skip
         print(f"{e['task']}: effective length {outcomes}")
     print(f"scorecard: {out / 'scorecard.html'} (data: scorecard.json, scorecard.csv)")

@@ -185,11 +185,11 @@ def to_markdown(result: dict) -> str:
     a, b = result["a"]["label"], result["b"]["label"]
     lines = [f"# Scorecard comparison: A = {md_escape(a)}, B = {md_escape(b)}", "",
              f"alpha {result['alpha']}, {result['correction']}; CI: {1 - result['alpha']:.0%} paired interval of B - A.",
-             "", "## Effective length", "", "| task | metric | rule | A | B | change |", "|---|---|---|---|---|---|"]  # fmt: skip
+             "", "## Effective length", "", "| task | metric | rule | A (90% bootstrap) | B (90% bootstrap) | change |", "|---|---|---|---|---|---|"]  # fmt: skip
     for c in result["effective_length"]:
         change = "shorter" if c["verdict"] == "SHRANK" else ("same" if c["baseline"] == c["candidate"] else "longer")
-        lines.append(f"| {md_escape(c['task'])} | {c['metric']} | {c['rule']} | {c['baseline']} [{c['baseline_interval']}] "
-                     f"| {c['candidate']} [{c['candidate_interval']}] | {change} |")  # fmt: skip
+        lines.append(f"| {md_escape(c['task'])} | {c['metric']} | {c['rule']} | {c['baseline']} ({c['baseline_interval']}) "
+                     f"| {c['candidate']} ({c['candidate_interval']}) | {change} |")  # fmt: skip
     lines += ["", "## Paired tests", "", "| task | cell | n | A | B | B - A | CI | p | Holm p | verdict |",
               "|---|---|---:|---:|---:|---:|---|---:|---:|---|"]  # fmt: skip
     for r in result["tests"]:
