@@ -17,8 +17,34 @@ if os.environ.get("NEEDLES_SHARED_DATA"):
     os.environ["NEEDLES_SHARED_DATA"] = str(Path(os.environ["NEEDLES_SHARED_DATA"]).resolve())
 # vLLM's engine runs inside each test's lm_eval process (vLLM's documented switch): the default spawns an engine
 # process and a worker process, each importing torch and vLLM again (~25-40 s per launch on 2 cores; the suite
-# launches vLLM nine times). The shared suite run below keeps vLLM's default, the one users get.
+# launches vLLM nine times), as the plugin's own runs do on small CPU machines (harness_ext/plugin/runner.py).
+# vLLM's default layout (engine processes) is what `vllm serve` runs in tests/kv_tasks/test_kv_vllm.py.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def _pin_xdist_worker() -> None:
+    """Give each pytest-xdist worker its own cores (`make test` runs N workers side by side, tests/README: heavy
+    tests included): torch's and vLLM's OpenMP threads spin while they wait, so two engines that each bind every
+    core slow each other down far more than twice. Set NEEDLES_TEST_PIN=0 to leave the workers unpinned."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or os.environ.get("NEEDLES_TEST_PIN") == "0":
+        return
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    share = len(cores) // count
+    if share < 1:
+        return
+    mine = cores[int(worker[2:]) * share : (int(worker[2:]) + 1) * share]
+    if not mine:
+        return
+    os.sched_setaffinity(0, mine)  # inherited by every subprocess a test starts (lm_eval, needles, accelerate)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(len(mine))
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, mine))
+
+
+_pin_xdist_worker()
 
 
 @pytest.fixture(scope="session")
@@ -127,9 +153,7 @@ def smollm2_vllm_suite(lm_eval_run, smollm2_dir, shared_data, tmp_path_factory) 
     tasks = ",".join(["kv_retrieval", *SUITE_MDQA_TASKS, "flenqa", "flenqa_cot"])
     args = ["--tasks", tasks, "--model", "vllm"]
     args += ["--model_args", vllm_model_args(smollm2_dir, 4096), "--apply_chat_template", "--batch_size", "auto"]
-    with pytest.MonkeyPatch.context() as env:
-        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # vLLM's default engine processes, as users run it
-        res = lm_eval_run([*args, "--metadata", json.dumps(meta), "--log_samples"], "vllm_suite")
+    res = lm_eval_run([*args, "--metadata", json.dumps(meta), "--log_samples"], "vllm_suite")
     return {**res, "_meta": meta, "_mdqa_tasks": SUITE_MDQA_TASKS}
 
 
