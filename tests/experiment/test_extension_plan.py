@@ -160,3 +160,18 @@ def test_shipped_llama3_extension_prints_its_cost_first(tmp_path, capsys, monkey
     }  # fmt: skip
     assert free["max_model_len"] == tuned["max_model_len"] == "32768" and tuned["pretrained"].endswith("merged")
     assert not (tmp_path / "out").exists()
+
+
+def test_shipped_smollm2_extension_plans_16k_on_the_cpu(tmp_path, capsys):
+    """examples/experiments/smollm2_extend_cpu.yaml: 8K -> 16K with YaRN; the base scores only what fits 8K."""
+    path = Path(__file__).resolve().parents[2] / "examples" / "experiments" / "smollm2_extend_cpu.yaml"
+    assert main(["experiment", str(path), "-o", str(tmp_path / "out"), "--dry-run"]) == 0
+    cap = capsys.readouterr()
+    assert cap.err.startswith("[needles experiment] cost estimate: context extension 8192 -> 16384 tokens (yarn")
+    assert "training ~114,688 tokens" in cap.err  # 8 documents x (2,048 + 12,288) tokens, one epoch
+    base, free, tuned = (model_args(c) for c in cap.out.splitlines() if c.startswith("lm_eval run"))
+    assert base["max_model_len"] == "8192" and base["metadata"]["lengths"] == [4096, 7680]
+    assert free["max_model_len"] == tuned["max_model_len"] == "16384"
+    assert (
+        free["hf_overrides"]["rope_parameters"]["rope_theta"] == 100000.0 and max(free["metadata"]["lengths"]) == 15872
+    )
