@@ -13,8 +13,11 @@ from harness_ext.experiment.config import ExperimentConfig
 _FAMILIES = {
     "kv_retrieval": ("lengths", "num_samples", "depths", (1024, 3072), 10, 5, 64),
     "niah": ("niah_lengths", "niah_num_samples", "niah_depths", (1024, 2048), 6, 5, 50),
+    # prompts at most their length target (exact fit), once per placement
+    "musique": ("musique_lengths", "musique_num_questions", "musique_placements", (2048, 4096), 100, 3, 32),
+    "summhay": ("summhay_lengths", "summhay_num_insights", "summhay_placements", (4096, 8192), 60, 3, 32),
 }
-_GROUP_TASKS = {"kv_retrieval": 3, "niah": 1}
+_GROUP_TASKS = {"kv_retrieval": 3, "niah": 1, "musique": 1, "summhay": 1}
 
 
 def _family(task: str) -> str | None:
@@ -35,8 +38,8 @@ def _training_documents(ft) -> tuple[int, list[int] | None]:
             return spec.num_samples * len(spec.depths or (None,)), None
         lengths = list(spec.lengths)
         return spec.num_samples * len(lengths) * len(spec.depths or (None,)), lengths
-    # a synth_mdqa sample is rendered at every gold position (and length target)
-    n = synth.num_samples * len(synth.positions) * len(synth.lengths or (None,))
+    # a synth_mdqa sample is rendered at every gold position (musique, summhay: placement) and length target
+    n = synth.num_samples * len(getattr(synth, "placements", None) or synth.positions) * len(synth.lengths or (None,))
     return n, list(synth.lengths) if synth.lengths else None
 
 

@@ -24,8 +24,8 @@ from harness_ext.experiment.steps import Step, StepRunner
 from harness_ext.experiment.verdict import compare_runs, to_markdown
 
 KV_TASK = re.compile(r"^kv_retrieval_(simple|simple_template|multisubkey)$")
-# tasks whose documents finetune.leakage can load (kv_retrieval, synth_mdqa, mdqa, niah families)
-FAMILY_TASK = re.compile(r"^(kv_retrieval|synth_mdqa|mdqa|niah)(_\w+)?$")
+# tasks whose documents finetune.leakage can load (kv_retrieval, synth_mdqa, mdqa, niah, musique, summhay families)
+FAMILY_TASK = re.compile(r"^(kv_retrieval|synth_mdqa|mdqa|niah|musique|summhay_citation)(_\w+)?$")
 
 
 # The experiment's steps, in order (the progress lines number them out of these)

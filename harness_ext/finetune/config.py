@@ -24,7 +24,7 @@ DEFAULT_LR = {"lora": 2e-4, "full": 5e-6}  # full: the paper's Mistral recipe (2
 BATCHING_MODES = ("grouped", "padded", "packed")
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the wheel with the package
-DATA_FAMILIES = ("kv", "synth_mdqa")  # training-data generators: the kv_retrieval tasks', the synth_mdqa tasks'
+DATA_FAMILIES = ("kv", "synth_mdqa", "musique", "summhay")  # training-data generators (harness_ext.finetune.families)
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio")  # accelerate's trackers (harness_ext.finetune.tracking)
 
 GROUP_DATA = "training data (same generator as the kv_retrieval or synth_mdqa tasks)"
@@ -65,8 +65,10 @@ class DataOptions:
     )
     depths: list[float] | None = option(help="gold depths in [0,1] (default: uniform)")
     # the synth_mdqa family (num_samples, seed and lengths above apply to it too)
-    family: str | None = option(flag="--data-family", choices=DATA_FAMILIES, help="kv (default) or synth_mdqa")
-    cell: str | None = option(flag="--data-cell", help="synth_mdqa cell (see `needles data list families`)")
+    family: str | None = option(
+        flag="--data-family", choices=DATA_FAMILIES, help="kv (default), synth_mdqa, musique or summhay"
+    )
+    cell: str | None = option(flag="--data-cell", help="the family's cell (see `needles data list families`)")
     num_documents: int | None = option(
         help="synth_mdqa: documents per prompt (default 10)", ge=1, label="data.num_documents", fix="use e.g. 10"
     )

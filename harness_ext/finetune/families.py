@@ -7,6 +7,9 @@ real-data baseline): the same generator, cache, LitM prompt and documents as the
 ``synth_mdqa_<cell>``, which score the *eval* split. The keys are :class:`SynthSpec`'s fields (the
 knobs ``synth_<key>`` of the tasks' ``--metadata``); ``num_samples`` defaults to
 :data:`TRAIN_NUM_SAMPLES` and every sample is rendered at each gold position (and length).
+``data: {family: musique | summhay, cell: real | symbolic | templated, ...}`` trains on a cell of
+:mod:`harness_ext.tasklib.qa_cells` (the keys are :class:`QASpec`'s fields): the scored task's prompt and
+exact lengths, multi-hop chains or facts to cite, or the real-data baseline from data that is never scored.
 """
 
 from __future__ import annotations
@@ -19,10 +22,12 @@ from harness_ext.core.errors import NeedlesError
 from harness_ext.finetune.config import DATA_FAMILIES
 
 SYNTH_FAMILY = "synth_mdqa"
+QA_FAMILIES = ("musique", "summhay")  # harness_ext.tasklib.qa_cells
 TRAIN_SPLIT = "train"
 TRAIN_NUM_SAMPLES = 350  # as the KV family's default documents per length
 _LIST_KEYS = ("positions", "lengths")
 _BOOL_KEYS = ("reference_needles",)
+_QA_LIST_KEYS = {"lengths": int, "placements": str, "hops": int, "haystacks": str}
 
 
 def data_family(data: dict) -> str:
@@ -89,9 +94,54 @@ def _int(key: str, value: Any) -> int:
     return value
 
 
+def qa_keys() -> list[str]:
+    """The ``data`` keys of the musique and summhay families (besides ``family``): QASpec's fields but the split."""
+    from harness_ext.tasklib.qa_cells import QASpec
+
+    return [f.name for f in dataclasses.fields(QASpec) if f.name not in ("family", "split")]
+
+
+def qa_train_spec(data: dict) -> SynthTrainSpec:
+    """The validated training spec of ``data: {family: musique | summhay, cell: ..., ...}`` (unknown keys refused)."""
+    from harness_ext.tasklib.qa_cells import CELLS, QASpec
+
+    family, keys = data["family"], qa_keys()
+    unknown = sorted(set(data) - set(keys) - {"family"})
+    if unknown:
+        raise NeedlesError(f"data key(s) {unknown} do not apply to the {family} family", fix=f"use keys among {keys}")
+    cell = data.get("cell")
+    if cell not in CELLS[family]:
+        raise NeedlesError(
+            f"data.cell={cell!r} is not a {family} cell (set by --data-cell)",
+            fix=f"use one of {', '.join(CELLS[family])} (`needles data list families` describes them)",
+        )
+    kwargs: dict = {"family": family, "cell": cell}
+    for key, value in data.items():
+        if key in ("family", "cell") or value is None:
+            continue
+        kind = _QA_LIST_KEYS.get(key)
+        if kind is None:
+            kwargs[key] = _int(key, value)
+            continue
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if kind is int:
+            kwargs[key] = tuple(_int(key, v) for v in values)
+        elif all(isinstance(v, str) for v in values):
+            kwargs[key] = tuple(values)
+        else:
+            raise NeedlesError(f"data.{key}={value!r} is not a list of names", fix=f"write e.g. {key}: [early, late]")
+    spec = QASpec(**kwargs, split=TRAIN_SPLIT)
+    spec.validate()
+    return SynthTrainSpec(spec, family=family)
+
+
 def synth_train_spec(data: dict) -> SynthTrainSpec:
-    """The validated training spec of ``data: {family: synth_mdqa, cell: ..., ...}`` (unknown keys refused)."""
+    """The validated training spec of a non-KV family (``data: {family: synth_mdqa, cell: ..., ...}``, or a
+    :data:`QA_FAMILIES` one); unknown keys refused."""
     from harness_ext.tasklib.synth_mdqa import CELLS, SynthSpec
+
+    if data.get("family") in QA_FAMILIES:
+        return qa_train_spec(data)
 
     keys = synth_keys()
     unknown = sorted(set(data) - set(keys) - {"family"})
@@ -129,6 +179,11 @@ def data_metadata(eval_metadata: dict, pretrained: str) -> dict:
 
 def synth_train_docs(spec: SynthTrainSpec, eval_metadata: dict, pretrained: str) -> list[dict]:
     """The training rows of ``spec`` (cached like the tasks' rows), each with ``target`` = the first answer."""
+    if spec.family in QA_FAMILIES:  # their rows carry the trained reply (SummHay: the bracketed IDs)
+        from harness_ext.tasklib.qa_cells import generate as generate_qa
+
+        rows, spec.info = generate_qa(spec.synth, data_metadata(eval_metadata, pretrained))
+        return rows
     from harness_ext.tasklib.synth_mdqa import generate
 
     rows, info = generate(spec.synth, data_metadata(eval_metadata, pretrained))
@@ -206,6 +261,38 @@ def describe_families() -> list[dict]:
                 "tasks": [f"synth_mdqa_{name}"],
                 "data": {"family": SYNTH_FAMILY, "cell": name},
                 "probe": f"synth_mdqa:{name}",
+                "knobs": knobs,
+            }
+        )
+    return rows + _describe_qa()
+
+
+def _describe_qa() -> list[dict]:
+    """The musique and summhay cells: training data only (they score on the task itself)."""
+    from harness_ext.tasklib.qa_cells import CELLS, TASKS, QASpec, describe
+
+    defaults = {f.name: f.default for f in dataclasses.fields(QASpec)}
+    only = {"hops": "musique", "num_gold": "summhay", "haystacks": "summhay"}
+    rows = []
+    for d in describe():
+        family, cells = d["family"], list(CELLS[d["family"]])
+        knobs = [
+            {"key": k, "flag": _flag_of(k), "metadata": "-", "train_default": defaults[k], "eval_default": "-"}
+            | {"cells": cells if k != "haystacks" else ["real"]}
+            for k in qa_keys()
+            if k != "cell" and only.get(k, family) == family
+        ]
+        diversity = "real" if d["cell"] == "real" else "low"
+        rows.append(
+            {
+                "family": family,
+                "cell": d["cell"],
+                "concept": d["concept"],
+                "diversity": diversity,
+                "summary": d["summary"],
+                "tasks": [TASKS[family]],
+                "data": {"family": family, "cell": d["cell"]},
+                "probe": family,
                 "knobs": knobs,
             }
         )

@@ -23,7 +23,7 @@ from harness_ext.data.dataset_cache import dataset_sha256
 # custom_dataset function -> (variant, answer_template), as in kv_tasks/kv_retrieval/utils.py
 _DATASET_FNS = {"simple": ("simple", False), "simple_template": ("simple", True), "multisubkey": ("multisubkey", True)}
 # task folders whose evaluation items the other families are checked against
-FAMILY_TASK_FOLDERS = ("kv_retrieval", "synth_mdqa", "mdqa", "niah")
+FAMILY_TASK_FOLDERS = ("kv_retrieval", "synth_mdqa", "mdqa", "niah", "musique", "summhay")
 
 
 def docs_sha256(docs: list[dict]) -> str:
@@ -192,6 +192,11 @@ def task_docs(task: str, eval_metadata: dict, pretrained: str) -> list[dict]:
         from harness_ext.tasklib.mdqa import mdqa_dataset
 
         dataset = mdqa_dataset(**kwargs, **metadata)
+    elif folder in ("musique", "summhay"):  # the study's other two tasks: the rows lm_eval scores (same cache)
+        from harness_ext.tasklib.musique import musique_dataset
+        from harness_ext.tasklib.summhay import summhay_dataset
+
+        dataset = (musique_dataset if folder == "musique" else summhay_dataset)(**metadata)
     else:
         from harness_ext.tasklib.niah import niah_dataset
 
@@ -226,6 +231,7 @@ def check_family_leakage(
     train_hashes = {d["doc_sha256"] for d in train}
     report = FamilyLeakageReport(tasks=list(tasks), eval_docs=0, eval_seeds=[], family=family)
     for task in tasks:
+        folder, _cfg = task_config(task)
         docs = task_docs(task, eval_metadata, pretrained)
         report.eval_docs += len(docs)
         report.eval_max_tokens = max(report.eval_max_tokens, _eval_tokens(docs, tokenizer))
@@ -246,6 +252,10 @@ def check_family_leakage(
                 fix = f"{exc.fix}; or leave {task} out of --eval-tasks (its questions are not all held out)"
                 raise NeedlesError(f"evaluation set {task}: {exc.problem}", fix=fix) from None
             report.eval_questions += len({question_hash(d["question"]) for d in asked})
+        if folder == "summhay":  # no questions: insights and haystacks (harness_ext.tasklib.qa_cells)
+            from harness_ext.tasklib.qa_cells import check_overlap
+
+            report.eval_questions += check_overlap(train, docs, task)
     return report
 
 

@@ -28,7 +28,7 @@ def test_the_table_names_every_cell_with_its_task_probe_and_axes(capsys):
         assert f"{name}: {cell.summary}" in lines
     kv = next(line for line in lines if line.startswith("kv "))
     assert "kv_retrieval_simple, kv_retrieval_simple_template, kv_retrieval_multisubkey" in kv
-    assert f"{len(CELLS) + 1} cells in 2 families" in err
+    assert f"{len(CELLS) + 1 + 6} cells in 4 families" in err  # + musique and summhay: real, symbolic, templated
 
 
 def test_every_knob_has_its_flag_metadata_key_and_defaults(capsys):
@@ -59,7 +59,7 @@ def test_the_rows_are_usable_as_they_are_printed():
     from harness_ext.finetune.data import train_spec
 
     rows = describe_families()
-    assert [r["cell"] for r in rows] == [None, *CELLS]
+    assert [r["cell"] for r in rows] == [None, *CELLS] + ["real", "symbolic", "templated"] * 2
     for r in rows[1:]:
         assert train_spec(r["data"]).synth.cell == r["cell"]  # the `data:` shown is a valid training config
     # `data list` without the view still lists the default lm-eval group
