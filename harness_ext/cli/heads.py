@@ -31,6 +31,7 @@ from harness_ext.cli.heads_checks import (
 )
 from harness_ext.cli.heads_patch import register_patch
 from harness_ext.core.errors import NeedlesError
+from harness_ext.heads.probes_qa import QA_PROBES, check_qa_metadata, parse_qa_metadata
 from harness_ext.heads.probes_synth import (
     PROBE_DEFAULTS,
     SYNTH_PREFIX,
@@ -71,6 +72,7 @@ def _check_run_args(args: argparse.Namespace) -> None:
     check_threshold(args.threshold)
     check_output_dir(Path(args.output_dir))
     check_synth_metadata(args.probes, _mdqa_metadata(args))
+    check_qa_metadata([*args.probes, args.knockout_task], parse_qa_metadata(args.qa_metadata))
 
 
 # ----------------------------------------------------------------------------------- detection
@@ -90,6 +92,8 @@ def _settings(args: argparse.Namespace) -> dict:
         }
     if "mdqa" in args.probes:
         out["mdqa"] = _mdqa_metadata(args)
+    for name in (n for n in QA_PROBES if n in args.probes):
+        out[name] = parse_qa_metadata(args.qa_metadata)
     synth = [name for name in args.probes if is_synth_probe(name)]
     if synth:
         out["synth_mdqa"] = {"cells": sorted(synth), "metadata": {**PROBE_DEFAULTS, **_mdqa_metadata(args)}}
@@ -115,6 +119,10 @@ def _build_probes(lm, args: argparse.Namespace) -> list:
         probes += hp.kv_probes(lm.tokenizer, docs, lm.chat)
     if "mdqa" in args.probes:
         probes += hp.mdqa_probes(lm.tokenizer, hp.mdqa_docs(_mdqa_metadata(args)), lm.chat)
+    for name in (n for n in QA_PROBES if n in args.probes):
+        from harness_ext.heads.probes_qa import qa_probes
+
+        probes += qa_probes(lm.tokenizer, name, parse_qa_metadata(args.qa_metadata), lm.chat)
     for name in (n for n in args.probes if is_synth_probe(n)):
         probes += synth_probes(lm.tokenizer, name.removeprefix(SYNTH_PREFIX), _mdqa_metadata(args), lm.chat)
     return probes
@@ -220,6 +228,8 @@ def _knockout(lm, saved, specs: list, evalset, args: argparse.Namespace, out_dir
         "seed": args.eval_seed,
         "answer_template": args.kv_answer_template,
     }
+    if args.knockout_task in QA_PROBES:
+        result["eval"]["qa_metadata"] = parse_qa_metadata(args.qa_metadata)
     write_json(out_dir / "knockout.json", result)
     print(f"scores: {result['scores_file']} ({saved.format_name})")
     print(hk.format_knockout(result))
@@ -274,9 +284,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--probes",
         nargs="+",
         default=["niah", "kv"],
-        choices=ProbeChoices(["niah", "kv", "mdqa"]),
+        choices=ProbeChoices(["niah", "kv", "mdqa", *QA_PROBES]),
         metavar="PROBES",
-        help="niah, kv, mdqa and synth_mdqa:CELL for a cell of `needles data list families` (default: niah kv)",
+        help="niah, kv, mdqa, musique, summhay and synth_mdqa:CELL for a cell of `needles data list families` "
+        "(default: niah kv)",
     )
     p.add_argument(
         "--needles",
@@ -296,6 +307,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         f"mdqa_num_questions, mdqa_mirror, allow_unofficial_data); default {json.dumps(DEFAULT_MDQA)}; "
         "synth_mdqa:CELL probes read their synth_* keys here too",
     )
+    p.add_argument(
+        "--qa-metadata",
+        help="JSON for the musique / summhay probes and knockout items: the tasks' --metadata keys (musique_lengths, "
+        "summhay_num_insights, ...) and data mirrors (musique_mirror, summhay_mirror, allow_unofficial_data)",
+    )
     p.add_argument("--seed", type=int, default=0, help="haystack seed and random-knockout seed")
     p.add_argument("--extra-tokens", type=int, default=24, help="decode up to needle tokens + this many")
     p.add_argument(
@@ -314,7 +330,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="knock out heads and report the task accuracy (repeatable)",
     )
     p.add_argument("--draws", type=int, default=5, help="random:K draws to average")
-    p.add_argument("--knockout-task", choices=["kv", "niah"], default="kv", help="task scored under knockout")
+    p.add_argument(
+        "--knockout-task", choices=["kv", "niah", *QA_PROBES], default="kv", help="task scored under knockout"
+    )
     p.add_argument("--eval-lengths", type=int, nargs="+", default=[512], help="knockout eval: prompt tokens")
     p.add_argument("--eval-depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     p.add_argument("--eval-samples", type=int, default=12, help="knockout eval (kv): base samples per length")

@@ -77,7 +77,22 @@ def eval_set(lm, args: argparse.Namespace, task: str | None = None):
     from harness_ext.heads import knockout as hk
     from harness_ext.heads import probes as hp
 
-    if (task or args.knockout_task) == "niah":
+    task = task or args.knockout_task
+    if task in ("musique", "summhay"):  # the study's other two tasks (harness_ext.heads.probes_qa)
+        from harness_ext.heads.probes_qa import parse_qa_metadata, qa_eval_set
+
+        meta = parse_qa_metadata(getattr(args, "qa_metadata", None))
+        return qa_eval_set(
+            lm,
+            task,
+            args.eval_lengths,
+            args.eval_depths,
+            args.eval_samples,
+            args.eval_seed,
+            args.eval_max_new_tokens,
+            meta,
+        )
+    if task == "niah":
         # A haystack seed of its own, so the eval prompts are not the probes the heads were found on.
         probes = hp.niah_probes(
             lm.tokenizer, hp.load_needles(args.needles), args.eval_lengths, args.eval_depths, lm.chat, args.eval_seed

@@ -35,8 +35,10 @@ def _patch(args: argparse.Namespace) -> int:
     from harness_ext.heads.patch_compat import check_compatible
     from harness_ext.heads.patch_report import format_patch
     from harness_ext.heads.patching import run_patching
+    from harness_ext.heads.probes_qa import check_qa_metadata, parse_qa_metadata
     from harness_ext.heads.scorefile import load_head_scores, write_json
 
+    check_qa_metadata([args.task], parse_qa_metadata(args.qa_metadata))
     specs = ps.parse_sets(args.sets)
     source_scores, target_scores = load_head_scores(args.source_heads), load_head_scores(args.target_heads)
     source, target = model_path(args.source), model_path(args.target)
@@ -70,6 +72,8 @@ def _patch(args: argparse.Namespace) -> int:
         "seed": args.eval_seed,
         "answer_template": args.kv_answer_template,
     }
+    if args.task in ("musique", "summhay"):
+        result["eval"]["qa_metadata"] = parse_qa_metadata(args.qa_metadata)
     out = Path(args.output_dir) / "patch.json"
     write_json(out, result)
     print(format_patch(result))
@@ -119,7 +123,16 @@ def register_patch(sub2: argparse._SubParsersAction) -> None:
         help="teacher-forced (default): feed the unpatched target's greedy tokens, score the patched argmax at "
         "each position; regenerate: greedy decoding of the patched target, the source re-run on the same tokens",
     )
-    c.add_argument("--task", choices=["kv", "niah"], default="kv", help="task scored (kv: value_acc; niah: ROUGE)")
+    c.add_argument(
+        "--task",
+        choices=["kv", "niah", "musique", "summhay"],
+        default="kv",
+        help="task scored (kv: value_acc; niah: ROUGE; musique: answer F1; summhay: citation F1)",
+    )
+    c.add_argument(
+        "--qa-metadata",
+        help="JSON for --task musique / summhay: the tasks' --metadata keys and data mirrors (as `needles heads`)",
+    )
     c.add_argument("--needles", default=None, help=f"needles JSONL for --task niah (default: {DEFAULT_NEEDLES})")
     c.add_argument("--eval-lengths", type=int, nargs="+", default=[512], help="eval prompt tokens")
     c.add_argument("--eval-depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])

@@ -376,7 +376,8 @@ def mdqa_probes(tokenizer: PreTrainedTokenizerBase, docs: Sequence[dict], chat: 
 
 # ----------------------------------------------------------------------------------- success checks
 def success(probe: Probe, response: str) -> float:
-    """The retrieval check: NIAH ROUGE-1 recall (Wu et al.), the tasks' own metric for KV and (synthetic) MDQA."""
+    """The retrieval check: NIAH ROUGE-1 recall (Wu et al.), the tasks' own metric for KV, (synthetic) MDQA,
+    MuSiQue and SummHay."""
     if probe.family == "kv":
         from harness_ext.tasklib.kv import process_results
 
@@ -385,4 +386,8 @@ def success(probe: Probe, response: str) -> float:
         from harness_ext.tasklib.metrics import best_subspan_em
 
         return best_subspan_em(response, _answers(probe.doc))
+    if probe.family in ("musique", "summhay"):  # the tasks' own scorers (harness_ext.heads.probes_qa)
+        from harness_ext.heads.probes_qa import qa_success
+
+        return qa_success(probe, response)
     return rouge1_recall(probe.answer, response)
