@@ -44,6 +44,9 @@ def _study(args: argparse.Namespace) -> int:
         raise NeedlesError("--step and --dry-run together", fix="drop one of them")
     study, steps = study_plan.prepare(cfg, out, _needles, _log, write=not args.dry_run)
     if args.dry_run:
+        from harness_ext.experiment.study_cost import estimate, format_study_cost
+
+        print(format_study_cost(estimate(study)), file=sys.stderr)  # stdout: the steps, one command each
         for s in steps:
             deps = f"  (after {', '.join(s.depends)})" if s.depends and s.kind != "report" else ""
             print(f"# {s.name}{deps}\n{study_plan.tool_command(study, s)}")

@@ -40,11 +40,11 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # keys of the option mappings: the flags of the `needles heads` commands they become
 HEADS_OPTIONS = (
     "probes", "lengths", "depths", "kv_lengths", "kv_depths", "kv_samples", "kv_seed", "kv_answer_template",
-    "mdqa_metadata", "needles", "extra_tokens", "threshold", "dtype", "chat_template", "probe_batch",
+    "mdqa_metadata", "needles", "extra_tokens", "threshold", "dtype", "chat_template", "probe_batch", "qa_metadata",
 )  # fmt: skip
 EVAL_OPTIONS = (
     "task", "eval_lengths", "eval_depths", "eval_samples", "eval_seed", "eval_max_new_tokens", "kv_answer_template",
-    "needles", "dtype", "chat_template",
+    "needles", "dtype", "chat_template", "qa_metadata",
 )  # fmt: skip
 KNOCKOUT_OPTIONS = (*EVAL_OPTIONS, "draws", "batch_size")
 PATCHING_OPTIONS = (*EVAL_OPTIONS, "draws", "sets", "site", "continuation", "threshold")

@@ -276,6 +276,23 @@ def run_ray(study: st.Study, steps: list[PlannedStep], task: Callable) -> None:
             ray.shutdown()
 
 
+def qa_needs(cfg: StudyConfig) -> list[tuple[str, str, dict]]:
+    """(what, task, metadata) of the musique / summhay head probes and knockout / patching items."""
+    from harness_ext.heads.probes_qa import PROBE_DEFAULTS, QA_PROBES
+
+    tasks = {"musique": "musique", "summhay": "summhay_citation"}
+    out = [
+        (f"heads probes {p}", tasks[p], {**PROBE_DEFAULTS[p], **cfg.heads.get("qa_metadata", {})})
+        for p in QA_PROBES
+        if p in cfg.heads.get("probes", [])
+    ]
+    for section in ("knockout", "patching"):
+        options = getattr(cfg, section)
+        if options.get("task") in QA_PROBES:
+            out.append((f"{section} task", tasks[options["task"]], options.get("qa_metadata", {})))
+    return out
+
+
 def check_data(cfg: StudyConfig) -> None:
     """The files every target and every head probe reads (a mirror, the cache or a verified download), checked in
     seconds before anything slow: a study should not stop at its first detection step for want of a file."""
@@ -292,6 +309,7 @@ def check_data(cfg: StudyConfig) -> None:
     needs = [("heads probes mdqa", "mdqa_sweep", {**DEFAULT_MDQA, **cfg.heads.get("mdqa_metadata", {})})]
     needs = [n for n in needs if "mdqa" in probes]
     needs += [(f"heads probes {p}", "synth_mdqa_" + p.split(":", 1)[1], cfg.metadata) for p in probes if ":" in p]
+    needs += qa_needs(cfg)
     for what, task, metadata in needs:
         if (problem := unavailable(task, metadata, {})) is not None:
             fail(what, problem)
