@@ -70,6 +70,20 @@ def test_untrusted_strings_are_escaped(tmp_path):
     assert evil not in html and "&lt;script&gt;document.title=" in html and "<img src=x" not in html
 
 
+def test_page_with_families_left_out(tmp_path):
+    """Only the KV family ran (no data for the others, as offline without mirrors): the page says so, no plot missing."""
+    saved = json.loads((A / "scorecard.json").read_text(encoding="utf-8"))
+    families = [f if f["family"] == "kv" else {**{k: v for k, v in f.items() if k not in ("results", "seconds")},
+                "status": "left out", "reason": "no mirror", "fix": "set NEEDLES_NIAH_MIRROR"}
+                for f in saved["families"]]  # fmt: skip
+    card, rows = build_scorecard(families, A, default_rules(), {k: saved[k] for k in META_KEYS})
+    write_scorecard(card, rows, tmp_path, default_rules()[0])
+    html = (tmp_path / "scorecard.html").read_text(encoding="utf-8")
+    assert [e["task"] for e in card["effective_length"]] == ["kv_retrieval_simple"] and not card["positions"]
+    assert html.count("data:image/png") == 2 and "Not measured (the MDQA family was left out" in html
+    assert "left out: no mirror (fix: set NEEDLES_NIAH_MIRROR)" in html
+
+
 def test_compare_two_real_scorecards(tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["scorecard", "--compare", str(A), str(B), "-o", str(out)]) == 0
