@@ -228,8 +228,8 @@ def to_markdown(comparison: dict, reference: dict | None = None) -> str:
             "## Effective context length",
             "",
             "Longest length whose score, and every shorter length's, is above the rule's cutoff (RULER: 85.6 on "
-            "0-100; relative: 0.9 x the variant's own score at its shortest length); [90% bootstrap interval over "
-            "documents]. The base model is measured inside its native window only.",
+            "0-100; relative: 0.9 x the variant's own score at its shortest length), with its 90% bootstrap interval "
+            "over documents. The base model is measured inside its native window only.",
             "",
             "| task | rule | base | training-free | finetuned |",
             "|---|---|---|---|---|",
@@ -240,7 +240,7 @@ def to_markdown(comparison: dict, reference: dict | None = None) -> str:
                 cells = []
                 for v in VARIANTS:
                     found = e["variants"].get(v)
-                    cells.append("—" if not found else f"{found[i]['effective_length']} {found[i]['interval']}")
+                    cells.append("—" if not found else f"{found[i]['effective_length']} (90%: {found[i]['interval']})")
                 lines.append(f"| {e['task']} | {rule} | " + " | ".join(cells) + " |")
         lines.append("")
     for r in comparison.get("skipped", []):

@@ -168,7 +168,7 @@ def test_shipped_smollm2_extension_plans_16k_on_the_cpu(tmp_path, capsys):
     assert main(["experiment", str(path), "-o", str(tmp_path / "out"), "--dry-run"]) == 0
     cap = capsys.readouterr()
     assert cap.err.startswith("[needles experiment] cost estimate: context extension 8192 -> 16384 tokens (yarn")
-    assert "training ~114,688 tokens" in cap.err  # 8 documents x (2,048 + 12,288) tokens, one epoch
+    assert "training ~172,032 tokens" in cap.err  # 12 documents x (2,048 + 12,288) tokens, one epoch
     base, free, tuned = (model_args(c) for c in cap.out.splitlines() if c.startswith("lm_eval run"))
     assert base["max_model_len"] == "8192" and base["metadata"]["lengths"] == [4096, 7680]
     assert free["max_model_len"] == tuned["max_model_len"] == "16384"
