@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from harness_ext.core import rope as ropelib
 from harness_ext.core.errors import NeedlesError
 from harness_ext.finetune.args import finetune_parser, overrides_from_args
 from harness_ext.finetune.config import FinetuneConfig, load_config
-from harness_ext.finetune.context import LengthMeter, extended_config, length_bucket, plan_context
+from harness_ext.finetune.context import extended_config, length_bucket, plan_context
 from harness_ext.finetune.context import use_gradient_checkpointing as checkpointing
 from harness_ext.plugin.rope_guard import refuse_past_window, served_config
 from harness_ext.plugin.runner import vllm_eval_command
@@ -263,16 +265,27 @@ def test_gradient_checkpointing_turns_on_above_the_threshold_unless_set():
     assert checkpointing(FinetuneConfig(gradient_checkpointing=True), 10)
 
 
+_METER_RUN = """
+import json
+from harness_ext.finetune.context import LengthMeter
+meter = LengthMeter("cpu")
+meter.start()
+block = bytearray(64 * 2**20)  # 64 MiB touched inside the step: the step's peak must hold it
+block[::4096] = b"x" * len(block[::4096])
+meter.stop(700, 1400)
+del block
+meter.start()
+meter.stop(300, 600)
+print(json.dumps(meter.summary()))
+"""
+
+
 def test_length_meter_records_tokens_per_second_and_peak_rss_per_length():
-    meter = LengthMeter("cpu")
-    meter.start()
-    block = bytearray(64 * 2**20)  # 64 MiB touched inside the step: the step's peak must hold it
-    block[::4096] = b"x" * len(block[::4096])
-    meter.stop(700, 1400)
-    del block
-    meter.start()
-    meter.stop(300, 600)
-    summary = meter.summary()
+    # in a fresh interpreter, as in a training run: a long-lived test worker's own heap (GBs after in-process
+    # training in another test) made its resident-set peaks move in ways a training process's do not
+    proc = subprocess.run([sys.executable, "-c", _METER_RUN], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
     assert list(summary) == ["up_to_512", "up_to_1024"] and length_bucket(1024) == 1024 and length_bucket(1025) == 2048
     long, short = summary["up_to_1024"], summary["up_to_512"]
     assert long["memory"] == "rss_peak_per_step" and long["longest_sequence"] == 700 and long["tokens"] == 1400
