@@ -23,7 +23,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
 
 def _pin_xdist_worker() -> None:
-    """Give each pytest-xdist worker its own cores (`make test` runs N workers side by side, tests/README: heavy
+    """Give each pytest-xdist worker its own cores (`make test` runs N workers side by side, docs/testing.md "Workers": heavy
     tests included): torch's and vLLM's OpenMP threads spin while they wait, so two engines that each bind every
     core slow each other down far more than twice. Set NEEDLES_TEST_PIN=0 to leave the workers unpinned."""
     worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
