@@ -19,6 +19,7 @@ import numpy as np
 from harness_ext.core import stats
 from harness_ext.core.errors import NeedlesError
 from harness_ext.experiment.config import ExperimentConfig, SuiteTask
+from harness_ext.experiment.mde import beside
 from harness_ext.experiment.verdict import compare_entry, leaf_tasks
 from harness_ext.reporting.effective_length import bootstrap, default_rules, effective_length
 from harness_ext.reporting.results_io import Run, as_number, iter_samples, load_run
@@ -113,7 +114,7 @@ def compare_variants(results: dict[str, str], cfg: ExperimentConfig, plan: dict,
     entries, each variant's effective length, and the verdict."""
     runs = {v: load_run(Path(results[v])) for v in VARIANTS}
     past = {n for lengths in plan["past"].values() for n in lengths}
-    rows, tables, effective = [], [], []
+    rows, tables, effective, pairs = [], [], [], []
     for entry in cfg.suite:
         scored = [v for v in VARIANTS if v != "base" or entry.name in plan["base_tasks"]]
         index = {v: {leaf: _index(runs[v], leaf, entry) for leaf in leaf_tasks(runs[v], entry.task)} for v in scored}
@@ -146,14 +147,18 @@ def compare_variants(results: dict[str, str], cfg: ExperimentConfig, plan: dict,
         row = compare_entry(entry, ref, new, cfg)
         row["reference_mean"] = row.pop("base")
         rows.append({**row, "reference": ref_name, "documents": docs, "leaf_tasks": sorted(index["finetuned"])})
+        pairs.append((ref, new))
         per_variant = {v: _effective(c, cfg.seed) for v in scored if (c := _cells(index[v]))}
         if per_variant:
             effective.append({"task": entry.name, "metric": entry.metric, "variants": per_variant})
-    for row, p_holm in zip(rows, stats.holm([r["p"] for r in rows]), strict=True):
+    for row, (ref, new), p_holm in zip(rows, pairs, stats.holm([r["p"] for r in rows]), strict=True):
         row["p_holm"] = p_holm
         row["pass"] = p_holm < cfg.alpha
         if row["role"] == "target":
             row["verdict"] = "improved over training-free" if row["pass"] else "no significant improvement"
+            if not row["pass"]:  # what this n could have detected, as the two-variant experiment says it
+                found = beside(ref, new, cfg.alpha / len(rows))
+                row["mde"], row["mde_text"] = found["mde"], found["text"]
         else:
             row["verdict"] = "held (non-inferior)" if row["pass"] else "not shown to hold (possible regression)"
     holds = all(r["pass"] for r in rows)
@@ -204,10 +209,11 @@ def to_markdown(comparison: dict, reference: dict | None = None) -> str:
     ]
     for r in comparison["tasks"]:
         role = r["role"] + (f" (margin {r['margin']:g})" if r["role"] == "guard" else "")
+        mde = f" ({r['mde_text']})" if r.get("mde_text") else ""
         lines.append(
             f"| {r['task']} | {role} | {r['documents']} | {r['metric']} | {r['n']} | {LABELS[r['reference']]} | "
             f"{r['reference_mean']:.3f} | {r['finetuned']:.3f} | {r['delta']:+.3f} | [{r['ci'][0]:+.3f}, "
-            f"{r['ci'][1]:+.3f}] | {r['p']:.3g} | {r['p_holm']:.3g} | {r['verdict']} |"
+            f"{r['ci'][1]:+.3f}] | {r['p']:.3g} | {r['p_holm']:.3g} | {r['verdict']}{mde} |"
             + (f" {reference.get(r['task'], '')} |" if reference else "")
         )
     lines += ["", f"## Score by length (native window {native} tokens)", ""]

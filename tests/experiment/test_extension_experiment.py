@@ -102,6 +102,9 @@ def test_extension_experiment_scores_three_variants_by_length(small, tmp_path, c
     assert [r["rule"] for r in eff["variants"]["base"]] == ["ruler>85.6", "relative>0.9x"]
     md = (out / "comparison.md").read_text()
     assert f"| **native window {NATIVE}** |" in md and "800 (past the window) | — |" in md
+    for r in comparison["tasks"]:  # a target that is not significant says what its n could have detected
+        assert ("mde_text" in r) == (r["role"] == "target" and not r["pass"])
+        assert "mde_text" not in r or (r["mde_text"].startswith("MDE ") and f"({r['mde_text']})" in md)
     assert "## Effective context length" in md
     board = (out / "leaderboard.csv").read_text()
     assert "ext-training-free" in board and "ext-finetuned" in board
