@@ -27,18 +27,18 @@ from pathlib import Path
 from harness_ext.core.atomic_io import write_atomic, write_json_atomic
 from harness_ext.core.errors import NeedlesError
 from harness_ext.experiment.config import ExperimentConfig
-from harness_ext.experiment.data_step import prepare_data
 from harness_ext.experiment.extension_report import compare_variants, to_markdown, write_report
 from harness_ext.experiment.run import (
     eval_argv,
     finetune_config,
     finetune_step,
     lm_eval_step,
+    open_folder,
     reference_numbers,
     run_experiment,
     scored_model,
 )
-from harness_ext.experiment.steps import Step, StepRunner
+from harness_ext.experiment.steps import Step
 
 # task family -> (its --metadata key of token lengths, its max_gen_toks); families without one (mdqa's fixed
 # documents, FLenQA's word counts) are scored whole in every variant and must fit the native window
@@ -180,11 +180,6 @@ def variant_argvs(cfg: ExperimentConfig, ft, plan: ExtensionPlan, base: str, out
     }
 
 
-def _config_dict(cfg: ExperimentConfig) -> dict:
-    """The config as OUT/experiment.yaml holds it (loadable again: unset keys left out)."""
-    return {k: v for k, v in cfg.to_dict().items() if v is not None}
-
-
 def run(
     cfg: ExperimentConfig, out: str | Path, log: Callable[[str], None] | None = None, config_path: str | None = None
 ) -> dict:
@@ -200,24 +195,12 @@ def run_extension(
     cfg: ExperimentConfig, ft, out: Path, log: Callable[[str], None] | None = None, config_path: str | None = None
 ) -> dict:
     """Run (or resume) the three-variant experiment into ``out``; returns the comparison (OUT/comparison.json)."""
-    import yaml
-
     from harness_ext.finetune.modeling import resolve_model
 
     base = resolve_model(cfg.model)
-    plan = plan_extension(cfg, ft)  # every check before the first slow step
-    out.mkdir(parents=True, exist_ok=True)
-    ft_yaml = out / "finetune.yaml"
-    write_atomic(ft_yaml, yaml.safe_dump(dataclasses.asdict(ft), sort_keys=False))
-    write_atomic(out / "experiment.yaml", yaml.safe_dump(_config_dict(cfg), sort_keys=False))
-    runner = StepRunner(out, log)
-    reproduce = ["needles", "experiment", config_path or str(out / "experiment.yaml"), "-o", str(out)]
-    data_step = Step(
-        "data", reproduce, lambda: prepare_data(cfg, out / "fixtures", runner.log), out / "fixtures", same_command=False
-    )
-    data = runner.run([data_step], 1, len(PLAN))["data"]
-    kept = set(data["suite"])
-    run_cfg = dataclasses.replace(cfg, suite=[e for e in cfg.suite if e.name in kept], metadata=data["metadata"])
+    plan_extension(cfg, ft)  # every check before the first slow step
+    runner, data_step, data, run_cfg = open_folder(cfg, ft, out, log, config_path, len(PLAN))
+    ft_yaml, reproduce = out / "finetune.yaml", data_step.command
     plan = plan_extension(run_cfg, ft)  # again on the suite the data step settled on
     argvs = variant_argvs(run_cfg, ft, plan, base, out)
     done: dict[str, dict] = {"data": data}

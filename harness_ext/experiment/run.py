@@ -136,7 +136,6 @@ def run_experiment(
     cfg: ExperimentConfig, out: str | Path, log: Callable[[str], None] | None = None, config_path: str | None = None
 ) -> dict:
     """Run (or resume) the experiment into ``out``; returns the comparison (also in OUT/comparison.json)."""
-    import yaml
 
     from harness_ext.finetune.context import plan_context
     from harness_ext.finetune.modeling import resolve_model
@@ -144,26 +143,8 @@ def run_experiment(
     out = Path(out).expanduser().resolve()
     base = resolve_model(cfg.model)
     ft = finetune_config(cfg, out)  # every option checked before the first slow step or the first file
-    out.mkdir(parents=True, exist_ok=True)
-    ft_yaml = out / "finetune.yaml"
-    write_atomic(ft_yaml, yaml.safe_dump(dataclasses.asdict(ft), sort_keys=False))
-    write_atomic(out / "experiment.yaml", yaml.safe_dump(_plain(cfg), sort_keys=False))
-    runner = StepRunner(out, log)
-    reproduce = ["needles", "experiment", config_path or str(out / "experiment.yaml"), "-o", str(out)]
-    # fixtures and the data check first: the suite it settles on fixes every later command
-    data_step = Step(
-        "data", reproduce, lambda: prepare_data(cfg, out / "fixtures", runner.log), out / "fixtures", same_command=False
-    )
-    data = runner.run([data_step], 1, len(PLAN))["data"]
-    settled = sorted(data["suite"] + [s["task"] for s in data["skipped"]])
-    if settled != sorted(e.name for e in cfg.suite):
-        raise NeedlesError(
-            f"{out} holds an experiment over another suite ({', '.join(settled)})",
-            fix=f"use a new output folder, or delete {out / 'steps'} to start this one over",
-        )
-    kept = set(data["suite"])
-    run_cfg = dataclasses.replace(cfg, suite=[e for e in cfg.suite if e.name in kept], metadata=data["metadata"])
-    skipped = data["skipped"]
+    runner, data_step, data, run_cfg = open_folder(cfg, ft, out, log, config_path, len(PLAN))
+    ft_yaml, reproduce, skipped = out / "finetune.yaml", data_step.command, data["skipped"]
     # what each target can detect at its n, before the evaluations (a resumed run plans from its base scores)
     runner.log(experiment_plan_text(run_cfg, (runner.done("eval_base") or {}).get("outputs", {}).get("results")))
 
@@ -216,6 +197,34 @@ def run_experiment(
     for i, step in enumerate(steps, 2):  # run one at a time so later steps see earlier outputs
         done.update(runner.run([step], i, len(PLAN)))
     return compare_runs(done["eval_base"]["results"], done["eval_finetuned"]["results"], run_cfg, skipped)
+
+
+def open_folder(
+    cfg: ExperimentConfig, ft, out: Path, log: Callable[[str], None] | None, config_path: str | None, steps: int
+) -> tuple[StepRunner, Step, dict, ExperimentConfig]:
+    """What every experiment does first, the plain one and the context extension alike: OUT/finetune.yaml and
+    OUT/experiment.yaml, then the data step (step 1 of ``steps``), whose suite fixes every later command.
+    Returns (runner, data step, its outputs, the config on the suite it settled on)."""
+    import yaml
+
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / "finetune.yaml", yaml.safe_dump(dataclasses.asdict(ft), sort_keys=False))
+    write_atomic(out / "experiment.yaml", yaml.safe_dump(_plain(cfg), sort_keys=False))
+    runner = StepRunner(out, log)
+    reproduce = ["needles", "experiment", config_path or str(out / "experiment.yaml"), "-o", str(out)]
+    data_step = Step(
+        "data", reproduce, lambda: prepare_data(cfg, out / "fixtures", runner.log), out / "fixtures", same_command=False
+    )
+    data = runner.run([data_step], 1, steps)["data"]
+    settled = sorted(data["suite"] + [s["task"] for s in data["skipped"]])
+    if settled != sorted(e.name for e in cfg.suite):
+        raise NeedlesError(
+            f"{out} holds an experiment over another suite ({', '.join(settled)})",
+            fix=f"use a new output folder, or delete {out / 'steps'} to start this one over",
+        )
+    kept = set(data["suite"])
+    run_cfg = dataclasses.replace(cfg, suite=[e for e in cfg.suite if e.name in kept], metadata=data["metadata"])
+    return runner, data_step, data, run_cfg
 
 
 def _plain(cfg: ExperimentConfig) -> dict:
