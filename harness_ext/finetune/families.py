@@ -105,16 +105,8 @@ def qa_train_spec(data: dict) -> SynthTrainSpec:
     """The validated training spec of ``data: {family: musique | summhay, cell: ..., ...}`` (unknown keys refused)."""
     from harness_ext.tasklib.qa_cells import CELLS, QASpec
 
-    family, keys = data["family"], qa_keys()
-    unknown = sorted(set(data) - set(keys) - {"family"})
-    if unknown:
-        raise NeedlesError(f"data key(s) {unknown} do not apply to the {family} family", fix=f"use keys among {keys}")
-    cell = data.get("cell")
-    if cell not in CELLS[family]:
-        raise NeedlesError(
-            f"data.cell={cell!r} is not a {family} cell (set by --data-cell)",
-            fix=f"use one of {', '.join(CELLS[family])} (`needles data list families` describes them)",
-        )
+    family = data["family"]
+    cell = _checked_cell(data, family, qa_keys(), CELLS[family])
     kwargs: dict = {"family": family, "cell": cell}
     for key, value in data.items():
         if key in ("family", "cell") or value is None:
@@ -135,6 +127,22 @@ def qa_train_spec(data: dict) -> SynthTrainSpec:
     return SynthTrainSpec(spec, family=family)
 
 
+def _checked_cell(data: dict, family: str, keys: list[str], cells, hint: str = "") -> str:
+    """``data.cell`` of a non-KV family, after refusing keys the family does not take."""
+    unknown = sorted(set(data) - set(keys) - {"family"})
+    if unknown:
+        raise NeedlesError(
+            f"data key(s) {unknown} do not apply to the {family} family", fix=f"use keys among {keys}{hint}"
+        )
+    cell = data.get("cell")
+    if cell not in cells:
+        raise NeedlesError(
+            f"data.cell={cell!r} is not a {family} cell (set by --data-cell)",
+            fix=f"use one of {', '.join(cells)} (`needles data list families` describes them)",
+        )
+    return cell
+
+
 def synth_train_spec(data: dict) -> SynthTrainSpec:
     """The validated training spec of a non-KV family (``data: {family: synth_mdqa, cell: ..., ...}``, or a
     :data:`QA_FAMILIES` one); unknown keys refused."""
@@ -143,19 +151,7 @@ def synth_train_spec(data: dict) -> SynthTrainSpec:
     if data.get("family") in QA_FAMILIES:
         return qa_train_spec(data)
 
-    keys = synth_keys()
-    unknown = sorted(set(data) - set(keys) - {"family"})
-    if unknown:
-        raise NeedlesError(
-            f"data key(s) {unknown} do not apply to the {SYNTH_FAMILY} family",
-            fix=f"use keys among {keys} (drop the kv family's keys, e.g. variant)",
-        )
-    cell = data.get("cell")
-    if cell not in CELLS:
-        raise NeedlesError(
-            f"data.cell={cell!r} is not a {SYNTH_FAMILY} cell (set by --data-cell)",
-            fix=f"use one of {', '.join(CELLS)} (`needles data list families` describes them)",
-        )
+    cell = _checked_cell(data, SYNTH_FAMILY, synth_keys(), CELLS, " (drop the kv family's keys, e.g. variant)")
     kwargs: dict = {"cell": cell, "num_samples": TRAIN_NUM_SAMPLES}
     for key, value in data.items():
         if key in ("family", "cell") or value is None:
