@@ -8,11 +8,10 @@ pointed at it with NEEDLES_MDQA_BASE_URL, as a user would for an internal mirror
 from __future__ import annotations
 
 import gzip
-import http.server
 import shutil
-import threading
 
 import pytest
+from loopback import FileServer
 
 from harness_ext.core.errors import NeedlesError
 from harness_ext.data.sources import LOST_IN_THE_MIDDLE, fetch, file_sha256
@@ -21,43 +20,9 @@ ORACLE = "qa_data/nq-open-oracle.jsonl.gz"
 OTHER = "qa_data/20_total_documents/nq-open-20_total_documents_gold_at_9.jsonl.gz"
 
 
-class _Server:
-    """Serves ``files[path] = (body, mode)``; mode "ok", or "cut" (announces the full length, sends half)."""
-
-    def __init__(self):
-        self.files: dict[str, tuple[bytes, str]] = {}
-        self.requests: list[str] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server API
-                outer.requests.append(self.path)
-                body, mode = outer.files.get(self.path.lstrip("/"), (None, "ok"))
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body if mode == "ok" else body[: len(body) // 2])
-                if mode == "cut":
-                    self.close_connection = True
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def server(monkeypatch, tmp_path):
-    srv = _Server()
+    srv = FileServer()
     monkeypatch.setenv("NEEDLES_MDQA_BASE_URL", srv.url)
     monkeypatch.setenv("NEEDLES_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("NEEDLES_MDQA_MIRROR", raising=False)

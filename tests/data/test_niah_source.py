@@ -6,12 +6,11 @@ root; upstream, and therefore in a mirror, it is haystack_for_detect/needles.jso
 
 from __future__ import annotations
 
-import http.server
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
+from loopback import FileServer
 
 from harness_ext.cli import main
 from harness_ext.core.errors import NeedlesError
@@ -99,40 +98,11 @@ def test_missing_mirror_file_names_the_fetch_command(clean_env, shared_data, tmp
     assert "needles data fetch niah" in exc.value.fix
 
 
-class _Server:
-    def __init__(self, files: dict[str, bytes]):
-        self.files, self.requests = files, []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server API
-                outer.requests.append(self.path)
-                body = outer.files.get(self.path.lstrip("/"))
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_download_is_verified_and_cached(clean_env, shared_data, monkeypatch):
     files = {rel: _shared_path(shared_data, rel).read_bytes() for rel in RETRIEVAL_HEAD.files}
     good = files[RETRIEVAL_HEAD_HAYSTACK[2]]
     files[RETRIEVAL_HEAD_HAYSTACK[2]] = good[:-1] + bytes([good[-1] ^ 0x20])
-    srv = _Server(files)
+    srv = FileServer(files)
     try:
         monkeypatch.setenv("NEEDLES_NIAH_BASE_URL", srv.url)
         got = fetch(RETRIEVAL_HEAD, RETRIEVAL_HEAD_NEEDLES, progress=False)

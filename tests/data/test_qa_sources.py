@@ -9,11 +9,10 @@ checksums; against the real pins every fixture byte is refused, by the library a
 from __future__ import annotations
 
 import dataclasses
-import http.server
 import subprocess
-import threading
 
 import pytest
+from loopback import FileServer
 
 from harness_ext.cli.app import main as cli_main
 from harness_ext.core.errors import NeedlesError
@@ -23,30 +22,6 @@ from harness_ext.data.sources import FileEntry, fetch
 from harness_ext.tasklib.qa_fixtures import write_musique_fixture, write_summhay_fixture
 
 NEWS1 = summhay_path("news1")
-
-
-class _Server:
-    def __init__(self):
-        self.files: dict[str, bytes] = {}
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server API
-                body = outer.files.get(self.path.lstrip("/"))
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +34,7 @@ def fixtures(tmp_path_factory):
 
 @pytest.fixture
 def server(monkeypatch, tmp_path):
-    srv = _Server()
+    srv = FileServer()
     for env in ("MUSIQUE", "SUMMHAY"):
         monkeypatch.setenv(f"NEEDLES_{env}_BASE_URL", srv.url)
         monkeypatch.delenv(f"NEEDLES_{env}_MIRROR", raising=False)

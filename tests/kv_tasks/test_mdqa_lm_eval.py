@@ -3,15 +3,14 @@ chat template, the any-position sweep, the download path end to end, and the len
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
+from loopback import FileServer
 
 from harness_ext.tasklib.mdqa import render_prompt
 from harness_ext.tasklib.mdqa_fixture import build_fixture
@@ -76,33 +75,8 @@ def test_plain_prompts_and_any_position_sweep(lm_eval_run, tiny_llama_dir, fixtu
     assert all(len(r["doc"]["ctxs"]) == 10 for r in rows)
 
 
-class _StaticServer:
-    def __init__(self, files: dict[str, bytes]):
-        self.requests: list[str] = []
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server API
-                outer.requests.append(self.path)
-                body = files.get(self.path.lstrip("/"))
-                if body is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-
 def test_official_data_downloaded_end_to_end(lm_eval_run, tiny_llama_dir, shared_data, tmp_path, monkeypatch):
-    server = _StaticServer({ORACLE: (shared_data / "lost-in-the-middle" / ORACLE).read_bytes()})
+    server = FileServer({ORACLE: (shared_data / "lost-in-the-middle" / ORACLE).read_bytes()})
     monkeypatch.setenv("NEEDLES_MDQA_BASE_URL", server.url)
     monkeypatch.setenv("NEEDLES_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("NEEDLES_MDQA_MIRROR", raising=False)
