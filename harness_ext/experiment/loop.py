@@ -77,19 +77,27 @@ def paired_outcomes(base_rows: list[dict], new_rows: list[dict], metric: str) ->
     return pairs
 
 
-def compare(base_rows: list[dict], new_rows: list[dict], metrics: list[str], test_metric: str) -> dict:
-    """Per metric: both accuracies and the paired McNemar test; ``p_value`` is the test metric's one-sided p."""
+def compare(
+    base_rows: list[dict], new_rows: list[dict], metrics: list[str], test_metric: str, alpha: float = 0.05
+) -> dict:
+    """Per metric: both accuracies, the paired McNemar test and, where it is not significant at ``alpha``, the
+    minimal detectable effect at the observed n and discordance (``mde``, ``mde_text``: the experiment's
+    ``harness_ext.experiment.mde.beside``; the loop has one target, so Holm's first step is ``alpha`` itself).
+    ``p_value`` is the test metric's one-sided p."""
+    from harness_ext.experiment.mde import beside
+
     out = {"n": len(base_rows), "metrics": {}}
     for metric in metrics:
         pairs = paired_outcomes(base_rows, new_rows, metric)
         n = len(pairs)
         b = sum(1 for x, y in pairs if x > y)
         c = sum(1 for x, y in pairs if y > x)
-        out["metrics"][metric] = {
-            "base": sum(x for x, _ in pairs) / n,
-            "finetuned": sum(y for _, y in pairs) / n,
-            **mcnemar_exact(b, c),
-        }
+        row = {"base": sum(x for x, _ in pairs) / n, "finetuned": sum(y for _, y in pairs) / n, **mcnemar_exact(b, c)}
+        if row["p_greater"] >= alpha:
+            # what this n could have detected, so "not significant" is not read as "no effect"
+            found = beside([x for x, _ in pairs], [y for _, y in pairs], alpha)
+            row["mde"], row["mde_text"] = found["mde"], found["text"]
+        out["metrics"][metric] = row
     out["test_metric"] = test_metric
     out["p_value"] = out["metrics"][test_metric]["p_greater"]
     return out
@@ -111,10 +119,11 @@ def format_table(comparison: dict, base_name: str, alpha: float) -> str:
             f"{r['b']} | {r['c']} | {r['p_greater']:.2g} |"
         )
     lines.append("")
-    lines.append(
-        f"* test metric: {comparison['test_metric']}, p = {comparison['p_value']:.3g} -> "
-        + ("significant" if comparison["p_value"] < alpha else "NOT significant")
-    )
+    test = comparison["metrics"][comparison["test_metric"]]
+    verdict = "significant" if comparison["p_value"] < alpha else "NOT significant"
+    if comparison["p_value"] >= alpha and test.get("mde_text"):
+        verdict += f" ({test['mde_text']})"
+    lines.append(f"* test metric: {comparison['test_metric']}, p = {comparison['p_value']:.3g} -> {verdict}")
     return "\n".join(lines)
 
 
@@ -169,7 +178,7 @@ def loop_report(out: Path, task: str, eval_metadata: dict, metric: str = "value_
     manifest = json.loads((out / "finetune" / "manifest.json").read_text(encoding="utf-8"))
     base_rows, new_rows = load_samples(out / "eval_base", task), load_samples(out / "eval_finetuned", task)
     metrics = [m for m in ("value_acc", "dict_acc", "both_acc") if m in base_rows[0]] or [metric]
-    comparison = compare(base_rows, new_rows, metrics, metric)
+    comparison = compare(base_rows, new_rows, metrics, metric, alpha)
     table = format_table(comparison, "base", alpha)
     timings = {}
     for name in ("eval_base", "finetune", "eval_finetuned"):

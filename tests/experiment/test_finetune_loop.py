@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from harness_ext.experiment.loop import DEFAULT_TRAINING, mcnemar_exact
+from harness_ext.experiment.loop import DEFAULT_TRAINING, compare, format_table, mcnemar_exact
 
 
 def test_mcnemar_exact_matches_the_binomial_tail():
@@ -27,6 +27,30 @@ def test_mcnemar_exact_matches_the_binomial_tail():
     assert mcnemar_exact(2, 8)["p_greater"] == pytest.approx(56 / 1024)  # P(X >= 8 | n=10)
     assert mcnemar_exact(8, 2)["p_greater"] == pytest.approx(1 - 11 / 1024)
     assert mcnemar_exact(2, 8)["p_two_sided"] == pytest.approx(2 * 56 / 1024)
+
+
+def _rows(values: list[float]) -> list[dict]:
+    return [{"doc_id": i, "doc_hash": f"h{i}", "value_acc": v, "both_acc": v} for i, v in enumerate(values)]
+
+
+def test_loop_report_gives_the_mde_beside_not_significant():
+    """The loop's own table (loop.md / loop.json) says what its n could have detected where the gain is not
+    significant, with the experiment's one implementation (harness_ext.experiment.mde.beside), and nothing where it is."""
+    from harness_ext.experiment.mde import beside
+
+    base = [1.0, 0.0] * 10  # 20 documents, 2 discordant pairs, one each way: p = 0.75
+    new = list(base)
+    new[0], new[1] = 0.0, 1.0
+    result = compare(_rows(base), _rows(new), ["value_acc", "both_acc"], "value_acc", alpha=0.05)
+    row = result["metrics"]["value_acc"]
+    assert row["p_greater"] >= 0.05 and row["mde_text"] == beside(base, new, 0.05)["text"]
+    assert "at n 20" in row["mde_text"] and row["mde"] > abs(row["finetuned"] - row["base"])
+    table = format_table(result, "base", 0.05)
+    assert table.splitlines()[-1].endswith(f"NOT significant ({row['mde_text']})")
+    # 12 of 20 documents gained, none lost: significant, so no MDE is given
+    gained = compare(_rows([0.0] * 20), _rows([1.0] * 12 + [0.0] * 8), ["value_acc"], "value_acc", alpha=0.05)
+    assert gained["p_value"] < 0.05 and "mde" not in gained["metrics"]["value_acc"]
+    assert format_table(gained, "base", 0.05).splitlines()[-1].endswith("-> significant")
 
 
 @pytest.mark.vllm
