@@ -126,6 +126,7 @@ SUITE_KV = {"lengths": [256, 512], "depths": [0.0, 0.5, 1.0], "num_samples": 2} 
 SUITE_MDQA_QUESTIONS = 2  # the first 2 questions of the paired order, in every mdqa task (a stderr needs two)
 SUITE_MDQA_TASKS = ["mdqa20_pos1", "mdqa20_pos20", "mdqa_closedbook", "mdqa_oracle"]
 SUITE_FLENQA_SIZES = (250, 500)  # x 2 instances (one true, one false) = 2 rows per size and task
+SUITE_MAX_GEN_TOKS = 100  # every task of the suite run (lm_eval --gen_kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -153,8 +154,13 @@ def smollm2_vllm_suite(lm_eval_run, smollm2_dir, shared_data, tmp_path_factory) 
     tasks = ",".join(["kv_retrieval", *SUITE_MDQA_TASKS, "flenqa", "flenqa_cot"])
     args = ["--tasks", tasks, "--model", "vllm"]
     args += ["--model_args", vllm_model_args(smollm2_dir, 4096), "--apply_chat_template", "--batch_size", "auto"]
+    # CI budget: FLenQA's chain of thought ran to its 400-token cap on every item (the suite's longest tail, ~35 s
+    # of one core); 100 new tokens keep every parse and breakdown real. The 400-token budget itself is the task
+    # config's, asserted for all six FLenQA tasks in tests/kv_tasks/test_general_groups.py. 100 is also MDQA's own
+    # cap, and KV's replies end long before it.
+    args += ["--gen_kwargs", f"max_gen_toks={SUITE_MAX_GEN_TOKS}"]
     res = lm_eval_run([*args, "--metadata", json.dumps(meta), "--log_samples"], "vllm_suite")
-    return {**res, "_meta": meta, "_mdqa_tasks": SUITE_MDQA_TASKS}
+    return {**res, "_meta": meta, "_mdqa_tasks": SUITE_MDQA_TASKS, "_max_gen_toks": SUITE_MAX_GEN_TOKS}
 
 
 @pytest.fixture(scope="session")
@@ -265,3 +271,23 @@ def pytest_sessionfinish(session, exitstatus):
         session.exitstatus = 1
         if reporter:
             reporter.write_line(f"CI: {skipped} test(s) skipped; skips count as failures in CI", red=True)
+
+
+# NEEDLES_TEST_TIMELINE=FILE: one JSON line per test phase (worker, node id, phase, start, end), to see where a
+# CI run's wall time goes (idle workers, the longest group); summarised by scripts/test_timeline.py.
+_TIMELINE = os.environ.get("NEEDLES_TEST_TIMELINE")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not _TIMELINE:
+        yield
+        return
+    import time
+
+    start = time.time()
+    yield
+    line = {"worker": os.environ.get("PYTEST_XDIST_WORKER", "main"), "test": item.nodeid}
+    line.update(start=round(start, 3), end=round(time.time(), 3))
+    with open(_TIMELINE, "a") as f:  # one short append per test: lines from two workers do not interleave
+        f.write(json.dumps(line) + "\n")

@@ -54,7 +54,10 @@ def test_needles_paper_runs_everything_the_paper_reports(paper):
     assert leaves["mdqa20_pos10"]["dataset_kwargs"]["mdqa_task_position"] == 10
     assert leaves["mdqa20_pos10"]["generation_kwargs"]["max_gen_toks"] == 100
     assert leaves["flenqa_pir_cot"]["dataset_kwargs"] == {"flenqa_task": "pir", "flenqa_cot": True}
-    assert leaves["flenqa_pir_cot"]["generation_kwargs"]["max_gen_toks"] == 400
+    for task in ("monorel", "pir", "ruletaker"):  # the reference's budget, which CoT needs, on every FLenQA task
+        for suffix in ("", "_cot"):
+            assert leaves[f"flenqa_{task}{suffix}"]["generation_kwargs"]["max_gen_toks"] == 400, task + suffix
+            assert leaves[f"flenqa_{task}{suffix}"]["generation_kwargs"]["until"] == [], task + suffix
     assert len(leaves) == 3 + 8 + 6 + 61
 
 
