@@ -1,7 +1,7 @@
 """OpenAI finetuning: JSONL export + validation, and the job flow against a loopback server.
 
-The server speaks OpenAI's wire format for /v1/files (multipart upload) and /v1/fine_tuning/jobs
-(create, retrieve, events): the official ``openai`` client talks to it unchanged (the one
+The server (tests/openai_loopback.py) speaks OpenAI's wire format for /v1/files (multipart upload) and
+/v1/fine_tuning/jobs (create, retrieve, events): the official ``openai`` client talks to it unchanged (the one
 allowed mock: no network).
 """
 
@@ -11,11 +11,11 @@ import email.parser
 import email.policy
 import itertools
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from openai_loopback import OpenAILoopback
+from openai_loopback import error as openai_error
 
 from harness_ext.cli import main as cli_main
 from harness_ext.core.errors import NeedlesError
@@ -39,7 +39,7 @@ class FakeOpenAI:
         self.ids = itertools.count(1)
 
     def error(self, status: int, message: str, code: str, param: str | None = None):
-        return status, {"error": {"message": message, "type": "invalid_request_error", "param": param, "code": code}}
+        return openai_error(status, message, code, param)
 
     def upload(self, fields: dict) -> tuple[int, dict]:
         if fields.get("purpose") != "fine-tune":
@@ -152,47 +152,16 @@ class FakeOpenAI:
             self.event(jid, "info", "message", "The job has successfully completed")
 
 
-def make_handler(api: FakeOpenAI):
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args):  # keep pytest output clean
-            pass
+def make_route(api: FakeOpenAI):
+    """The fine-tuning API's routes over the shared loopback (which checks the key and writes the JSON)."""
 
-        def reply(self, status: int, body: dict) -> None:
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def authorized(self) -> bool:
-            if self.headers.get("Authorization") != f"Bearer {KEY}":
-                self.reply(
-                    401,
-                    {
-                        "error": {
-                            "message": "Incorrect API key provided.",
-                            "type": "invalid_request_error",
-                            "param": None,
-                            "code": "invalid_api_key",
-                        }
-                    },
-                )
-                return False
-            return True
-
-        def body(self) -> bytes:
-            return self.rfile.read(int(self.headers.get("Content-Length", 0)))
-
-        def do_POST(self):  # noqa: N802 - http.server API
-            api.requests.append(("POST", self.path))
-            if not self.authorized():
-                return
-            raw = self.body()
-            if self.path == "/v1/files":
-                ctype = self.headers.get("Content-Type", "")
+    def route(method: str, path: str, headers, raw: bytes) -> tuple[int, dict]:
+        api.requests.append((method, path))
+        if method == "POST":
+            if path == "/v1/files":
+                ctype = headers.get("Content-Type", "")
                 if not ctype.startswith("multipart/form-data"):
-                    return self.reply(400, {"error": {"message": "expected multipart/form-data", "code": None}})
+                    return openai_error(400, "expected multipart/form-data", None)
                 msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
                     f"Content-Type: {ctype}\r\n\r\n".encode() + raw
                 )
@@ -201,45 +170,38 @@ def make_handler(api: FakeOpenAI):
                     name = part.get_param("name", header="content-disposition")
                     payload = part.get_payload(decode=True)
                     fields[name] = (payload, part.get_filename()) if part.get_filename() else payload.decode()
-                return self.reply(*api.upload(fields))
-            if self.path == "/v1/fine_tuning/jobs":
-                return self.reply(*api.create_job(json.loads(raw)))
-            self.reply(404, {"error": {"message": f"Unknown request URL: POST {self.path}", "code": "unknown_url"}})
+                return api.upload(fields)
+            if path == "/v1/fine_tuning/jobs":
+                return api.create_job(json.loads(raw))
+            return openai_error(404, f"Unknown request URL: POST {path}", "unknown_url")
+        parts = path.split("?")[0].strip("/").split("/")
+        if parts[:3] == ["v1", "fine_tuning", "jobs"] and len(parts) >= 4 and parts[3] in api.jobs:
+            jid = parts[3]
+            if len(parts) == 4:
+                api.advance(jid)
+                return 200, api.jobs[jid]
+            if parts[4] == "events":
+                data = list(reversed(api.events[jid]))  # newest first, as the API lists them
+                return 200, {"object": "list", "data": data, "has_more": False}
+        return openai_error(404, f"Unknown request URL: GET {path}", "unknown_url")
 
-        def do_GET(self):  # noqa: N802 - http.server API
-            api.requests.append(("GET", self.path))
-            if not self.authorized():
-                return
-            parts = self.path.split("?")[0].strip("/").split("/")
-            if parts[:3] == ["v1", "fine_tuning", "jobs"] and len(parts) >= 4 and parts[3] in api.jobs:
-                jid = parts[3]
-                if len(parts) == 4:
-                    api.advance(jid)
-                    return self.reply(200, api.jobs[jid])
-                if parts[4] == "events":
-                    data = list(reversed(api.events[jid]))  # newest first, as the API lists them
-                    return self.reply(200, {"object": "list", "data": data, "has_more": False})
-            self.reply(404, {"error": {"message": f"Unknown request URL: GET {self.path}", "code": "unknown_url"}})
-
-    return Handler
+    return route
 
 
 @pytest.fixture
 def fake_openai(monkeypatch):
     def start(**kwargs) -> FakeOpenAI:
         api = FakeOpenAI(**kwargs)
-        server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(api))
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        server = OpenAILoopback(make_route(api), key=KEY)
         servers.append(server)
-        monkeypatch.setenv("OPENAI_BASE_URL", f"http://127.0.0.1:{server.server_address[1]}/v1")
+        monkeypatch.setenv("OPENAI_BASE_URL", server.base_url)
         monkeypatch.setenv("OPENAI_API_KEY", KEY)
         return api
 
-    servers: list[ThreadingHTTPServer] = []
+    servers: list[OpenAILoopback] = []
     yield start
     for s in servers:
-        s.shutdown()
-        s.server_close()
+        s.close()
 
 
 def needles(argv: list[str], capsys) -> tuple[int, str, str]:
