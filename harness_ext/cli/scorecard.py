@@ -30,12 +30,15 @@ def _card(args: argparse.Namespace) -> int:
     from harness_ext.finetune.modeling import resolve_model
 
     rules = _rules(args)
-    served = resolve_model(args.model)
-    plan = make_plan(args.model, served, args.budget, args.max_model_len, args.lengths, args.name)
-    out = Path(args.output or Path("outputs") / f"scorecard-{Path(served).name}")
+    endpoint = _endpoint(args)
+    served = args.model if endpoint else resolve_model(args.model)
+    plan = make_plan(args.model, served, args.budget, args.max_model_len, args.lengths, args.name, endpoint=endpoint)
+    out = Path(args.output or Path("outputs") / f"scorecard-{Path(served.rstrip('/')).name}")
     check_output_dir(out, "scorecard folder")
     print(format_cost(plan, args.seconds_per_kilotoken), file=sys.stderr)
     reproduce = ["needles", "scorecard", args.model, "-o", str(out), "--budget", args.budget]
+    if endpoint:  # never the key: it stays in the environment
+        reproduce += ["--base-url", endpoint.base_url, "--tokenizer", endpoint.tokenizer]
     if args.max_model_len:
         reproduce += ["--max-model-len", str(args.max_model_len)]
     if args.lengths:
@@ -48,6 +51,14 @@ def _card(args: argparse.Namespace) -> int:
         for run in plan.runs:
             print(f"# {run.family}: {run.what}\n{shell_line(eval_argv(plan, run, out.resolve(), args.on_gpu))}")
         return 0
+    if endpoint:
+        from harness_ext.experiment.scorecard_endpoint import check_endpoint
+
+        served_len = check_endpoint(endpoint, plan.window)["max_model_len"]  # reachable, key, model, window
+        _log(
+            f"endpoint {endpoint.base_url} serves {endpoint.model}"
+            + (f" (max_model_len {served_len})" if served_len else "")
+        )
     card = run_scorecard(plan, out, reproduce, rules, on_gpu=args.on_gpu, log=_log)
     for e in card["effective_length"]:
         outcomes = ", ".join(f"{r['rule']} {r['outcome']}" + (f" (90% bootstrap {r['bootstrap']})" if r["bootstrap"] else "")
@@ -55,6 +66,21 @@ def _card(args: argparse.Namespace) -> int:
         print(f"{e['task']}: effective length {outcomes}")
     print(f"scorecard: {out / 'scorecard.html'} (data: scorecard.json, scorecard.csv)")
     return 0
+
+
+def _endpoint(args: argparse.Namespace):
+    """The OpenAI-compatible endpoint of ``--base-url`` (None: vLLM serves MODEL), every option checked."""
+    from harness_ext.experiment.scorecard_endpoint import make_endpoint
+
+    if args.base_url is None:
+        if args.tokenizer:
+            raise NeedlesError(
+                "--tokenizer is for an endpoint (--base-url)", fix="drop --tokenizer: vLLM loads MODEL's own"
+            )
+        return None
+    if args.on_gpu:
+        raise NeedlesError("--on-gpu chooses vLLM's options; an endpoint is served elsewhere", fix="drop --on-gpu")
+    return make_endpoint(args.base_url, args.model, args.tokenizer)
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -68,6 +94,8 @@ def _compare(args: argparse.Namespace) -> int:
         raise NeedlesError(f"--compare takes exactly two scorecards (or results), {given} given", fix=COMPARE_FIX)
     if args.model:
         raise NeedlesError("give either MODEL or --compare A B, not both", fix=COMPARE_FIX)
+    if args.base_url or args.tokenizer:
+        raise NeedlesError("--base-url and --tokenizer score a model; --compare reads two scorecards", fix=COMPARE_FIX)
     rules = _rules(args)
     a, b = (load_side(p, w) for p, w in zip(args.compare, ("A", "B"), strict=True))
     if a.label == b.label:
@@ -118,20 +146,36 @@ def register(sub: argparse._SubParsersAction) -> None:
         "suite at lengths up to its served window: KV retrieval (simple, multi-key), NIAH, MDQA on real NQ-Open "
         "questions, FLenQA; families whose data cannot be had are left out with the reason. Prints the cost first; "
         "rerun into the same folder to resume. Writes scorecard.html (self-contained), scorecard.json and "
-        "scorecard.csv. With --compare A B: paired tests per task and length between two scorecards, Holm, the "
+        "scorecard.csv. With --base-url URL: MODEL is the name an OpenAI-compatible endpoint serves, scored through "
+        "lm_eval --model local-chat-completions (key from OPENAI_API_KEY; prompts sized with --tokenizer). With "
+        "--compare A B: paired tests per task and length between two scorecards, Holm, the "
         "minimal detectable effect beside every 'no significant change'. Exit 2 on invalid input.",
     )
-    p.add_argument("model", nargs="?", help="model folder, hub id, or smollm2 (the embedded SmolLM2-135M-Instruct)")
+    p.add_argument(
+        "model", nargs="?", help="model folder, hub id, or smollm2 (the embedded SmolLM2-135M-Instruct); with "
+        "--base-url: the model's name on the endpoint"
+    )  # fmt: skip
     p.add_argument("-o", "--output", help="output folder (default outputs/scorecard-NAME; scorecard-compare)")
     p.add_argument(
         "--budget", default="default", help="tiny, small, default or full: samples per cell (default: default)"
     )
     p.add_argument("--lengths", type=int, nargs="+", help="input lengths instead of the budget's ladder")
     p.add_argument("--name", help="how the page names the model (default: the folder's or hub id's last part)")
-    p.add_argument("--max-model-len", type=int, help="serve (and score) at this window instead of the model's own")
+    p.add_argument(
+        "--max-model-len", type=int, help="serve (and score) at this window instead of the model's own; with "
+        "--base-url: the window the endpoint serves (default: the tokenizer folder's config.json)"
+    )  # fmt: skip
     p.add_argument("--threshold", type=float, default=85.6, help="RULER threshold, 0-100 scale (default 85.6)")
     p.add_argument("--relative", type=float, default=0.9, help="relative rule: fraction of the shortest-length score")
     p.add_argument("--on-gpu", action="store_true", help="vLLM's GPU options instead of the CPU engine's")
+    p.add_argument(
+        "--base-url", help="an OpenAI-compatible endpoint instead of vLLM: its base URL, e.g. http://localhost:8000/v1 "
+        "(the API key is read from OPENAI_API_KEY, never a flag)"
+    )  # fmt: skip
+    p.add_argument(
+        "--tokenizer", help="--base-url: the served model's tokenizer (folder or downloaded hub id) that sizes every "
+        "prompt; default MODEL when it is a local folder"
+    )  # fmt: skip
     p.add_argument("--dry-run", action="store_true", help="print the cost estimate and the commands, run nothing")
     p.add_argument(
         "--seconds-per-kilotoken", type=float, help="your machine's measured prefill cost, for a time estimate"

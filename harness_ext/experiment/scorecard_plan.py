@@ -22,8 +22,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness_ext.core.errors import NeedlesError
+
+if TYPE_CHECKING:
+    from harness_ext.experiment.scorecard_endpoint import Endpoint
 
 # tokens kept free at the top of the window: the chat template and the longest answer (KV 64, NIAH 50 tokens)
 TOP_RESERVE = 256
@@ -90,6 +94,7 @@ class ScorecardPlan:
     lengths: list[int]
     runs: list[FamilyRun] = field(default_factory=list)
     name: str = ""  # how the page names the model: --name, else the folder's (or hub id's) last part
+    endpoint: Endpoint | None = None  # an OpenAI-compatible server instead of vLLM (served: the model's name there)
 
 
 def served_window(served: str, max_model_len: int | None) -> tuple[int, str]:
@@ -149,19 +154,27 @@ def make_plan(
     max_model_len: int | None = None,
     lengths: list[int] | None = None,
     name: str | None = None,
+    endpoint: Endpoint | None = None,
 ) -> ScorecardPlan:
-    """The runs of the scorecard (every option checked; nothing loaded but the model's config)."""
+    """The runs of the scorecard (every option checked; nothing loaded but the model's config). With ``endpoint``
+    the window comes from its tokenizer (``scorecard_endpoint.endpoint_window``) and only chat-completion tasks run."""
     if budget not in BUDGETS:
         raise NeedlesError(f"--budget {budget!r} is not a budget", fix=f"choose one of {', '.join(BUDGETS)}")
     b = BUDGETS[budget]
-    window, source = served_window(served, max_model_len)
+    if endpoint is not None:
+        from harness_ext.experiment.scorecard_endpoint import endpoint_window
+
+        window, source = endpoint_window(endpoint, max_model_len)
+    else:
+        window, source = served_window(served, max_model_len)
     if lengths:
         grid = check_lengths(list(lengths), window)
     elif b.lengths == "ladder":
         grid = ladder(window)
     else:
         grid = check_lengths([x for x in b.lengths if x <= window - TOP_RESERVE] or [window - TOP_RESERVE], window)
-    plan = ScorecardPlan(model, served, window, source, b, grid, name=name or Path(served.rstrip("/")).name)
+    plan = ScorecardPlan(model, served, window, source, b, grid, name=name or Path(served.rstrip("/")).name,
+                         endpoint=endpoint)  # fmt: skip
     kv_tasks = ["kv_retrieval_simple"] + (["kv_retrieval_multisubkey"] if b.multikey else [])
     # seed 1000: the finetuning recipes train on seed-0 documents and hold out seed 1000 (no document is both)
     kv_meta = {"lengths": grid, "depths": list(b.kv_depths), "num_samples": b.kv_samples, "seed": KV_SEED}
@@ -186,6 +199,10 @@ def make_plan(
                                    what="FLenQA (direct answers, book padding) by context size"))  # fmt: skip
     for run in plan.runs:
         run.documents, run.prompt_tokens = _cost(run, docs)
+    if endpoint is not None:
+        from harness_ext.experiment.scorecard_endpoint import check_generation_tasks
+
+        check_generation_tasks([t for run in plan.runs for t in run.tasks])
     return plan
 
 
@@ -209,10 +226,11 @@ def _cost(run: FamilyRun, mdqa_docs: int) -> tuple[int | None, int | None]:
 
 def format_cost(plan: ScorecardPlan, seconds_per_kilotoken: float | None = None) -> str:
     """The cost estimate printed before anything runs."""
+    via = "--model vllm" if plan.endpoint is None else f"--model local-chat-completions at {plan.endpoint.base_url}"
     lines = [
         f"[needles scorecard] {plan.model}: window {plan.window} tokens ({plan.window_source}); budget "
         f"{plan.budget.name} ({plan.budget.what}); lengths {', '.join(map(str, plan.lengths))}",
-        "[needles scorecard] cost estimate (one lm_eval --model vllm run per family):",
+        f"[needles scorecard] cost estimate (one lm_eval {via} run per family):",
     ]
     total = 0
     for run in plan.runs:
@@ -222,7 +240,8 @@ def format_cost(plan: ScorecardPlan, seconds_per_kilotoken: float | None = None)
             size = f"{run.documents:,} prompts, ~{run.prompt_tokens:,} prompt tokens"
             total += run.prompt_tokens or 0
         lines.append(f"  {run.family}: {', '.join(run.tasks)}: {size}")
-    line = f"  total ~{total:,} prompt tokens (plus one engine start per family run)"
+    line = f"  total ~{total:,} prompt tokens" + (" (plus one engine start per family run)" if plan.endpoint is None
+                                                  else ", one request per prompt")  # fmt: skip
     if seconds_per_kilotoken:
         line += f"; at {seconds_per_kilotoken:g} s per 1,000 tokens ~{total * seconds_per_kilotoken / 60000:.0f} min"
     lines.append(line)

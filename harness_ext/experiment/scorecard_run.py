@@ -25,12 +25,16 @@ MIRROR_ENVS = ("NEEDLES_MDQA_MIRROR", "NEEDLES_NIAH_MIRROR", "NEEDLES_FLENQA_MIR
 
 
 def eval_argv(plan: ScorecardPlan, run: FamilyRun, out: Path, on_gpu: bool = False) -> list[str]:
-    """The lm_eval command of one family run (the runner's vLLM command line, as ``needles experiment`` builds it)."""
-    from harness_ext.plugin.runner import vllm_eval_command
+    """The lm_eval command of one family run (the runner's vLLM command line, as ``needles experiment`` builds it;
+    for an endpoint, its local-chat-completions command line)."""
+    from harness_ext.plugin.runner import api_eval_command, vllm_eval_command
 
-    argv = vllm_eval_command(
-        plan.served, run.tasks, run.metadata, plan.window, output_path=out / "runs" / run.family, on_gpu=on_gpu
-    )
+    output = out / "runs" / run.family
+    if plan.endpoint is not None:
+        ep = plan.endpoint
+        argv = api_eval_command(ep.model, ep.chat_url, ep.tokenizer, run.tasks, run.metadata, plan.window, output)
+        return argv + (["--limit", str(run.limit)] if run.limit else [])
+    argv = vllm_eval_command(plan.served, run.tasks, run.metadata, plan.window, output_path=output, on_gpu=on_gpu)
     return argv + (["--limit", str(run.limit)] if run.limit else [])
 
 
@@ -138,6 +142,7 @@ def run_scorecard(
             "budget_what": plan.budget.what,
             "lengths": plan.lengths,
             "command": shlex.join(reproduce),
+            **({"endpoint": plan.endpoint.describe()} if plan.endpoint is not None else {}),
         },
     )
     write_scorecard(card, rows, out, rules[0])

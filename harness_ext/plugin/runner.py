@@ -1,5 +1,6 @@
 """Run the real ``lm_eval`` CLI in a subprocess and find what it wrote (demo, tests, CI), and build the
-vLLM command lines that score a base model, a LoRA adapter or a finetuned model folder."""
+vLLM command lines that score a base model, a LoRA adapter or a finetuned model folder (and the one that scores a
+model behind an OpenAI-compatible endpoint)."""
 
 from __future__ import annotations
 
@@ -158,6 +159,33 @@ def vllm_eval_command(
         cmd += ["--output_path", str(output_path)]
     # --batch_size auto: vLLM gets every request at once (lm_eval's default of 1 is ~10x slower on CPU)
     return cmd + ["--batch_size", "auto", "--log_samples"]
+
+
+def api_eval_command(
+    model: str,
+    chat_url: str,
+    tokenizer: str,
+    eval_tasks: list[str],
+    eval_metadata: dict,
+    max_length: int,
+    output_path: Path | None = None,
+) -> list[str]:
+    """The lm_eval argv that scores ``model`` behind an OpenAI-compatible chat-completions URL (lm-eval's
+    ``local-chat-completions``: the server applies its own chat template to ``--apply_chat_template``'s messages).
+
+    ``tokenizer`` rides in ``--model_args`` for the plugin's tasks, which read it from the merged metadata to size
+    every prompt to its exact token length; lm-eval's chat class itself ignores it (no tokenizer backend, so it
+    neither truncates nor re-tokenizes). ``max_length`` records the served window (lm-eval's API default is 2048).
+    The API key is never an argument: lm-eval reads ``OPENAI_API_KEY`` from the environment."""
+    args = f"model={model},base_url={chat_url},tokenizer={tokenizer},max_length={max_length},max_retries=3"
+    cmd = ["lm_eval", "run", "--tasks", ",".join(eval_tasks), "--model", "local-chat-completions"]
+    cmd += ["--model_args", args, "--apply_chat_template"]
+    if eval_metadata:
+        cmd += ["--metadata", json.dumps(eval_metadata, separators=(",", ":"))]
+    if output_path is not None:
+        cmd += ["--output_path", str(output_path)]
+    # no --batch_size: chat completions take one conversation per request (lm-eval forces 1)
+    return cmd + ["--log_samples"]
 
 
 def eval_env(served: str | Path, max_model_len: int) -> dict[str, str]:
