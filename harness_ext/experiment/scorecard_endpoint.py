@@ -62,7 +62,7 @@ class Endpoint:
 
 def base_url(url: str) -> str:
     """The endpoint's base URL as the ``openai`` client takes it (``.../v1``); a full chat-completions URL is
-    accepted too. Refused: no http(s) scheme, a key in the URL, the legacy completions URL."""
+    accepted too. Refused: no http(s) scheme, a key in the URL, no path (a bare host), the legacy completions URL."""
     parts = urllib.parse.urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise NeedlesError(f"--base-url {url!r} is not an http(s) URL", fix=URL_FIX)
@@ -71,6 +71,9 @@ def base_url(url: str) -> str:
             "--base-url carries credentials (user:password@host)",
             fix=f"drop them from the URL and export {KEY_ENV} instead (the key is read from the environment only)",
         )
+    if parts.path.strip("/") == "":
+        # the openai client and lm-eval append /chat/completions to what they are given: a bare host would miss /v1
+        raise NeedlesError(f"--base-url {url} has no path (OpenAI-compatible servers answer under /v1)", fix=URL_FIX)
     text = url.strip().rstrip("/")
     if text.endswith("/chat/completions"):
         text = text[: -len("/chat/completions")]
@@ -160,7 +163,10 @@ def check_generation_tasks(tasks: list[str]) -> None:
     types: dict[str, str] = {}
     for path in tasks_dir().rglob("*.yaml"):
         text = path.read_text(encoding="utf-8")
-        name, kind = re.search(r"(?m)^task:\s*(\S+)\s*$", text), re.search(r"(?m)^output_type:\s*(\S+)", text)
+        # top-level keys only ("task: NAME", not a group's task list); a task without the key generates (lm-eval's
+        # default for these folders)
+        name = re.search(r"(?m)^task:[ \t]*([^\s#]+)", text)
+        kind = re.search(r"(?m)^output_type:[ \t]*([^\s#]+)", text)
         if name and kind:
             types[name.group(1)] = kind.group(1)
     bad = [f"{t} ({types[t]})" for t in tasks if types.get(t, "generate_until") != "generate_until"]

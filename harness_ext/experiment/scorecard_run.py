@@ -3,7 +3,8 @@ scorecard (``harness_ext.reporting.scorecard``).
 
 Steps (``harness_ext.experiment.steps``, the experiment's mechanism): ``data`` (which families can get their data;
 the marker fixes the answer, so a resumed scorecard scores the same families whatever the network does), one
-``eval_<family>`` per family (the real ``lm_eval run --model vllm`` command, into ``runs/<family>/``), ``report``
+``eval_<family>`` per family (the real ``lm_eval run --model vllm`` command, or ``--model local-chat-completions``
+for an endpoint, into ``runs/<family>/``), ``report``
 (always redone: it is seconds). A rerun into the same folder skips finished family runs; a changed plan (another
 budget, other lengths) stops with exit 2 naming the marker to delete instead of mixing two plans in one page.
 """

@@ -165,6 +165,12 @@ def test_endpoint_bad_input_exits_2_with_the_fix(endpoint, smollm2_dir, tmp_path
         "OPENAI_API_KEY",
     )
     _refused(["scorecard", MODEL, "--base-url", server.base_url, *tok, "--on-gpu", *out], capsys, "--on-gpu")
+    _refused(
+        ["scorecard", MODEL, "--base-url", server.url, *tok, *out],
+        capsys,
+        "has no path",
+        "--base-url http://localhost:8000/v1",
+    )
     monkeypatch.setenv("OPENAI_API_KEY", "sk-wrong")
     _refused(["scorecard", MODEL, "--base-url", server.base_url, *tok, "--max-model-len", "4096", *out], capsys, "HTTP 401", "export OPENAI_API_KEY")  # fmt: skip
     assert not (tmp_path / "card").exists() and not [r for r in server.requests if r.method == "POST"]
@@ -177,3 +183,18 @@ def test_endpoint_bad_input_exits_2_with_the_fix(endpoint, smollm2_dir, tmp_path
     )
     assert "max_length=8192" in commands[0] and "sk-" not in cap.out + cap.err
     assert len(server.requests) == 3  # the three refusals above that asked the server (GET /models), no more
+
+
+def test_a_task_that_needs_loglikelihood_is_refused(tmp_path, monkeypatch):
+    """Chat completions return text only: a task scored by log-probabilities is refused before anything runs."""
+    from harness_ext.core.errors import NeedlesError
+    from harness_ext.experiment.scorecard_endpoint import check_generation_tasks
+    from harness_ext.plugin import registration
+
+    (tmp_path / "mc.yaml").write_text("task: needles_mc\noutput_type: multiple_choice\n")
+    (tmp_path / "gen.yaml").write_text("group: g\ntask:\n  - needles_mc\noutput_type: generate_until\n")
+    monkeypatch.setattr(registration, "tasks_dir", lambda: tmp_path)
+    check_generation_tasks(["kv_retrieval_simple"])  # generate_until (and not defined here: the default)
+    with pytest.raises(NeedlesError, match=r"cannot score needles_mc \(multiple_choice\)") as info:
+        check_generation_tasks(["kv_retrieval_simple", "needles_mc"])
+    assert "with vLLM" in info.value.fix
