@@ -7,8 +7,12 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from harness_ext.core.errors import NeedlesError
+
+if TYPE_CHECKING:
+    from harness_ext.experiment.scorecard_endpoint import Endpoint
 
 COMPARE_FIX = "needles scorecard --compare BASE_FOLDER NEW_FOLDER (score the other model first: needles scorecard MODEL -o FOLDER)"
 
@@ -68,7 +72,7 @@ def _card(args: argparse.Namespace) -> int:
     return 0
 
 
-def _endpoint(args: argparse.Namespace):
+def _endpoint(args: argparse.Namespace) -> Endpoint | None:
     """The OpenAI-compatible endpoint of ``--base-url`` (None: vLLM serves MODEL), every option checked."""
     from harness_ext.experiment.scorecard_endpoint import make_endpoint
 

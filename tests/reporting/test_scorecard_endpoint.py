@@ -48,7 +48,7 @@ class KVServer:
         if request.get("model") != MODEL:
             return error(404, f"The model `{request.get('model')}` does not exist.", "model_not_found", "model")
         prompt = request["messages"][-1]["content"]
-        tokens = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        tokens = len(self.tokenizer.encode(prompt, add_special_tokens=False).ids)
         self.counts.append(tokens)
         return 200, chat_completion(MODEL, self.answer(prompt, tokens), tokens, 20)
 
@@ -56,9 +56,9 @@ class KVServer:
 @pytest.fixture
 def endpoint(smollm2_dir, tmp_path, monkeypatch):
     """start(window) -> (server, state): a loopback OpenAI endpoint; the key is in the environment only."""
-    from transformers import AutoTokenizer
+    from tokenizers import Tokenizer  # the tokenizer.json transformers loads too, without importing transformers
 
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    tokenizer = Tokenizer.from_file(str(smollm2_dir / "tokenizer.json"))
     empty = tmp_path / "no-data"
     empty.mkdir()
     for env in ("NEEDLES_NIAH_MIRROR", "NEEDLES_MDQA_MIRROR", "NEEDLES_FLENQA_MIRROR"):
@@ -111,6 +111,11 @@ def test_scorecard_of_an_endpoint(endpoint, smollm2_dir, tmp_path, capsys):
     assert "--model local-chat-completions" in kv["command"] and f"model={MODEL}" in kv["command"]
     assert "Scored through the OpenAI-compatible endpoint" in (out / "scorecard.html").read_text(encoding="utf-8")
     assert f"--base-url {server.base_url}" in card["command"]
+    # a rerun into the folder resumes: the server is checked again, no prompt is sent again
+    asked = len(server.requests)
+    assert main([*argv, "-o", str(out)]) == 0
+    assert "2/6 eval_kv: done before, skipped" in capsys.readouterr().err
+    assert [r.path for r in server.requests[asked:]] == ["/v1/models"]
     # the key never reaches a file: commands, logs, lm-eval's results and samples, the page
     files = [p for p in out.rglob("*") if p.is_file()]
     assert any(p.name.startswith("samples_kv_retrieval_simple") for p in files)
