@@ -205,8 +205,8 @@ def check_endpoint(endpoint: Endpoint, window: int, timeout: float = 15.0) -> di
         reason = getattr(exc, "reason", None) or exc
         raise NeedlesError(
             f"cannot reach the endpoint {endpoint.base_url} (GET /models: {reason})",
-            fix="start the server (e.g. `vllm serve MODEL --max-model-len N`) or correct --base-url; "
-            + URL_FIX.split(", ", 1)[1],
+            fix="start the server (e.g. `vllm serve MODEL --max-model-len N`) or correct --base-url (the part "
+            "before /chat/completions, e.g. http://localhost:8000/v1)",
         ) from None
     entries = [m for m in body.get("data") or [] if isinstance(m, dict)] if isinstance(body, dict) else []
     ids = [str(m.get("id")) for m in entries]
