@@ -153,7 +153,7 @@ def endpoint_window(endpoint: Endpoint, max_model_len: int | None) -> tuple[int,
         window, source = cap, "the tokenizer's model_max_length"
     else:
         window, source = served_window(endpoint.tokenizer, max_model_len)
-    return window, source if source == "--max-model-len" else f"{source} of {endpoint.tokenizer}"
+    return window, source if source == "--max-model-len" else f"{source} in the tokenizer folder {endpoint.tokenizer}"
 
 
 def check_generation_tasks(tasks: list[str]) -> None:

@@ -82,7 +82,10 @@ def test_scorecard_of_an_endpoint(endpoint, smollm2_dir, tmp_path, capsys):
     argv = ["scorecard", MODEL, "--base-url", server.base_url, "--tokenizer", str(smollm2_dir), "--budget", "tiny"]
     assert main([*argv, "-o", str(out)]) == 0
     cap = capsys.readouterr()
-    assert f"local-chat-completions at {server.base_url}" in cap.err and "config.json of" in cap.err
+    assert (
+        f"local-chat-completions at {server.base_url}" in cap.err
+        and f"config.json in the tokenizer folder {smollm2_dir}" in cap.err
+    )
     assert f"endpoint {server.base_url} serves {MODEL} (max_model_len 8192)" in cap.err
     assert "3/6 eval_niah: left out" in cap.err
     # what the server received: the model list first, then one chat request per prompt, each with the key
