@@ -2,9 +2,9 @@
 
 Why: on CPU a decode step is bound by reading the weights (about 540 MB for a 135M-parameter model in
 float32), not by arithmetic, so B probes per forward cost little more than one. Each probe is still
-prefilled alone (same prompts, same kernels, same cache as the one-probe path); the caches are then
-left-padded to a common width and stacked, and decoding runs with a padding mask and per-row positions.
-A finished probe leaves the batch (its cache row is dropped).
+prefilled on its own (same prompts, same kernels, same cache as the one-probe path, prefix sharing included);
+the caches are then left-padded to a common width and stacked, and decoding runs with a padding mask and
+per-row positions. A finished probe leaves the batch (its cache row is dropped).
 
 Not bit-identical to one probe at a time: the linear layers run as a matrix product over B rows instead
 of a matrix-vector product, which sums in another order (differences of ~1e-6, measured on this CPU),
@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from harness_ext.heads.model import LoadedModel, stop_token_ids
-from harness_ext.heads.steps import copy_hits, prefill
+from harness_ext.heads.prefix import PromptCaches
+from harness_ext.heads.steps import copy_hits
 
 
 @dataclass
@@ -55,16 +56,20 @@ def _stack(caches: Sequence) -> tuple[object, list[int]]:
     return merged, pads
 
 
-def batched_traces(lm: LoadedModel, jobs: Sequence[Job]) -> list[tuple[list[int], np.ndarray]] | None:
+def batched_traces(
+    lm: LoadedModel, jobs: Sequence[Job], prompts: PromptCaches | None = None
+) -> list[tuple[list[int], np.ndarray]] | None:
     """Greedy decoding with per-head copy-paste counts for several probes at once, as ``greedy_trace`` does
-    for one; ``None`` when the model's cache cannot be batched (the caller then decodes one at a time)."""
+    for one; ``None`` when the model's cache cannot be batched (the caller then decodes one at a time).
+    ``prompts`` supplies the prompt caches (shared prefixes, harness_ext.heads.prefix; fresh by default)."""
     model, ctl = lm.model, lm.ctl
+    prompts = prompts if prompts is not None else PromptCaches(model)
     stop = stop_token_ids(lm.tokenizer)
     hits = [torch.zeros(ctl.num_layers, ctl.num_heads, dtype=torch.int64) for _ in jobs]
     generated: list[list[int]] = [[] for _ in jobs]
     contexts = [torch.tensor(j.ids) for j in jobs]
     with torch.inference_mode():
-        caches = [prefill(model, j.ids) for j in jobs]
+        caches = [prompts(j.ids) for j in jobs]
         if not mergeable(caches):
             return None
         past, pads = _stack(caches)

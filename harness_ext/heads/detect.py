@@ -21,9 +21,10 @@ import torch
 
 from harness_ext.heads.batched import Job, batched_traces
 from harness_ext.heads.model import LoadedModel, stop_token_ids
+from harness_ext.heads.prefix import PromptCaches
 from harness_ext.heads.probes import success
 from harness_ext.heads.prompts import Probe, encode
-from harness_ext.heads.steps import copy_hits, prefill
+from harness_ext.heads.steps import copy_hits
 
 
 @dataclass
@@ -40,17 +41,24 @@ class ProbeResult:
 
 
 def greedy_trace(
-    lm: LoadedModel, ids: list[int], span: tuple[int, int], max_new_tokens: int, stop_at_newline: bool = True
+    lm: LoadedModel,
+    ids: list[int],
+    span: tuple[int, int],
+    max_new_tokens: int,
+    stop_at_newline: bool = True,
+    prompts: PromptCaches | None = None,
 ) -> tuple[list[int], np.ndarray]:
     """Greedy decoding with the copy-paste count of every head (reference loop: prefill all but the last
-    prompt token, then feed one token per step and check the attention row that produced the next one)."""
+    prompt token, then feed one token per step and check the attention row that produced the next one).
+    ``prompts`` supplies the prompt cache (shared with earlier probes' prefixes; a fresh one by default)."""
     model, ctl = lm.model, lm.ctl
+    prompts = prompts if prompts is not None else PromptCaches(model)
     stop = stop_token_ids(lm.tokenizer)
     prompt = torch.tensor([ids])
     hits = torch.zeros(ctl.num_layers, ctl.num_heads, dtype=torch.int64)
     generated: list[int] = []
     with torch.inference_mode():
-        past, inp = prefill(model, ids), prompt[:, -1:]
+        past, inp = prompts(ids), prompt[:, -1:]
         context = prompt[0]
         for _ in range(max_new_tokens):
             with ctl.record():
@@ -79,12 +87,16 @@ def _job(lm: LoadedModel, probe: Probe, extra_tokens: int) -> Job:
     return Job(ids, span, span[1] - span[0] + extra_tokens, stop_at_newline=probe.family != "kv")
 
 
-def run_probes(lm: LoadedModel, probes: Sequence[Probe], extra_tokens: int = 24) -> list[ProbeResult]:
-    """Decode ``probes`` (one at a time when there is one, else batched) and score replies and heads."""
+def run_probes(
+    lm: LoadedModel, probes: Sequence[Probe], extra_tokens: int = 24, prompts: PromptCaches | None = None
+) -> list[ProbeResult]:
+    """Decode ``probes`` (one at a time when there is one, else batched) and score replies and heads.
+    ``prompts`` carries the prompt-prefix cache from call to call (a fresh one by default)."""
+    prompts = prompts if prompts is not None else PromptCaches(lm.model)
     jobs = [_job(lm, p, extra_tokens) for p in probes]
-    traces = batched_traces(lm, jobs) if len(jobs) > 1 else None
+    traces = batched_traces(lm, jobs, prompts) if len(jobs) > 1 else None
     if traces is None:
-        traces = [greedy_trace(lm, j.ids, j.span, j.max_new_tokens, j.stop_at_newline) for j in jobs]
+        traces = [greedy_trace(lm, j.ids, j.span, j.max_new_tokens, j.stop_at_newline, prompts) for j in jobs]
     results = []
     for probe, job, (generated, hits) in zip(probes, jobs, traces):
         response = lm.tokenizer.decode(generated, skip_special_tokens=True)
@@ -102,14 +114,22 @@ def aggregate(results: Sequence[ProbeResult], num_layers: int, num_heads: int) -
 
 
 def detect(
-    lm: LoadedModel, probes: Sequence[Probe], extra_tokens: int = 24, progress: bool = True, batch_size: int = 1
+    lm: LoadedModel,
+    probes: Sequence[Probe],
+    extra_tokens: int = 24,
+    progress: bool = True,
+    batch_size: int = 1,
+    share_prefix: bool = True,
 ) -> list[ProbeResult]:
     """Run every probe in order (one progress line each on stderr unless ``progress`` is off). ``batch_size``
-    > 1 decodes that many probes per forward pass (faster on CPU; equal up to float round-off, see batched)."""
+    > 1 decodes that many probes per forward pass (faster on CPU; equal up to float round-off, see batched).
+    ``share_prefix`` prefills the prompt prefix a probe shares with the previous one once (bit-identical
+    results, see harness_ext.heads.prefix); off, every probe is prefilled alone."""
     results: list[ProbeResult] = []
     size = max(1, batch_size)
+    prompts = PromptCaches(lm.model, share=share_prefix)
     for start in range(0, len(probes), size):
-        for res in run_probes(lm, probes[start : start + size], extra_tokens):
+        for res in run_probes(lm, probes[start : start + size], extra_tokens, prompts):
             results.append(res)
             if progress:
                 mark = "ok " if res.retrieved else "miss"

@@ -10,6 +10,7 @@ from harness_ext.heads import batched
 from harness_ext.heads import detect as heads
 from harness_ext.heads import probes as heads_probes
 from harness_ext.heads.model import load_model
+from harness_ext.heads.steps import prefill
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +32,7 @@ def test_prefill_keeps_the_cache_of_a_full_forward(tiny):
     ids = torch.randint(100, 5000, (60,)).tolist()
     with torch.inference_mode():
         full = tiny.model(input_ids=torch.tensor([ids[:-1]]), use_cache=True).past_key_values
-        ours = heads.prefill(tiny.model, ids)
+        ours = prefill(tiny.model, ids)
     for a, b in zip(full.layers, ours.layers):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
 
