@@ -15,12 +15,18 @@ are ``needles heads``' (needle tokens + 24, stop at a newline or end of turn: th
 for SmolLM2's tokenizer), so both sides decode the same tokens.
 
 ``needles heads`` side: harness_ext.heads (model.load_model, probes.niah_probes, detect.detect,
-detect.aggregate), i.e. SDPA prefill (LM head on the last position only), eager attention plus an argmax per
-head on the decode steps. ``--batch N`` runs it with ``detect(batch_size=N)``: N probes decoded per forward pass
+detect.aggregate), i.e. SDPA prefill in 256-token blocks continued from the previous probe's shared prefix (LM
+head on the last position only), eager attention plus an argmax per head on the decode steps. ``--batch N`` runs it with ``detect(batch_size=N)``: N probes decoded per forward pass
 (one row per ``--batch`` value; 1 is the default, one probe at a time). ``--profile DIR`` writes a cProfile of
 each side's detection to DIR/<side>-<length>[-b<N>].prof (read it with ``python -m pstats``).
-``--interleaved ROUNDS`` instead runs both sides in one process, alternating, and prints best-of times and
-whether the counts are identical (a fair speed ratio on a loaded machine; no memory figures).
+``--interleaved ROUNDS`` instead runs every side in one process, alternating, and prints best-of times (a fair
+speed ratio on a loaded machine; no memory figures) near the floor of the work (issue 25): ours with prefix
+sharing (the default: the haystack before the needle is prefilled once for the probes that share it,
+harness_ext.heads.prefix), ours without it, the reference loop, and plain greedy generation (transformers'
+``generate``, SDPA, no capture, same prompts, budget and stop rule: the model's own work). It prints
+``python ../shared/tools/machine_speed.py``'s numbers before and after, the prompt tokens reused, the ratios
+(goals: shared / plain <= 1.3, reference / shared >= 2) and checks shared == unshared bit for bit (hits, replies,
+the score grid as heads.json writes it; exit 1 otherwise). ``--num-needles N`` uses the first N needles.
 
 Each (side, length) runs in a fresh subprocess (same probes: the reference needles over the
 deterministic filler, built by harness_ext.heads.probes). Wall time covers detection only (model load
@@ -236,12 +242,12 @@ def plain_generate(model, tokenizer, ids: list[int], max_new: int, stop: set[int
 
 
 def shared_tokens(encoded: list[tuple[list[int], tuple[int, int]]]) -> tuple[int, int]:
-    """(prompt tokens prefilled, of which reused) by prefix sharing in this probe order (no model work)."""
-    from harness_ext.heads.prefix import common_prefix
+    """(prompt tokens, of which reused) by prefix sharing in detection's order, batch 1 (no model work)."""
+    from harness_ext.heads.prefix import common_prefix, sharing_order
     from harness_ext.heads.steps import PREFILL_BLOCK
 
     total, reused, prev = 0, 0, None
-    for ids, _ in encoded:
+    for ids, _ in (encoded[i] for i in sharing_order([e[0] for e in encoded])):
         total += len(ids) - 1
         if prev is not None:
             reused += common_prefix(prev, ids[:-1]) // PREFILL_BLOCK * PREFILL_BLOCK

@@ -21,7 +21,7 @@ import torch
 
 from harness_ext.heads.batched import Job, batched_traces
 from harness_ext.heads.model import LoadedModel, stop_token_ids
-from harness_ext.heads.prefix import PromptCaches
+from harness_ext.heads.prefix import PromptCaches, sharing_order
 from harness_ext.heads.probes import success
 from harness_ext.heads.prompts import Probe, encode
 from harness_ext.heads.steps import copy_hits
@@ -121,22 +121,30 @@ def detect(
     batch_size: int = 1,
     share_prefix: bool = True,
 ) -> list[ProbeResult]:
-    """Run every probe in order (one progress line each on stderr unless ``progress`` is off). ``batch_size``
-    > 1 decodes that many probes per forward pass (faster on CPU; equal up to float round-off, see batched).
-    ``share_prefix`` prefills the prompt prefix a probe shares with the previous one once (bit-identical
+    """Run every probe (one progress line each on stderr unless ``progress`` is off); results in ``probes``' order.
+    ``batch_size`` > 1 decodes that many probes per forward pass (faster on CPU; equal up to float round-off, see
+    batched). ``share_prefix`` prefills the prompt prefix a probe shares with the one before it once (bit-identical
     results, see harness_ext.heads.prefix); off, every probe is prefilled alone."""
-    results: list[ProbeResult] = []
     size = max(1, batch_size)
     prompts = PromptCaches(lm.model, share=share_prefix)
-    for start in range(0, len(probes), size):
-        for res in run_probes(lm, probes[start : start + size], extra_tokens, prompts):
-            results.append(res)
+    order = list(range(len(probes)))
+    if prompts.sharing and size == 1:
+        # One probe at a time, a probe's result does not depend on its neighbours: decode in the order that
+        # shares the most (batches keep their order, since a batch's round-off depends on who is in it).
+        order = sharing_order([encode(lm.tokenizer, p, lm.chat)[0] for p in probes])
+    results: list[ProbeResult | None] = [None] * len(probes)
+    done = 0
+    for start in range(0, len(order), size):
+        chunk = order[start : start + size]
+        for i, res in zip(chunk, run_probes(lm, [probes[i] for i in chunk], extra_tokens, prompts)):
+            results[i] = res
+            done += 1
             if progress:
                 mark = "ok " if res.retrieved else "miss"
                 print(
-                    f"[needles heads] {len(results)}/{len(probes)} {mark} {res.probe.probe_id} ({res.n_tokens} tok): "
+                    f"[needles heads] {done}/{len(probes)} {mark} {res.probe.probe_id} ({res.n_tokens} tok): "
                     f"{res.response[:60]!r}",
                     file=sys.stderr,
                     flush=True,
                 )
-    return results
+    return [r for r in results if r is not None]

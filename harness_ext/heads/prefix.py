@@ -12,8 +12,10 @@ prefills only the rest. The kept tokens sit at the same absolute positions (RoPE
 they are cached), and the blocks are the ones a lone prefill computes, so the cache is bit-identical to
 prefilling the probe alone (tests/heads/test_heads_prefix.py) and so are every reply, hit and score.
 
-Probes in detection order (needle, length, depth ascending) make the previous probe the best one to share
-with: the shared part is the haystack before the shallower needle. Sharing needs transformers' plain growing
+One probe at a time, detection decodes the probes in lexicographic order of their token ids (``sharing_order``):
+then the previous probe is always one that shares the longest prefix, so the haystack before each needle is
+prefilled once for every needle and depth of a length (what cannot be shared: each probe's needle and the
+haystack after it, whose positions and context differ). Sharing needs transformers' plain growing
 cache (``DynamicLayer`` in every layer); a model whose cache has sliding-window or other layers is prefilled
 one probe at a time in one pass, as before blocks existed (``PromptCaches.sharing`` is then False).
 """
@@ -48,6 +50,13 @@ def common_prefix(a: list[int], b: list[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+def sharing_order(prompts: list[list[int]]) -> list[int]:
+    """Indices of ``prompts`` in lexicographic order of their token ids: a depth-first walk of their prefix tree,
+    in which each prompt's longest common prefix with *any* other is shared with the one just before it, so
+    keeping only the previous prompt's cache prefills every tree node once."""
+    return sorted(range(len(prompts)), key=lambda i: prompts[i])
 
 
 def _view(kv: list[tuple[torch.Tensor, torch.Tensor]], length: int) -> Cache:
