@@ -79,8 +79,12 @@ def lora_model(path: str):
     return get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", bias="none", **LORA))
 
 
-def trainer_args(cls, tmp: str, batch_size: int, lr: float, **extra):
-    """The optimisation every Trainer-based side shares (needles: cosine, 5% warmup, AdamW, clip 1.0)."""
+def trainer_args(
+    cls, tmp: str, batch_size: int, lr: float, gradient_checkpointing: bool = False, warmup: float = 0.05, **extra
+):
+    """The optimisation every Trainer-based side shares (needles: cosine, 5% warmup, AdamW, clip 1.0).
+
+    ``warmup``: a ratio below 1, else whole steps (bench_finetune_long passes needles' rounded step count)."""
     import torch
 
     return cls(
@@ -89,13 +93,14 @@ def trainer_args(cls, tmp: str, batch_size: int, lr: float, **extra):
         num_train_epochs=1,
         learning_rate=lr,
         lr_scheduler_type="cosine",
-        warmup_steps=0.05,  # transformers 5: a float below 1 is a ratio
+        warmup_steps=warmup,  # transformers 5: a float below 1 is a ratio (rounded up to whole steps)
         logging_steps=1,
         save_strategy="no",
         report_to=[],
         use_cpu=not torch.cuda.is_available(),
         bf16=torch.cuda.is_available(),
-        gradient_checkpointing=False,  # TRL's default is True; needles' is False
+        gradient_checkpointing=gradient_checkpointing,  # TRL's default is True; needles' is off below 2,048 tokens
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None,
         dataloader_num_workers=0,
         disable_tqdm=True,
         seed=0,
