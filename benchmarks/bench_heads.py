@@ -303,13 +303,15 @@ def interleaved(args: argparse.Namespace, length: int, rounds: int) -> dict:
     }
     sides.update({f"ours shared b{b}": ours(b, True) for b in args.batch if b > 1})  # round-off vs b1: see batched
     times: dict[str, list[float]] = {k: [] for k in sides}
+    cpu: dict[str, list[float]] = {k: [] for k in sides}  # process CPU seconds: less load-dependent with 1 thread
     same_shared, same_ref, same_plain = True, True, True
     for r in range(rounds):
         out = {}
         for name in list(sides) if r % 2 == 0 else list(sides)[::-1]:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out[name] = sides[name]()
             times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
         base, res = out["ours unshared"], out["ours shared"]
         same_shared &= grid(res) == grid(base)
         same_shared &= all(np.array_equal(a.hits, c.hits) and a.response == c.response for a, c in zip(res, base))
@@ -317,13 +319,15 @@ def interleaved(args: argparse.Namespace, length: int, rounds: int) -> dict:
         same_plain &= all(
             lm.tokenizer.decode(g, skip_special_tokens=True) == a.response for a, g in zip(base, out["plain generate"])
         )
-        print(f"{length} round {r}: " + ", ".join(f"{k} {v[-1]:.1f}s" for k, v in times.items()), file=sys.stderr)
+        line = ", ".join(f"{k} {v[-1]:.1f}s (cpu {cpu[k][-1]:.1f}s)" for k, v in times.items())
+        print(f"{length} round {r}: {line}", file=sys.stderr)
     total, reused = shared_tokens(encoded)
     return {
         "length": length,
         "tokens": [len(i) for i, _ in encoded],
         "best": {k: min(v) for k, v in times.items()},
         "times": times,
+        "cpu_seconds": cpu,
         "retrieved": sum(r.retrieved for r in base),
         "prompt_tokens": total,
         "reused_tokens": reused,
