@@ -2,7 +2,8 @@
 
 Why: probes of one length differ only from the needle on (the chat preamble and the haystack before the
 needle are the same tokens at the same positions for every depth, and for every needle: the filler is one
-seeded sequence). Prefilling that common prefix once per probe is most of detection's work at 2K-4K tokens.
+seeded sequence). Prefilling that prefix again for every probe is a large part of detection's work at 2K-4K
+tokens (the prefill is most of it there).
 
 How: the previous probe's prompt cache is kept (its key/value tensors: decoding grows a cache by
 concatenation into new tensors, so the kept ones stay as they were); the next probe keeps the longest common
