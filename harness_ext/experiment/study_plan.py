@@ -212,7 +212,8 @@ def run_step(study: st.Study, steps: list[PlannedStep], name: str) -> dict:
     if missing:
         raise NeedlesError(f"step {name} needs {', '.join(missing)} first", fix="run those steps (see plan.json)")
     planned = Step(name, step_argv(study, name), work(study, step, runner), step.folder, keep_partial=step.keep_partial)
-    return runner.run([planned])[name]
+    # numbered within the whole plan ("5/14 knockout:real"), also when a Ray task runs this one step
+    return runner.run([planned], first=steps.index(step) + 1, total=len(steps))[name]
 
 
 def log_mde(study: st.Study) -> None:
