@@ -269,11 +269,21 @@ def predict(coef: list[float], n: float) -> float:
 
 
 def longest_under(coef: list[float], limit: float, cap: int) -> int:
-    """The longest multiple of 1,024 tokens (up to ``cap``) whose fitted peak stays under ``limit`` bytes."""
-    L = 1024
-    while predict(coef, L + 1024) <= limit and L < cap:
-        L += 1024
+    """The longest multiple of the grain (1,024 tokens; 64 when ``cap`` is under 8,192) up to ``cap`` whose fitted
+    peak stays under ``limit`` bytes; 0 when none does."""
+    grain = 1024 if cap >= 8192 else 64
+    L = 0
+    while L + grain <= cap and predict(coef, L + grain) <= limit:
+        L += grain
     return L
+
+
+def step_seconds(rows: list[dict], L: int) -> float:
+    """One step at L tokens from the measured steps: L x (a + bL) seconds (time per token grows with attention),
+    or L x the slowest measured time per token where the fit does not grow."""
+    per_token = [r["seconds"] / r["real_tokens"] for r in rows]
+    a, b = fit([r["longest"] for r in rows], per_token, 1)
+    return L * (a + b * L) if a >= 0 and b >= 0 else L * max(per_token)
 
 
 def mem_total() -> int:
@@ -304,15 +314,17 @@ def fit_memory(args: argparse.Namespace) -> int:
         coef = fit(xs, [peak_of(r) for r in rows], 2 if len(rows) >= 3 else 1)
         if coef[-1] < 0 or (len(coef) == 3 and coef[2] < 0):  # a falling curve would never reach the limit
             coef = fit(xs, [peak_of(r) for r in rows], 1)
-        tcoef = fit(xs, [r["seconds"] for r in rows], 2 if len(rows) >= 3 else 1)
         L, L_usable = (longest_under(coef, x, args.fit_max) for x in (args.fit_memory * GIB, usable))
+        if not L_usable:
+            print(f"{mode}: even the shortest length is predicted over the limit ({predict(coef, 1024) / GIB:.2f} GiB)")
+            continue
         terms = " + ".join(f"{k / GIB:.3g}" + (f" L^{i}" if i else "") for i, k in enumerate(coef))
         print(f"{mode}: peak GiB = {terms} (measured at {xs}: {[round(peak_of(r) / GIB, 2) for r in rows]}); "
               f"longest under {args.fit_memory:g} GiB: {L} tokens (arithmetic, predicted peak "
-              f"{predict(coef, L) / GIB:.2f} GiB, one step ~{predict(tcoef, L):.0f} s)")  # fmt: skip
+              f"{predict(coef, L) / GIB:.2f} GiB, one step ~{step_seconds(rows, L):.0f} s)")  # fmt: skip
         if not args.confirm:
             continue
-        step_s = predict(tcoef, L_usable)
+        step_s = step_seconds(rows, L_usable)
         if step_s > args.confirm_budget:
             print(f"{mode}: no confirming run at {L_usable} (one step ~{step_s:.0f} s > --confirm-budget)")
             continue
@@ -337,7 +349,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--loss-tol", type=float, default=0.05)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    ap.add_argument("--kill-above", type=float, default=23.0, help="GiB of RSS at which a run is stopped")
+    ap.add_argument("--kill-above", type=float, help="GiB of RSS at which a run is stopped (MemTotal - 1.5)")
     ap.add_argument("--fit-memory", type=float, help="GiB: find the longest length that fits (needles)")
     ap.add_argument("--fit-max", type=int, default=262144, help="with --fit-memory: the longest length searched")
     ap.add_argument("--confirm-budget", type=float, default=3600, help="skip a confirming step predicted longer (s)")
@@ -348,6 +360,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.child:
         return long_sides.child_main(json.loads(args.child), Path(args.child_out))
+    if args.kill_above is None:  # before the kernel's OOM killer, which would take the parent too
+        args.kill_above = round(mem_total() / GIB - 1.5, 1)
     return fit_memory(args) if args.fit_memory else bench(args)
 
 
