@@ -6,9 +6,10 @@ order, and a window starting at a seeded sentence start of the book haystack
 :mod:`harness_ext.tasklib.niah_generator`). Each sample is rendered at every target length (the
 window grows from the same start) and, for each length, at every depth with the *same* window and
 needle, so depth effects are paired. The window is a run of words for which the prompt at every
-depth fits the target in the evaluated model's tokens while one more word would not (both checked by
-full tokenization); the needle goes in at the sentence boundary nearest to the requested depth (in
-tokens of the window).
+depth fits the target in the evaluated model's tokens while one more word would not (both by exact
+counts: whole-prompt tokenization, or for byte-level tokenizers an exact sum of separately tokenized
+parts, see :mod:`harness_ext.tasklib.niah_count`); the needle goes in at the sentence boundary
+nearest to the requested depth (in tokens of the window).
 
 Determinism: the needle order is SHA-256 based and window starts come from
 ``numpy.random.default_rng([seed, 7, sample])`` (PCG64), so equal metadata, data files and

@@ -43,7 +43,7 @@ from harness_ext.data.sources import (
     fetch,
 )
 from harness_ext.tasklib.breakdowns import format_depth
-from harness_ext.tasklib.token_budget import count_plain
+from harness_ext.tasklib.token_budget import count_pieces
 
 DEFAULT_TEMPLATE = "niah/single.jinja"
 HAYSTACK_MODES = ("text", "raw")
@@ -189,7 +189,7 @@ class PieceStream:
             texts = [self.pieces[i] for i in todo]
             new = sorted({t for t in texts if t not in self.known})  # sorted: the same calls on every run
             if new:
-                self.known.update(zip(new, count_plain(self.tokenizer, new).tolist()))
+                self.known.update(zip(new, count_pieces(self.tokenizer, new).tolist()))
             self.cost[todo] = [self.known[t] for t in texts]
         return np.concatenate([[0], np.cumsum(self.cost[idx])])
 

@@ -168,11 +168,19 @@ def test_cache_hit_does_not_regenerate(meta, rows, monkeypatch):
 
 
 class _PlainSearch(harness_ext.tasklib.niah_generator.NiahGenerator):
-    """The window search as first written: every visited window rendered and tokenized at every depth."""
+    """The window search as first written: every visited window rendered and tokenized in full at every depth."""
+
+    splice = False
 
     def _try(self, needle, start, k, length, fitting):
         n, res = self._render(needle, start, k)
         return n, (res if n <= length else None)
+
+
+class _NoSplice(harness_ext.tasklib.niah_generator.NiahGenerator):
+    """The cheaper search without the sums (the path of other tokenizers): early rejection only."""
+
+    splice = False
 
 
 def _skewed(cls, scale: float):
@@ -187,8 +195,8 @@ def _skewed(cls, scale: float):
 
 @pytest.mark.parametrize(("haystack", "scale"), [("text", 1.0), ("raw", 1.0), ("text", 0.5), ("raw", 2.5)])
 def test_cheaper_search_gives_the_rows_of_the_plain_search(meta, smollm2_dir, monkeypatch, haystack, scale):
-    """Early rejection and the memoised frame and piece costs change the cost, never a decision or a byte."""
-    from harness_ext.tasklib import niah_generator
+    """Summed counts, early rejection and the memoised costs change the cost, never a decision or a byte."""
+    from harness_ext.tasklib import niah_count, niah_generator
     from harness_ext.tasklib.niah_haystack import NiahSpec, load_reference_needles
 
     tok = load_tokenizer(str(smollm2_dir))
@@ -196,19 +204,28 @@ def test_cheaper_search_gives_the_rows_of_the_plain_search(meta, smollm2_dir, mo
     needles, _ = load_reference_needles(meta)
     lengths = (300, 1024, 2048) if scale == 1.0 else (200, 700)
     spec = NiahSpec(lengths=lengths, depths=tuple(DEPTHS), num_samples=4, seed=9, haystack=haystack)
-    tokenized = []
+    chars = []  # characters sent to the tokenizer for prompts and prompt parts (piece costs are shared)
 
-    def counting(tokenizer, texts):
-        tokenized.append(len(texts))
-        return count_tokens(tokenizer, texts)
+    def counting(count):
+        def wrapped(tokenizer, texts):
+            chars.append(sum(map(len, texts)))
+            return count(tokenizer, texts)
 
-    monkeypatch.setattr(niah_generator, "count_tokens", counting)
+        return wrapped
+
+    monkeypatch.setattr(niah_generator, "count_tokens", counting(count_tokens))
+    monkeypatch.setattr(niah_count, "count_plain", counting(count_plain))
     stream = piece_stream(text, tok)
-    fast = _skewed(niah_generator.NiahGenerator, scale)(spec, needles, stream, tok).generate()
-    n_fast, tokenized[:] = sum(tokenized), []
-    plain = _skewed(_PlainSearch, scale)(spec, needles, stream, tok).generate()
-    assert json.dumps(fast) == json.dumps(plain)
-    assert n_fast < sum(tokenized)
+    spent, rows = [], []
+    for cls in (niah_generator.NiahGenerator, _NoSplice, _PlainSearch):
+        chars[:] = []
+        rows.append(_skewed(cls, scale)(spec, needles, stream, tok).generate())
+        spent.append(sum(chars))
+    assert json.dumps(rows[0]) == json.dumps(rows[2]) and json.dumps(rows[1]) == json.dumps(rows[2])
+    assert spent[0] < spent[1] < spent[2]
+    if haystack == "text":  # no window wraps the book: every cell is summed, tokenizing a tenth of the prompts
+        assert spent[0] < spent[2] / 5
+    fast = rows[0]
     assert all(r["n_tokens"] <= r["target_tokens"] for r in fast)
     # the counting path (offset-free batch encode) agrees with the tokenizer's own call
     prompts = [r["prompt"] for r in fast[:: len(DEPTHS)]]
