@@ -20,12 +20,13 @@ Each run is its own subprocess, so its peak memory is its own: peak RSS from ``w
 RSS passes ``--kill-above`` GiB (reported as not fitting). tokens/s = real tokens / seconds of the training
 loop (model loading excluded); final loss = mean of the last 10 step losses, as in bench_finetune.
 
-    .venv/bin/python benchmarks/bench_finetune_long.py --lengths 4096 8192 16384 --steps 3 --json long.json
+    .venv/bin/python benchmarks/bench_finetune_long.py --lengths 4096 8192 16384 --steps 2 --json long.json
     .venv/bin/python benchmarks/bench_finetune_long.py --fit-memory 24 --lengths 2048 4096 8192 --confirm
 
 ``--fit-memory GIB``: needles alone, one step per length with gradient checkpointing on and off; fits
 peak = c0 + c1 L + c2 L^2 (a line with two lengths) and reports the longest multiple of 1,024 tokens whose
-predicted peak is under GIB; ``--confirm`` then trains one step there under the watchdog.
+predicted peak is under GIB (arithmetic); ``--confirm`` then trains one step at the longest length under the memory
+a process can have here (GIB, at most MemTotal - 2 GiB) with the watchdog at that limit (measured).
 
 Goal (issue 25): needles >= 1.5x TRL's tokens/s at every length, at no more peak memory, final loss within 5%
 (needles <= TRL x 1.05). Exit 1 when a length misses it.
