@@ -135,27 +135,6 @@ def make_endpoint(url: str, model: str, tokenizer: str | None) -> Endpoint:
                     _no_comma(resolve_tokenizer(model, tokenizer), "tokenizer"))  # fmt: skip
 
 
-def endpoint_window(endpoint: Endpoint, max_model_len: int | None) -> tuple[int, str]:
-    """(window, where it comes from) for an endpoint: ``--max-model-len``, else vLLM's rule on the tokenizer's folder
-    (``served_window``: its config.json capped by model_max_length), else the tokenizer's model_max_length alone (a
-    tokenizer-only folder has no config.json). Never guessed: none of them is exit 2."""
-    from harness_ext.core.rope import read_config_json, tokenizer_max_length
-    from harness_ext.experiment.scorecard_plan import served_window
-
-    if max_model_len is None and read_config_json(endpoint.tokenizer) is None:
-        cap = tokenizer_max_length(endpoint.tokenizer)
-        if not cap:
-            raise NeedlesError(
-                f"cannot read the served window: the tokenizer {endpoint.tokenizer} has no config.json and no "
-                "model_max_length",
-                fix="pass --max-model-len N: the window the endpoint serves (vLLM: its --max-model-len)",
-            )
-        window, source = cap, "the tokenizer's model_max_length"
-    else:
-        window, source = served_window(endpoint.tokenizer, max_model_len)
-    return window, source if source == "--max-model-len" else f"{source} in the tokenizer folder {endpoint.tokenizer}"
-
-
 def check_generation_tasks(tasks: list[str]) -> None:
     """Refuse tasks a chat endpoint cannot score: only ``generate_until`` gets an answer from chat completions."""
     from harness_ext.plugin.registration import tasks_dir

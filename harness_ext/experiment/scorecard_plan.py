@@ -126,6 +126,26 @@ def served_window(served: str, max_model_len: int | None) -> tuple[int, str]:
     return window, source
 
 
+def endpoint_window(endpoint: Endpoint, max_model_len: int | None) -> tuple[int, str]:
+    """(window, where it comes from) for an endpoint: ``--max-model-len``, else vLLM's rule on the tokenizer's folder
+    (``served_window``: its config.json capped by model_max_length), else the tokenizer's model_max_length alone (a
+    tokenizer-only folder has no config.json). Never guessed: none of them is exit 2."""
+    from harness_ext.core.rope import read_config_json, tokenizer_max_length
+
+    if max_model_len is None and read_config_json(endpoint.tokenizer) is None:
+        cap = tokenizer_max_length(endpoint.tokenizer)
+        if not cap:
+            raise NeedlesError(
+                f"cannot read the served window: the tokenizer {endpoint.tokenizer} has no config.json and no "
+                "model_max_length",
+                fix="pass --max-model-len N: the window the endpoint serves (vLLM: its --max-model-len)",
+            )
+        window, source = cap, "the tokenizer's model_max_length"
+    else:
+        window, source = served_window(endpoint.tokenizer, max_model_len)
+    return window, source if source == "--max-model-len" else f"{source} in the tokenizer folder {endpoint.tokenizer}"
+
+
 def ladder(window: int, start: int = LADDER_START) -> list[int]:
     """Powers of two from ``start`` below the top, then the top itself (the window less the reserve)."""
     top = window - TOP_RESERVE
@@ -157,13 +177,11 @@ def make_plan(
     endpoint: Endpoint | None = None,
 ) -> ScorecardPlan:
     """The runs of the scorecard (every option checked; nothing loaded but the model's config). With ``endpoint``
-    the window comes from its tokenizer (``scorecard_endpoint.endpoint_window``) and only chat-completion tasks run."""
+    the window comes from its tokenizer (``endpoint_window``) and only chat-completion tasks run."""
     if budget not in BUDGETS:
         raise NeedlesError(f"--budget {budget!r} is not a budget", fix=f"choose one of {', '.join(BUDGETS)}")
     b = BUDGETS[budget]
     if endpoint is not None:
-        from harness_ext.experiment.scorecard_endpoint import endpoint_window
-
         window, source = endpoint_window(endpoint, max_model_len)
     else:
         window, source = served_window(served, max_model_len)
