@@ -8,9 +8,7 @@ VENV=${NEEDLES_VENV:-.venv}
 PYTHON=${PYTHON:-python3}
 
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-# --no-compile: pip byte-compiles all ~31K installed modules (~57 s of one core here); Python compiles the ~6K a
-# process imports on first use instead (and caches them), so setup does less and nothing is left out.
-PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-compile)
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
 
 echo "[setup] installing lm-eval-needles and its dependencies into $VENV (a few minutes the first time)" >&2
 if [ "${NEEDLES_GPU:-0}" = "1" ]; then
