@@ -1,11 +1,17 @@
 """Evaluation overhead: lm-eval + this plugin vs raw vLLM on one engine, same prompts, same sampling.
 
-Run: python benchmarks/bench_eval_overhead.py [--sizes 4 8] [--tasks kv1k kv4k niah mdqa] [--out FILE.json]
-(mdqa = the 20-document setting on the fixture built from the real oracle file, as the test suite does)
+Run: python benchmarks/bench_eval_overhead.py [--sizes 4 8] [--tasks kv1k kv4k niah mdqa kv8k kv16k] [--out FILE.json]
+(mdqa = the 20-document setting on the fixture built from the real oracle file, as the test suite does;
+kv8k / kv16k = 7,680 / 15,872-token prompts, not in the default set: the 16K one serves SmolLM2 past its 8K window
+with the training-free YaRN override ``needles`` suggests, ``harness_ext.core.rope.suggested_overrides``)
 (wrap it in ``flock /tmp/needles-heavy.lock`` on a shared machine: it starts vLLM).
 
-One ``vllm.LLM`` is built once (engine start not timed) with the project's CPU engine options
-(harness_ext.plugin.runner.VLLM_CPU_ARGS) inside lm-eval's own ``VLLM`` model class, the object
+Tasks that need another engine window (4K, 8K, 16K + RoPE override) run in one child process per window, so each
+engine starts clean and its memory goes with it; the parent merges the children's measurements.
+
+One ``vllm.LLM`` per window is built once (engine start not timed) with the project's CPU engine options
+(harness_ext.plugin.runner.VLLM_CPU_ARGS, and the ``max_num_seqs`` cap its eval commands add for long windows)
+inside lm-eval's own ``VLLM`` model class, the object
 ``lm_eval run --model vllm`` builds. Per task and workload size:
 
 * harness: ``lm_eval.simple_evaluate(model=<that VLLM>, tasks=[task], metadata=..., apply_chat_template=True,
@@ -31,6 +37,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +49,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NEEDLES_SHARED_DATA", REPO.parent / "shared" / "data"))
 MUST_RATIO = 1.10
 MAX_MODEL_LEN = 4608  # 4K prompts + max_gen_toks fit (the plugin's length guard refuses what does not)
+DEFAULT_TASKS = ("kv1k", "kv4k", "niah", "mdqa")
+# label -> engine window (max_model_len); a window past the model's own gets the suggested RoPE override
+WINDOWS = {"kv8k": 8192, "kv16k": 16384}
 
 # label -> (lm-eval task, metadata for n prompts, default sizes)
 TASKS = {
@@ -62,6 +72,10 @@ TASKS = {
         },
         (2, 4),
     ),
+    # the lengths of the extension experiment (examples/experiments/smollm2_extend_cpu.yaml): a window minus room
+    # for the reply and the chat template
+    "kv8k": ("kv_retrieval_simple", lambda n: {"lengths": [7680], "depths": [0.5], "num_samples": n}, (1, 2)),
+    "kv16k": ("kv_retrieval_simple", lambda n: {"lengths": [15872], "depths": [0.5], "num_samples": n}, (1, 2)),
 }
 
 
@@ -141,11 +155,16 @@ def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(DEFAULT_TASKS))
     parser.add_argument("--sizes", type=int, nargs="+", help="workload sizes (prompts per run) for every task")
     parser.add_argument("--model", help="model folder (default: embedded SmolLM2)")
     parser.add_argument("--out", help="also write the measurements as JSON here")
     args = parser.parse_args()
+    groups: dict[int, list[str]] = {}
+    for label in args.tasks:
+        groups.setdefault(WINDOWS.get(label, MAX_MODEL_LEN), []).append(label)
+    if len(groups) > 1:
+        return run_children(args, list(groups.values()))
 
     from harness_ext.plugin.runner import lm_eval_env, vllm_model_args
 
@@ -177,12 +196,19 @@ def main() -> int:
     registration.check_prompt_lengths = timer.wrap("length guard (plugin)", registration.check_prompt_lengths)
 
     model = args.model or str(smollm2_path())
+    window = next(iter(groups))
+    engine_args, overrides = engine_options(model, window)
     t0 = time.perf_counter()
-    lm = VLLM.create_from_arg_string(vllm_model_args(model, MAX_MODEL_LEN), {"batch_size": "auto"})
+    extra = {"batch_size": "auto", **({"hf_overrides": overrides} if overrides else {})}
+    lm = VLLM.create_from_arg_string(vllm_model_args(model, window, engine_args), extra)
     print(f"engine start (not timed below): {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     capture = EngineCapture(lm.model, timer)
 
-    report: dict = {"model": model, "tasks": {}}
+    report: dict = {
+        "model": model,
+        "tasks": {},
+        "engines": {str(window): {"args": engine_args, "hf_overrides": overrides}},
+    }
     ok = True
     for label in args.tasks:
         task, meta_for, default_sizes = TASKS[label]
@@ -230,6 +256,49 @@ def main() -> int:
             "cold_minus_cached_s": runs[0]["harness_s"] - warm[0]["harness_s"],
         }
     shutil.rmtree(work, ignore_errors=True)
+    print_report(report)
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1), encoding="utf-8")
+    print(f"\nmust (marginal harness <= {MUST_RATIO:.2f}x raw vLLM per prompt, every task): {'PASS' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+def engine_options(model: str, window: int) -> tuple[str, dict | None]:
+    """What the plugin's eval commands add for this window on CPU: the ``max_num_seqs`` cap (runner.cpu_max_num_seqs)
+    and, past the model's own window, the training-free YaRN override a user would try first."""
+    from harness_ext.core.rope import read_config_json, rope_window, suggested_overrides
+    from harness_ext.plugin.runner import cpu_max_num_seqs
+
+    config = read_config_json(model) or {}
+    cap = cpu_max_num_seqs(config, window)
+    native = rope_window(config)
+    overrides = suggested_overrides(config, window) if native and window > native else None
+    return (f"max_num_seqs={cap}" if cap else ""), overrides
+
+
+def run_children(args: argparse.Namespace, groups: list[list[str]]) -> int:
+    """One child process per engine window; merge their reports (exit 1 when any child's must fails)."""
+    report: dict = {"tasks": {}, "engines": {}}
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="needles-bench-eval-") as tmp:
+        for i, labels in enumerate(groups):
+            out = Path(tmp) / f"child{i}.json"
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--tasks", *labels, "--out", str(out)]
+            cmd += [
+                *(["--sizes", *map(str, args.sizes)] if args.sizes else []),
+                *(["--model", args.model] if args.model else []),
+            ]
+            print(f"[bench_eval_overhead] {' '.join(labels)} in their own engine", file=sys.stderr, flush=True)
+            rc = subprocess.run(cmd, stdout=sys.stderr).returncode
+            if not out.is_file() or "partial" in (child := json.loads(out.read_text(encoding="utf-8"))):
+                print(f"[bench_eval_overhead] the child for {' '.join(labels)} failed (exit {rc})", file=sys.stderr)
+                return 1
+            ok &= rc == 0
+            report["model"] = child["model"]
+            report["tasks"].update(child["tasks"])
+            report["engines"].update(child["engines"])
+            if args.out:
+                Path(args.out).write_text(json.dumps({**report, "partial": True}, indent=1), encoding="utf-8")
     print_report(report)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1), encoding="utf-8")

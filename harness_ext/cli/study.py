@@ -47,6 +47,7 @@ def _study(args: argparse.Namespace) -> int:
         from harness_ext.experiment.study_cost import estimate, format_study_cost
 
         print(format_study_cost(estimate(study)), file=sys.stderr)  # stdout: the steps, one command each
+        study_plan.log_mde(study)  # what the targets can detect at this n: the point of planning before running
         for s in steps:
             deps = f"  (after {', '.join(s.depends)})" if s.depends and s.kind != "report" else ""
             print(f"# {s.name}{deps}\n{study_plan.tool_command(study, s)}")

@@ -43,11 +43,13 @@ def plan_targets(
     limit: int | None = None,
     effect: float = power.DEFAULT_EFFECT,
     base_rates: dict[str, float] | None = None,
+    discordances: dict[str, float] | None = None,
 ) -> list[power.Planned]:
-    """One planned MDE per (name, lm-eval task) at one-sided ``level`` (the caller's Holm first step)."""
-    rates = base_rates or {}
-    return [power.plan(name, target_n(task, metadata, limit), level, effect=effect, p_base=rates.get(name))
-            for name, task in targets]  # fmt: skip
+    """One planned MDE per (name, lm-eval task) at one-sided ``level`` (the caller's Holm first step); at a pilot's
+    discordance where ``discordances`` has one, else at independent errors around the base rate."""
+    rates, psis = base_rates or {}, discordances or {}
+    return [power.plan(name, target_n(task, metadata, limit), level, effect=effect, p_base=rates.get(name),
+                       psi=psis.get(name)) for name, task in targets]  # fmt: skip
 
 
 def beside(base: np.ndarray, new: np.ndarray, level: float) -> dict:
@@ -89,5 +91,6 @@ def study_plan_text(cfg, runs: int) -> str:
     """The block ``needles study`` prints before its steps: each target's MDE against the base model at Holm's first
     step over the runs x targets two-sided tests of "vs base" (one-sided alpha 0.05 / 2m)."""
     level = 0.05 / (2 * max(runs * len(cfg.targets), 1))
-    planned = plan_targets([(t.name, t.task) for t in cfg.targets], cfg.metadata, level, cfg.limit)
+    psis = {t.name: t.discordance for t in cfg.targets if t.discordance is not None}
+    planned = plan_targets([(t.name, t.task) for t in cfg.targets], cfg.metadata, level, cfg.limit, discordances=psis)
     return power.format_plan(planned, "", power.DEFAULT_EFFECT).lstrip()

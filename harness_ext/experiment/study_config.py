@@ -68,6 +68,9 @@ class Target:
     metric: str
     filter: str = "none"
     label: str = ""
+    # the share of documents base and a finetuned run disagree on, from a pilot: the planned MDE uses it instead of
+    # independent errors (finetunes of one model share most errors, so the worst case overstates the n needed)
+    discordance: float | None = None
 
     @property
     def name(self) -> str:
@@ -152,6 +155,13 @@ def _target(path: str, i: int, raw: object) -> Target:
     for key in ("task", "metric"):
         if not isinstance(raw.get(key), str) or not raw.get(key):
             raise _fail(path, f"{where} needs a {key}", fix)
+    psi = raw.get("discordance")
+    if psi is not None and (isinstance(psi, bool) or not isinstance(psi, (int, float)) or not 0 < psi <= 1):
+        raise _fail(
+            path,
+            f"{where}.discordance must be a share of documents in (0, 1] (got {psi!r})",
+            "give the pilot's discordant share, e.g. `discordance: 0.29` for 7 of 24, or leave it out",
+        )
     return Target(**raw)
 
 

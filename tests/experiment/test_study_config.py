@@ -57,6 +57,11 @@ BAD = [
     ("no reference", lambda c: {**c, "reference_variant": "gold"}, "reference_variant 'gold' is not one"),
     ("no targets", lambda c: {**c, "targets": []}, "needs a non-empty targets list"),
     ("target metric", lambda c: {**c, "targets": [{"task": "niah_single"}]}, "targets[0] needs a metric"),
+    (
+        "discordance",
+        lambda c: {**c, "targets": [{**c["targets"][0], "discordance": 1.5}]},
+        "targets[0].discordance must be a share of documents in (0, 1] (got 1.5)",
+    ),
     ("backend", lambda c: {**c, "backend": "tgi"}, "backend 'tgi' is unknown"),
     ("executor", lambda c: {**c, "executor": "slurm"}, "executor 'slurm' is unknown"),
     ("seeds", lambda c: {**c, "seeds": [0, 0]}, "seeds [0, 0] is not a list of distinct seeds"),
@@ -124,6 +129,23 @@ def test_dry_run_prints_every_step_and_writes_nothing(capsys, tmp_path, tiny_lla
     assert code == 0 and "lora_local_path" not in out
     assert f"pretrained={tmp_path / 'out' / 'runs' / 'synth' / 'finetune' / 'merged'}," in evals["eval:synth"]
     assert f"pretrained={tiny_llama_dir}," in evals["eval:base"]
+
+
+def test_dry_run_prints_the_mde_at_a_pilots_discordance(capsys, tmp_path, tiny_llama_dir):
+    """The plan says what the targets can detect before anything runs; a pilot's discordance replaces the worst case
+    (independent errors at 0.5), which for finetunes of one model overstates the n a study needs."""
+    config = _base(str(tiny_llama_dir))
+    config["metadata"] = {"num_dicts": 4, "num_samples": 100, "lengths": [512], "depths": [0.5]}  # n 100
+    code, _, err = _run(capsys, tmp_path, config, "--dry-run")
+    worst = next(line for line in err.splitlines() if line.strip().startswith("kv_retrieval_simple: MDE"))
+    assert code == 0 and "at n 100" in worst and "base rate unknown, 0.5 assumed" in worst, err
+    config["targets"] = [{**config["targets"][0], "discordance": 0.1}]
+    code, _, err = _run(capsys, tmp_path, config, "--dry-run")
+    pilot = next(line for line in err.splitlines() if line.strip().startswith("kv_retrieval_simple: MDE"))
+    assert code == 0 and "discordance 0.100" in pilot
+    mde = [float(line.split("MDE ")[1].split()[0]) for line in (worst, pilot)]
+    assert mde[1] < mde[0]  # fewer discordant documents: a smaller change is detectable at the same n
+    assert not (tmp_path / "out").exists()
 
 
 def test_step_misuse_and_a_folder_of_another_study(capsys, tmp_path, tiny_llama_dir):
