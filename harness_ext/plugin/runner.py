@@ -118,7 +118,7 @@ def adapter_rank(adapter_dir: str | Path) -> int:
     return max(ranks)
 
 
-# Below this many full-window sequences in the KV cache, long prompts evict each other (see cpu_max_num_seqs).
+# Below this many full-window sequences in the KV cache, long prompts could evict each other (see cpu_max_num_seqs).
 CPU_FULL_WINDOWS = 8
 
 
@@ -128,10 +128,10 @@ def cpu_max_num_seqs(config: dict | None, max_model_len: int, kv_space_gib: floa
     ``CPU_FULL_WINDOWS``; None otherwise (vLLM's own default), or without the model's config.
 
     Why: vLLM's scheduler admits a waiting request as soon as its first prefill chunk fits, then preempts a running
-    one when the cache runs out, and a preempted request starts its prefill again from token 0. With 38 prompts of
-    4K-16K tokens and a 46,592-token cache (SmolLM2 in float32) the 16K evaluation of the extension experiment
-    prefilled 108 tokens/s, against 289 tokens/s for two such prompts alone. Capping concurrency to what fits
-    avoids the recompute; decoding a few long prompts at a time costs little next to their prefill."""
+    one when the cache runs out, and a preempted request starts its prefill again from token 0. Measured on the
+    2-core machine (benchmarks/bench_vllm_cpu_long.py, docs/vllm-cpu.md): vLLM's defaults did not preempt on 3 x
+    15.9K or 12 x 7.7K prompts and the cap ran at the same speed (0.98-1.00x); it is kept as a guard for workloads
+    that do fill the cache, at no measured cost."""
     if not config:
         return None
     try:
