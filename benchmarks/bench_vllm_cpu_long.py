@@ -53,29 +53,22 @@ def prompts(model: str, length: int, count: int) -> list[list[int]]:
 
 
 def engine_kwargs(model: str, window: int, setting: str) -> tuple[dict, dict, dict | None]:
-    """(LLM kwargs, environment, hf_overrides) for one setting."""
-    from harness_ext.core.rope import read_config_json, rope_window, suggested_overrides
-    from harness_ext.plugin.runner import VLLM_CPU_ARGS, cpu_max_num_seqs, lm_eval_env
+    """(LLM kwargs, environment, hf_overrides) for one setting: the plugin's CPU engine string for this window,
+    parsed as lm-eval parses ``--model_args``, plus the setting's own options."""
+    from bench_eval_overhead import engine_options  # benchmarks/ is this script's folder, hence on sys.path
+    from lm_eval.utils import simple_parse_args_string
 
-    config = read_config_json(model) or {}
-    kwargs: dict = {"model": model}
-    for pair in VLLM_CPU_ARGS.format(max_model_len=window).split(","):
-        key, value = pair.split("=")
-        kwargs[key] = {"True": True, "float32": "float32"}.get(value, value)
-    kwargs["gpu_memory_utilization"] = float(kwargs["gpu_memory_utilization"])
-    kwargs["max_model_len"] = int(kwargs["max_model_len"])
+    from harness_ext.plugin.runner import lm_eval_env, vllm_model_args
+
+    cap, overrides = engine_options(model, window)
     env = lm_eval_env({})
-    if setting == "plugin" and (cap := cpu_max_num_seqs(config, window)):
-        kwargs["max_num_seqs"] = cap
-    elif setting not in ("plugin", "vllm"):
-        for pair in setting.split(","):
-            key, value = pair.split("=", 1)
-            if key.startswith("env:"):
-                env[key[4:]] = value
-            else:
-                kwargs[key] = int(value) if value.isdigit() else value
-    native = rope_window(config)
-    overrides = suggested_overrides(config, window) if native and window > native else None
+    extra = {"plugin": cap, "vllm": ""}.get(setting)
+    if extra is None:
+        pairs = setting.split(",")
+        env.update(pair[4:].split("=", 1) for pair in pairs if pair.startswith("env:"))
+        extra = ",".join(pair for pair in pairs if not pair.startswith("env:"))
+    kwargs = simple_parse_args_string(vllm_model_args(model, window, extra))
+    kwargs["model"] = kwargs.pop("pretrained")
     return kwargs, env, overrides
 
 
