@@ -18,10 +18,12 @@ yarn`` writes (factor ceil(L / native)).
 Each run is its own subprocess, so its peak memory is its own: peak RSS from ``wait4`` (the kernel's
 ``ru_maxrss`` of that child) on CPU, ``torch.cuda.max_memory_allocated`` on CUDA. A watchdog kills a run whose
 RSS passes ``--kill-above`` GiB (reported as not fitting). tokens/s = real tokens / seconds of the training
-loop (model loading excluded); final loss = mean of the last 10 step losses, as in bench_finetune.
+loop (model loading excluded); final loss = mean of the last 10 step losses, as in bench_finetune. With ``--json``
+the runs are written after each one, and a rerun with the same arguments reuses the finished ones (resumes).
 
     .venv/bin/python benchmarks/bench_finetune_long.py --lengths 4096 8192 16384 --steps 2 --json long.json
     .venv/bin/python benchmarks/bench_finetune_long.py --fit-memory 24 --lengths 2048 4096 8192 --confirm
+    .venv/bin/python benchmarks/bench_finetune_long.py --fit-memory 24 --fit-from long.json   # no new runs
 
 ``--fit-memory GIB``: needles alone, one step per length with gradient checkpointing on and off; fits
 peak = c0 + c1 L + c2 L^2 (a line with two lengths) and reports the longest multiple of 1,024 tokens whose
@@ -174,23 +176,52 @@ def bench(args: argparse.Namespace) -> int:
     print(f"machine before: {machine_speed()}; load average {os.getloadavg()[0]:.2f}", flush=True)
     began = time.perf_counter()
     rows: list[dict] = []
+    done = previous_runs(args.json)
     for L in args.lengths:
         for label, side, setting, side_gc in sides:
             spec = dict(
                 side=side, trl_setting=setting, model=args.model, length=L, steps=args.steps,
                 gc=side_gc, lr=args.lr, threads=args.threads, margin=args.margin,
             )  # fmt: skip
+            if (r := done.get(json.dumps(spec, sort_keys=True))) is not None:
+                print(f"[{L}] {label}: done before ({args.json}), reused: {_brief(r)}", file=sys.stderr, flush=True)
+                rows.append(r)
+                continue
             print(f"[{L}] {label} (gc {'on' if side_gc else 'off'}) ...", file=sys.stderr, flush=True)
             r = run_child(spec, args.kill_above)
-            r["label"] = label
+            r.update(label=label, spec=spec)
             rows.append(r)
             print(f"  -> {_brief(r)}", file=sys.stderr, flush=True)
+            if args.json:  # after every run, so an interrupted benchmark resumes where it stopped
+                write_json(args.json, {"args": vars(args), "runs": [*others(done, rows), *rows]})
     print(f"machine after: {machine_speed()}; load average {os.getloadavg()[0]:.2f}; "
           f"{time.perf_counter() - began:.0f} s in all", flush=True)  # fmt: skip
     ok = report(rows, args)
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "runs": rows}, indent=2))
+        write_json(args.json, {"args": vars(args), "runs": [*others(done, rows), *rows]})
     return 0 if ok else 1
+
+
+def previous_runs(path: str | None) -> dict[str, dict]:
+    """The successful runs an earlier invocation wrote to ``--json``, by their exact spec (model, length, steps,
+    side, settings): a rerun with the same arguments skips them. A failed run is run again."""
+    if not path or not Path(path).is_file():
+        return {}
+    runs = json.loads(Path(path).read_text()).get("runs", [])
+    return {
+        json.dumps(r["spec"], sort_keys=True): r for r in runs if "spec" in r and r["rc"] == 0 and not r.get("error")
+    }
+
+
+def others(done: dict[str, dict], rows: list[dict]) -> list[dict]:
+    """The earlier runs this invocation did not reuse (other lengths or settings): they stay in the file."""
+    return [r for r in done.values() if not any(r is x for x in rows)]
+
+
+def write_json(path: str, data: dict) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)  # atomic: an interrupted write leaves the previous file
 
 
 def _brief(r: dict) -> str:
@@ -294,20 +325,25 @@ def mem_total() -> int:
 
 def fit_memory(args: argparse.Namespace) -> int:
     """The longest length under ``--fit-memory`` GiB for needles, gradient checkpointing on and off: arithmetic
-    from one step per length, then (``--confirm``) one step at the longest length under the memory a process can
-    really have here (MemTotal less 2 GiB), stopped by the watchdog if it passes that."""
+    from one step per length (or, with ``--fit-from``, from the needles rows of an earlier run's ``--json``), then
+    (``--confirm``) one step at the longest length under the memory a process can really have here (MemTotal less
+    2 GiB), stopped by the watchdog if it passes that."""
     print(f"machine before: {machine_speed()}", flush=True)
     usable = min(args.fit_memory * GIB, mem_total() - 2 * GIB)
+    earlier = json.loads(Path(args.fit_from).read_text())["runs"] if args.fit_from else None
     for gc in (True, False):
         mode = f"gc {'on' if gc else 'off'}"
         spec = dict(side="needles", trl_setting=None, model=args.model, steps=1, gc=gc, lr=args.lr,
                     threads=args.threads, margin=args.margin)  # fmt: skip
-        rows = []
-        for L in args.lengths:
-            r = run_child({**spec, "length": L}, args.kill_above)
-            print(f"  {mode} {L}: {_brief(r)}", file=sys.stderr, flush=True)
-            if r["rc"] == 0 and not r.get("error"):
-                rows.append(r)
+        if earlier is not None:  # the main run's needles rows: same model, same data, peak of the same process
+            found = [r for r in earlier if r.get("side") == "needles" and bool(r.get("gc")) == gc]
+            print(f"  {mode}: {len(found)} needles rows from {args.fit_from}", file=sys.stderr, flush=True)
+        else:
+            found = []
+            for L in args.lengths:
+                found.append(run_child({**spec, "length": L}, args.kill_above))
+                print(f"  {mode} {L}: {_brief(found[-1])}", file=sys.stderr, flush=True)
+        rows = [r for r in found if r["rc"] == 0 and not r.get("error")]
         if len(rows) < 2:
             print(f"{mode}: fewer than two lengths ran; no fit")
             continue
@@ -352,6 +388,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--kill-above", type=float, help="GiB of RSS at which a run is stopped (MemTotal - 1.5)")
     ap.add_argument("--fit-memory", type=float, help="GiB: find the longest length that fits (needles)")
+    ap.add_argument("--fit-from", help="with --fit-memory: fit the needles rows of this earlier --json (no new runs)")
     ap.add_argument("--fit-max", type=int, default=262144, help="with --fit-memory: the longest length searched")
     ap.add_argument("--confirm-budget", type=float, default=3600, help="skip a confirming step predicted longer (s)")
     ap.add_argument("--confirm", action="store_true", help="with --fit-memory: one confirming run per setting")
