@@ -213,6 +213,17 @@ def previous_runs(path: str | None) -> dict[str, dict]:
     }
 
 
+def load_runs(path: str) -> list[dict]:
+    """The runs of an earlier ``--json``; exit 2 naming the problem when the file is not one."""
+    try:
+        runs = json.loads(Path(path).read_text())["runs"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        print(f"error: --fit-from {path}: not a --json file of this benchmark ({type(e).__name__}: {e})\n"
+              f"  fix: pass the file a run with --json wrote", file=sys.stderr)  # fmt: skip
+        raise SystemExit(2) from None
+    return runs
+
+
 def others(done: dict[str, dict], rows: list[dict]) -> list[dict]:
     """The earlier runs this invocation did not reuse (other lengths or settings): they stay in the file."""
     return [r for r in done.values() if not any(r is x for x in rows)]
@@ -330,7 +341,7 @@ def fit_memory(args: argparse.Namespace) -> int:
     2 GiB), stopped by the watchdog if it passes that."""
     print(f"machine before: {machine_speed()}", flush=True)
     usable = min(args.fit_memory * GIB, mem_total() - 2 * GIB)
-    earlier = json.loads(Path(args.fit_from).read_text())["runs"] if args.fit_from else None
+    earlier = load_runs(args.fit_from) if args.fit_from else None
     for gc in (True, False):
         mode = f"gc {'on' if gc else 'off'}"
         spec = dict(side="needles", trl_setting=None, model=args.model, steps=1, gc=gc, lr=args.lr,
