@@ -52,6 +52,8 @@ sys.path.insert(0, str(HERE.parent))
 
 import bench_finetune_long_sides as long_sides  # noqa: E402
 
+from harness_ext.core.atomic_io import write_json_atomic  # noqa: E402
+
 RATIO_REQUIRED = 1.5
 SPEED_TOOL = HERE.parent.parent / "shared" / "tools" / "machine_speed.py"
 GIB = 2**30
@@ -193,12 +195,12 @@ def bench(args: argparse.Namespace) -> int:
             rows.append(r)
             print(f"  -> {_brief(r)}", file=sys.stderr, flush=True)
             if args.json:  # after every run, so an interrupted benchmark resumes where it stopped
-                write_json(args.json, {"args": vars(args), "runs": [*others(done, rows), *rows]})
+                write_json_atomic(Path(args.json), {"args": vars(args), "runs": [*others(done, rows), *rows]})
     print(f"machine after: {machine_speed()}; load average {os.getloadavg()[0]:.2f}; "
           f"{time.perf_counter() - began:.0f} s in all", flush=True)  # fmt: skip
     ok = report(rows, args)
     if args.json:
-        write_json(args.json, {"args": vars(args), "runs": [*others(done, rows), *rows]})
+        write_json_atomic(Path(args.json), {"args": vars(args), "runs": [*others(done, rows), *rows]})
     return 0 if ok else 1
 
 
@@ -227,12 +229,6 @@ def load_runs(path: str) -> list[dict]:
 def others(done: dict[str, dict], rows: list[dict]) -> list[dict]:
     """The earlier runs this invocation did not reuse (other lengths or settings): they stay in the file."""
     return [r for r in done.values() if not any(r is x for x in rows)]
-
-
-def write_json(path: str, data: dict) -> None:
-    tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)  # atomic: an interrupted write leaves the previous file
 
 
 def _brief(r: dict) -> str:
