@@ -110,6 +110,7 @@ def cell(test: dict | None) -> str:
         return "n/a"
     low, high = test["ci95"]
     text = f"{test['delta']:+.3f} [{low:+.3f}, {high:+.3f}] p={test['p']:.3g} (Holm {test['p_holm']:.3g})"
-    if test["p_holm"] >= 1 - LEVEL and test.get("mde") is not None:
-        text += f", n.s.: MDE {test['mde']:.3f}"
+    if test["p_holm"] >= 1 - LEVEL and "mde" in test:
+        # "none": at this n no effect reaches the power; a reader must see that beside "no significant" too
+        text += ", n.s.: MDE " + ("none" if test["mde"] is None else f"{test['mde']:.3f}")
     return text

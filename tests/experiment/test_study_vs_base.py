@@ -130,6 +130,9 @@ def test_report_pairs_every_run_with_base_from_planted_sample_logs(tmp_path):
     assert "| base (no finetune) | 0.250 ± 0.050 | — |" in md
     assert f"| better | 0.550 ± 0.050 | {cell(better)} | 0 |" in md
     assert cell(better) == f"+0.300 [{better['ci95'][0]:+.3f}, {better['ci95'][1]:+.3f}] p=0.00418 (Holm 0.0125)"
+    # "no significant" always carries what the pair could have detected, "none" included (no discordant pair)
+    assert cell(same).endswith(", n.s.: MDE " + ("none" if same["mde"] is None else f"{same['mde']:.3f}"))
+    assert cell({**same, "mde": None}).endswith(", n.s.: MDE none") and "MDE" not in cell(better)
     assert json.dumps(rep).count(str(tmp_path)) == 0
 
 
