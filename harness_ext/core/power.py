@@ -35,6 +35,11 @@ _N = NormalDist()
 DEFAULT_EFFECT = 0.10  # the effect a plan is checked against when the user names none (10 points of accuracy)
 
 
+def shown(mde: float | None) -> str:
+    """An MDE as every report prints it: three decimals, or "none" when no effect reaches the power at that n."""
+    return "none" if mde is None else f"{mde:.3f}"
+
+
 def _z(q: float) -> float:
     return _N.inv_cdf(q)
 
@@ -108,7 +113,7 @@ class Planned:
         """``MDE 0.112 at n 60`` plus the assumption; the words a "no significant" verdict is printed beside."""
         if self.n is None:
             return f"MDE unknown (n is only known after the run{': ' + self.note if self.note else ''})"
-        mde = "none (no effect reaches the power)" if self.mde is None else f"{self.mde:.3f}"
+        mde = shown(self.mde) + (" (no effect reaches the power)" if self.mde is None else "")
         return f"MDE {mde} at n {self.n} (power {self.power:.0%}, one-sided alpha {self.alpha:.3g}; {self.assumption})"
 
 

@@ -63,8 +63,10 @@ def beside(base: np.ndarray, new: np.ndarray, level: float) -> dict:
         planned = power.plan("", n, level, psi=(base_only + new_only) / max(n, 1) or None, p_base=float(base.mean()))
         return {"mde": planned.mde, "text": planned.text()}
     mde = stats.normal_mde(stats.paired_diff_stderr(base, new) or 0.0, level)
-    shown = "none" if mde is None else f"{mde:.3f}"
-    return {"mde": mde, "text": f"MDE {shown} at n {n} (power 80%, one-sided alpha {level:.3g}; normal approximation)"}
+    return {
+        "mde": mde,
+        "text": f"MDE {power.shown(mde)} at n {n} (power 80%, one-sided alpha {level:.3g}; normal approximation)",
+    }
 
 
 def experiment_plan_text(cfg, base_results: str | None = None) -> str:

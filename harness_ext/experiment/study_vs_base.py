@@ -13,6 +13,7 @@ import numpy as np
 
 from harness_ext.core import stats
 from harness_ext.core.errors import NeedlesError
+from harness_ext.core.power import shown
 from harness_ext.experiment.config import SuiteTask
 from harness_ext.experiment.mde import beside
 from harness_ext.experiment.study_config import BASE
@@ -112,5 +113,5 @@ def cell(test: dict | None) -> str:
     text = f"{test['delta']:+.3f} [{low:+.3f}, {high:+.3f}] p={test['p']:.3g} (Holm {test['p_holm']:.3g})"
     if test["p_holm"] >= 1 - LEVEL and "mde" in test:
         # "none": at this n no effect reaches the power; a reader must see that beside "no significant" too
-        text += ", n.s.: MDE " + ("none" if test["mde"] is None else f"{test['mde']:.3f}")
+        text += f", n.s.: MDE {shown(test['mde'])}"
     return text
