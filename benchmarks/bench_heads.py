@@ -4,7 +4,7 @@ Run: python benchmarks/bench_heads.py [--lengths 1024 2048 4096] [--depths 0.25 
 [--profile DIR] [--interleaved ROUNDS] (wrap it in ``flock /tmp/needles-heavy.lock`` on a shared machine).
 
 Reference method (github.com/nightdessert/Retrieval_Head, ``retrieval_head_detection.py``), re-implemented
-below: prefill all but the last prompt token with the fast attention kernel (the reference uses
+in heads_reference.py: prefill all but the last prompt token with the fast attention kernel (the reference uses
 flash-attention-2; on CPU that is SDPA), then decode greedily one token per step with transformers'
 *eager* attention and ``output_attentions=True``; after each step, for every layer and head, take
 ``topk(1)`` of the head's last attention row, and when that position lies in the needle span and holds
@@ -47,9 +47,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("NEEDLES_SHARED_DATA", REPO.parent / "shared" / "data"))
-EXTRA_TOKENS = 24  # needles heads' default --extra-tokens
+from heads_reference import EXTRA_TOKENS, SHARED, reference_probe, warm_up  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------- memory
@@ -64,41 +62,6 @@ def reset_peak() -> int:
     """Reset the resident high-water mark to the current RSS; returns the RSS in kB."""
     Path("/proc/self/clear_refs").write_text("5")
     return _status_kb("VmRSS")
-
-
-# ---------------------------------------------------------------------------------------- reference
-def reference_probe(model, tokenizer, ids: list[int], span: tuple[int, int], max_new: int, stop: set[int]):
-    """Wu et al.'s loop for one probe: (copy-paste counts, per-head score, reply token ids)."""
-    import numpy as np
-    import torch
-
-    layers, heads = model.config.num_hidden_layers, model.config.num_attention_heads
-    needle_start, needle_end = span
-    prompt_ids = torch.tensor(ids)
-    score = [[0.0] * heads for _ in range(layers)]
-    counts = np.zeros((layers, heads), dtype=np.int64)
-    output: list[int] = []
-    with torch.no_grad():
-        past, inp = reference_prefill(model, prompt_ids), prompt_ids[-1]
-        for _ in range(max_new):
-            out = model(input_ids=inp.view(1, 1), past_key_values=past, use_cache=True, output_attentions=True)
-            past = out.past_key_values
-            inp = out.logits[0, -1].argmax()
-            for layer in range(layers):
-                for head in range(heads):
-                    values, idx = out.attentions[layer][0][head][-1].topk(1)
-                    for _v, i in zip(values, idx):
-                        if needle_start <= i < needle_end and inp.item() == prompt_ids[i].item():
-                            score[layer][head] += 1 / (needle_end - needle_start)
-                            counts[layer, head] += 1
-                            break
-            token = inp.item()
-            if token in stop:
-                break
-            output.append(token)
-            if "\n" in tokenizer.decode([token]):
-                break
-    return counts, np.array(score), output
 
 
 @contextmanager
@@ -117,23 +80,6 @@ def _profiled(folder: str | None, name: str) -> Iterator[None]:
         prof.disable()
         Path(folder).mkdir(parents=True, exist_ok=True)
         prof.dump_stats(str(Path(folder) / f"{name}.prof"))
-
-
-def reference_prefill(model, prompt_ids):
-    """The reference's prefill (its own function so that --profile shows its share): SDPA over all but the
-    last prompt token, logits for every position included; leaves the model in eager mode for decoding."""
-    model.set_attn_implementation("sdpa")
-    q_outputs = model(input_ids=prompt_ids[None, :-1], use_cache=True)
-    model.set_attn_implementation("eager")
-    return q_outputs.past_key_values
-
-
-def warm_up(model) -> None:
-    """One short forward pass: pages the (memory-mapped) weights in, so the memory figures are detection's own."""
-    import torch
-
-    with torch.no_grad():
-        model(input_ids=torch.tensor([[1, 2, 3, 4]]))
 
 
 def worker(
@@ -205,15 +151,6 @@ def worker(
         "per_probe": per_probe,
         "torch_threads": torch.get_num_threads(),
     }
-
-
-def machine_speed() -> str:
-    """``python ../shared/tools/machine_speed.py``'s line (GFLOP/s and a Python loop), to print beside the times."""
-    tool = SHARED.parent / "tools" / "machine_speed.py"
-    if not tool.is_file():
-        return f"machine speed: {tool} not found"
-    proc = subprocess.run([sys.executable, str(tool)], capture_output=True, text=True, check=False)
-    return (proc.stdout.strip() or proc.stderr.strip()[-200:]).splitlines()[-1]
 
 
 def run_side(side: str, args: argparse.Namespace, length: int, batch: int = 1) -> dict:

@@ -2,7 +2,7 @@
 
 Every side runs in one process, alternating, and the report gives best-of times (a fair speed ratio on a loaded
 machine; no memory figures): ours with prefix sharing (the default: the haystack before the needle is prefilled once
-for the probes that share it, harness_ext.heads.prefix), ours without it, the reference loop (bench_heads.py's
+for the probes that share it, harness_ext.heads.prefix), ours without it, the reference loop (heads_reference.py's
 re-implementation of Wu et al.), and plain greedy generation (transformers' ``generate``, SDPA, no capture, same
 prompts, budget and stop rule: the model's own work). It prints ``python ../shared/tools/machine_speed.py``'s
 numbers before and after, the prompt tokens reused, the ratios (goals: shared / plain <= 1.3, reference / shared
@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_heads import EXTRA_TOKENS, machine_speed, reference_probe, warm_up
+from heads_reference import EXTRA_TOKENS, machine_speed, reference_probe, warm_up
 
 
 def run_floor(args: argparse.Namespace) -> int:

@@ -24,10 +24,11 @@ def _demo(args: argparse.Namespace) -> int:
     """The shipped CPU experiment: base -> LoRA on synthetic KV -> adapter, on one suite; tables and verdict."""
     from harness_ext.core.output_files import check_output_dir
     from harness_ext.experiment.config import load_experiment, packaged_experiment
-    from harness_ext.experiment.cost import estimate, format_estimate
-    from harness_ext.experiment.run import finetune_config, run_experiment
+    from harness_ext.experiment.run import run_experiment
     from harness_ext.plugin.runner import latest_results, load_results
     from harness_ext.reporting.results_table import format_table, rows
+    from harness_ext.workflow.cost import estimate, format_estimate
+    from harness_ext.workflow.training import finetune_config
 
     path = packaged_experiment(DEMO_EXPERIMENT)
     cfg = dataclasses.replace(load_experiment(path), model=args.model)

@@ -11,8 +11,8 @@ from pathlib import Path
 def _experiment(args: argparse.Namespace) -> int:
     from harness_ext.core.output_files import check_output_dir
     from harness_ext.experiment.config import load_experiment
-    from harness_ext.experiment.extension import describe, estimate_text, run
-    from harness_ext.experiment.run import finetune_config
+    from harness_ext.experiment.extension.run import describe, estimate_text, run
+    from harness_ext.workflow.training import finetune_config
 
     cfg = load_experiment(args.config)
     out = Path(args.output or Path("outputs") / cfg.name)
@@ -22,11 +22,17 @@ def _experiment(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(describe(cfg, out))
         return 0
-    comparison = run(cfg, out, config_path=str(args.config))
+    comparison = run(cfg, out, config_path=str(args.config), skip_pilot_check=args.skip_pilot_check)
     print((out / "comparison.md").read_text(encoding="utf-8"))
     if args.json:
         print(json.dumps(comparison, indent=2))
     return 0 if comparison["claim_holds"] else 1
+
+
+def _pilot_help() -> str:
+    from harness_ext.workflow.pilot import SKIP_HELP
+
+    return SKIP_HELP
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,4 +48,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", help="output folder (default outputs/NAME); rerun into it to resume")
     p.add_argument("--dry-run", action="store_true", help="print the cost estimate and the commands, run nothing")
     p.add_argument("--json", action="store_true", help="also print the comparison as JSON")
+    p.add_argument("--skip-pilot-check", action="store_true", help=_pilot_help())
     p.set_defaults(func=_experiment)

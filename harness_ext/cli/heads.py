@@ -165,10 +165,17 @@ def _run(args: argparse.Namespace) -> int:
     saved = load_head_scores(args.scores) if args.scores else None
     if (not saved and "niah" in args.probes) or (specs and args.knockout_task == "niah"):
         hp.load_needles(args.needles)  # a missing needles file should not wait for the model
-    from harness_ext.heads.rope_window import check_probe_lengths, config_kwargs, probed_rope
+    from harness_ext.heads.rope_window import NO_MANIFEST, check_probe_lengths, config_kwargs, probed_rope
 
     # an extended model is probed with the RoPE it is served with; lengths past that window are refused unloaded
     overrides, window = probed_rope(model_path(args.model), args.adapter, args.hf_overrides)
+    if window["source"] == NO_MANIFEST:
+        print(
+            f"[needles heads] {args.adapter} has no needles finetune manifest beside it: probed with the model's "
+            f"RoPE (window {window['window']}); if it was trained with a RoPE extension, pass that RoPE with "
+            "--hf-overrides",
+            file=sys.stderr,
+        )
     lengths = {"--eval-lengths": args.eval_lengths} if specs else {}
     if not saved:
         lengths |= {"--lengths": args.lengths} if "niah" in args.probes else {}

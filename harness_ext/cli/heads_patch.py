@@ -36,6 +36,7 @@ def _patch(args: argparse.Namespace) -> int:
     from harness_ext.heads.patch_report import format_patch
     from harness_ext.heads.patching import run_patching
     from harness_ext.heads.probes_qa import check_qa_metadata, parse_qa_metadata
+    from harness_ext.heads.rope_window import check_probe_lengths, config_kwargs, probed_rope
     from harness_ext.heads.scorefile import load_head_scores, write_json
 
     check_qa_metadata([args.task], parse_qa_metadata(args.qa_metadata))
@@ -52,8 +53,18 @@ def _patch(args: argparse.Namespace) -> int:
     if args.task == "niah" or args.needles:  # a given file is checked even where this task would not read it
         args.needles = args.needles or str(shared_needles())
         hp.load_needles(args.needles)  # a missing needles file should not wait for the models
-    tgt = load_model(target, args.target_adapter, args.dtype, args.chat_template)
-    src = load_model(source, args.source_adapter, args.dtype, args.chat_template)
+
+    def rope_for(model: Path, adapter: str | None) -> tuple[dict, dict]:
+        # an adapter trained with an extended RoPE is loaded with it (its finetune manifest), never on the plain base
+        overrides, info = probed_rope(model, adapter, None)
+        check_probe_lengths({"--eval-lengths": args.eval_lengths}, args.eval_max_new_tokens, info, model)
+        return config_kwargs(overrides, model), info
+
+    tgt_kwargs, tgt_rope = rope_for(target, args.target_adapter)
+    src_kwargs, src_rope = rope_for(source, args.source_adapter)
+    tgt = load_model(target, args.target_adapter, args.dtype, args.chat_template, tgt_kwargs)
+    src = load_model(source, args.source_adapter, args.dtype, args.chat_template, src_kwargs)
+    tgt.info["rope_window"], src.info["rope_window"] = tgt_rope, src_rope
     evalset = eval_set(tgt, args, args.task)
     result = run_patching(src, tgt, evalset, sets, args.site, args.continuation, args.seed, progress=not args.quiet)
     result["source"] = {k: src.info[k] for k in sorted(src.info)}

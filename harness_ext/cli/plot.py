@@ -1,4 +1,4 @@
-"""``needles plot {mdqa,kv,niah,flenqa,length} RESULTS... -o out.png``."""
+"""``needles plot {mdqa,kv,niah,passkey,flenqa,loss,length} RESULTS... -o out.png``."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ _WHAT = {
     "mdqa": "MDQA per-position results (tasks mdqa<N>_pos<P>, or <metric>_pos<P> keys; baselines mdqa_closedbook)",
     "kv": "KV-retrieval length x depth breakdowns (<metric>_len<N>_depth<F> keys)",
     "niah": "NIAH length x depth breakdowns (tasks niah*, <metric>_len<N>_depth<F> keys)",
+    "passkey": "passkey length x depth breakdowns (task needles_passkey, passkey_acc_len<N>_depth<F> keys)",
+    "loss": "continuation loss by context length (task needles_long_ppl, nll_len<P> / ppl_len<P> keys)",
     "flenqa": "FLenQA length breakdowns (tasks flenqa_monorel/pir/ruletaker, <metric>_ctx<N> or _len<N> keys)",
     "length": "score by input length per family (any length breakdown: our tasks, lm-eval ruler, babilong runs), "
     "with the effective-length threshold, each model's effective length and its native window",
@@ -36,7 +38,9 @@ def _plot(args: argparse.Namespace) -> int:
         "mdqa": names.MDQA_METRIC,
         "kv": names.KV_METRIC,
         "niah": names.NIAH_METRIC,
+        "passkey": names.PASSKEY_METRIC,
         "flenqa": names.FLENQA_METRIC,
+        "loss": names.LOSS_METRICS[0],
     }[args.kind]
     metric = args.metric or default
     png = plots.PLOTS[args.kind](rows, metric, args.filter)
@@ -71,11 +75,17 @@ def _length(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("plot", help="plot accuracy by position (MDQA), length x depth (KV, NIAH) or length (FLenQA)")
+    p = sub.add_parser(
+        "plot",
+        help="plot accuracy by position (MDQA), length x depth (KV, NIAH, passkey), length (FLenQA) "
+        "or loss by context length",
+    )
     p.add_argument("kind", choices=sorted(_WHAT), help="; ".join(f"{k}: {v}" for k, v in _WHAT.items()))
     p.add_argument("inputs", nargs="+", help="lm-eval output folders, results_*.json files or leaderboard CSVs")
     p.add_argument("-o", "--output", required=True, help="PNG file to write")
-    p.add_argument("--metric", help="metric to plot (default: best_subspan_em / both_acc / acc)")
+    p.add_argument(
+        "--metric", help="metric to plot (default: best_subspan_em / both_acc / niah_success / passkey_acc / acc / nll)"
+    )
     p.add_argument("--filter", help="lm-eval filter to plot (default: none, else the first one)")
     p.add_argument("--native", type=int, help="length: the models' native context window in tokens (default: "
                    "max_model_len / max_length of the run's model_args, or a claimed_length row)")  # fmt: skip

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from harness_ext.core.errors import NeedlesError
 
 if TYPE_CHECKING:
-    from harness_ext.experiment.scorecard_endpoint import Endpoint
+    from harness_ext.scorecard.endpoint import Endpoint
 
 COMPARE_FIX = "needles scorecard --compare BASE_FOLDER NEW_FOLDER (score the other model first: needles scorecard MODEL -o FOLDER)"
 
@@ -29,9 +29,9 @@ def _rules(args: argparse.Namespace) -> list:
 
 def _card(args: argparse.Namespace) -> int:
     from harness_ext.core.output_files import check_output_dir
-    from harness_ext.experiment.scorecard_plan import format_cost, make_plan
-    from harness_ext.experiment.scorecard_run import run_scorecard
     from harness_ext.finetune.modeling import resolve_model
+    from harness_ext.scorecard.plan import format_cost, make_plan
+    from harness_ext.scorecard.run import run_scorecard
 
     rules = _rules(args)
     endpoint = _endpoint(args)
@@ -50,13 +50,13 @@ def _card(args: argparse.Namespace) -> int:
     if args.name:
         reproduce += ["--name", args.name]
     if args.dry_run:
-        from harness_ext.experiment.scorecard_run import eval_argv, shell_line
+        from harness_ext.scorecard.run import eval_argv, shell_line
 
         for run in plan.runs:
             print(f"# {run.family}: {run.what}\n{shell_line(eval_argv(plan, run, out.resolve(), args.on_gpu))}")
         return 0
     if endpoint:
-        from harness_ext.experiment.scorecard_endpoint import check_endpoint
+        from harness_ext.scorecard.endpoint import check_endpoint
 
         served_len = check_endpoint(endpoint, plan.window)["max_model_len"]  # reachable, key, model, window
         _log(
@@ -74,7 +74,7 @@ def _card(args: argparse.Namespace) -> int:
 
 def _endpoint(args: argparse.Namespace) -> Endpoint | None:
     """The OpenAI-compatible endpoint of ``--base-url`` (None: vLLM serves MODEL), every option checked."""
-    from harness_ext.experiment.scorecard_endpoint import make_endpoint
+    from harness_ext.scorecard.endpoint import make_endpoint
 
     if args.base_url is None:
         if args.tokenizer:

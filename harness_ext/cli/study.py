@@ -32,8 +32,9 @@ def ray_step(argv: list[str], *prerequisites: object) -> int:
 def _study(args: argparse.Namespace) -> int:
     from harness_ext.core.errors import NeedlesError
     from harness_ext.core.output_files import check_output_dir
-    from harness_ext.experiment import study_plan
-    from harness_ext.experiment.study_config import load_study
+    from harness_ext.study import pilot as study_pilot
+    from harness_ext.study import plan as study_plan
+    from harness_ext.study.config import load_study
 
     if args.output:
         check_output_dir(Path(args.output), "study folder (-o/--output)")
@@ -44,10 +45,11 @@ def _study(args: argparse.Namespace) -> int:
         raise NeedlesError("--step and --dry-run together", fix="drop one of them")
     study, steps = study_plan.prepare(cfg, out, _needles, _log, write=not args.dry_run)
     if args.dry_run:
-        from harness_ext.experiment.study_cost import estimate, format_study_cost
+        from harness_ext.study.cost import estimate, format_study_cost
 
         print(format_study_cost(estimate(study)), file=sys.stderr)  # stdout: the steps, one command each
         study_plan.log_mde(study)  # what the targets can detect at this n: the point of planning before running
+        _log(study_pilot.describe(study, args.skip_pilot_check))
         for s in steps:
             deps = f"  (after {', '.join(s.depends)})" if s.depends and s.kind != "report" else ""
             print(f"# {s.name}{deps}\n{study_plan.tool_command(study, s)}")
@@ -55,6 +57,7 @@ def _study(args: argparse.Namespace) -> int:
     if args.step:
         study_plan.run_step(study, steps, args.step)
         return 0
+    study_pilot.run_pilot(study, args.skip_pilot_check, len(steps))  # before the first finetune
     if executor == "ray":
         study_plan.run_ray(study, steps, ray_step)
     else:
@@ -62,6 +65,12 @@ def _study(args: argparse.Namespace) -> int:
     print((study.out / "report.md").read_text(encoding="utf-8"))
     print(f"wrote {study.out / 'report.json'}, {study.out / 'report.md'}, {study.out / 'plots'}")
     return 0
+
+
+def _pilot_help() -> str:
+    from harness_ext.workflow.pilot import SKIP_HELP
+
+    return SKIP_HELP
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -86,4 +95,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dry-run", action="store_true", help="print every step and its command; run nothing")
     p.add_argument("--step", help="run this one step of the plan (how a scheduler runs them; see plan.json)")
+    p.add_argument("--skip-pilot-check", action="store_true", help=_pilot_help())
     p.set_defaults(func=_study)

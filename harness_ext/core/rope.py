@@ -8,9 +8,16 @@ dict (transformers 5 names) from either; :func:`config_kwargs` writes the form t
 uses.
 
 The served window follows vLLM 0.32's rule (``vllm/config/model.py`` ``_get_and_verify_max_len``):
-``linear`` and ``dynamic`` multiply ``max_position_embeddings`` by ``factor``; ``yarn``, ``llama3`` and
-``longrope`` configs carry the extended window in ``max_position_embeddings`` already (transformers'
-convention, with the pretraining window in ``original_max_position_embeddings``).
+``linear`` and ``dynamic`` multiply ``max_position_embeddings`` by ``factor`` (except for Gemma 3, whose
+``max_position_embeddings`` vLLM takes as scaled already); ``yarn``, ``llama3`` and ``longrope`` configs carry
+the extended window in ``max_position_embeddings`` already (transformers' convention, with the pretraining window
+in ``original_max_position_embeddings``).
+
+Models with sliding-window layers (Gemma 3) keep one RoPE dict per layer type, ``rope_parameters:
+{"full_attention": {...}, "sliding_attention": {...}}``; transformers 5 and vLLM index it by each layer's type.
+Only the ``full_attention`` entry limits retrieval over the whole window (a sliding layer never sees a relative
+distance past its ``sliding_window``), so that is the entry read, and the only one an extension rewrites: the
+others are written back as they were (:func:`layered_rope`).
 """
 
 from __future__ import annotations
@@ -45,16 +52,38 @@ TYPE_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
+FULL_ATTENTION = "full_attention"  # the layer type whose RoPE an extension changes (module docstring)
+
+
+def layer_key(config: Mapping[str, Any]) -> str | None:
+    """The layer type :func:`read_rope` reads when ``rope_parameters`` is per layer type (``full_attention``,
+    else the first entry); None for a flat dict or the 4.x form."""
+    params = config.get("rope_parameters")
+    if not isinstance(params, Mapping):
+        return None
+    nested = [k for k, v in params.items() if isinstance(v, Mapping)]
+    if not nested:
+        return None
+    return FULL_ATTENTION if FULL_ATTENTION in nested else nested[0]
+
+
+def layered_rope(config: Mapping[str, Any], rope: Mapping[str, Any]) -> dict:
+    """The ``rope_parameters`` to write for ``rope``: per layer type when the config is (``rope`` replaces the
+    entry :func:`layer_key` names, every other layer type's dict is kept), else ``rope`` itself."""
+    key = layer_key(config)
+    if key is None:
+        return dict(rope)
+    return {**{k: dict(v) for k, v in config["rope_parameters"].items()}, key: dict(rope)}
+
+
 def read_rope(config: Mapping[str, Any]) -> dict:
     """The config's RoPE as one flat dict with transformers 5 names (``rope_type`` always set, ``rope_theta``
     always set), from ``rope_parameters`` (flat or nested per layer type: the full-attention one) or from
     ``rope_scaling`` + ``rope_theta``."""
     params = config.get("rope_parameters")
     if isinstance(params, Mapping) and params:
-        nested = [v for v in params.values() if isinstance(v, Mapping)]
-        if nested:  # per layer type: full attention is the one that limits retrieval over the whole window
-            params = params.get("full_attention") if isinstance(params.get("full_attention"), Mapping) else nested[0]
-        rope = dict(params)
+        key = layer_key(config)
+        rope = dict(params[key] if key else params)
     else:
         rope = dict(config.get("rope_scaling") or {})
     legacy_type = rope.pop("type", None)  # 4.x spelling
@@ -73,15 +102,42 @@ def declared_positions(config: Mapping[str, Any]) -> int | None:
     return None
 
 
+def factor_scales_window(config: Mapping[str, Any], rope_type: str) -> bool:
+    """Whether vLLM serves ``max_position_embeddings x factor`` for this RoPE type on this model: linear and
+    dynamic, except on Gemma 3, whose ``max_position_embeddings`` vLLM reads as scaled already."""
+    return rope_type in FACTOR_SCALES_WINDOW and "gemma3" not in str(config.get("model_type") or "")
+
+
 def rope_window(config: Mapping[str, Any]) -> int | None:
     """The context window a config is served with (vLLM's rule, see the module docstring)."""
     positions = declared_positions(config)
     if positions is None:
         return None
     rope = read_rope(config)
-    if rope["rope_type"] in FACTOR_SCALES_WINDOW:
+    if factor_scales_window(config, rope["rope_type"]):
         return int(positions * float(rope.get("factor") or 1.0))
     return positions
+
+
+def rotary_dims(config: Mapping[str, Any]) -> int | None:
+    """How many dimensions of a head RoPE rotates: ``head_dim`` (or hidden_size / heads) x
+    ``partial_rotary_factor``; None when the config says neither."""
+    heads = config.get("num_attention_heads")
+    head_dim = config.get("head_dim") or (
+        config["hidden_size"] // heads if isinstance(heads, int) and heads and config.get("hidden_size") else None
+    )
+    if not isinstance(head_dim, int):
+        return None
+    partial = read_rope(config).get("partial_rotary_factor") or config.get("partial_rotary_factor") or 1.0
+    dims = int(head_dim * float(partial))
+    return dims if dims >= 4 else None  # d / (d - 2) of the NTK rule needs a few dimensions
+
+
+def ntk_theta(theta: float, dims: int, scale: float) -> float:
+    """NTK-aware base frequency for a window ``scale`` times the native one: ``theta * scale ** (d / (d - 2))``
+    (bloc97's NTK-aware rule, as the YaRN paper states it), which keeps the slowest dimension's wavelength covering the new
+    window while the fastest ones are left nearly as trained."""
+    return float(theta) * float(scale) ** (dims / (dims - 2))
 
 
 def with_overrides(config: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> dict:
@@ -107,6 +163,7 @@ def config_kwargs(rope: Mapping[str, Any], max_position_embeddings: int, form: s
     form = form or config_form()
     if form == "rope_parameters":
         return {"rope_parameters": dict(rope), "max_position_embeddings": int(max_position_embeddings)}
+    rope = read_rope({"rope_parameters": rope})  # 4.x keeps one (global) rope_scaling: the full-attention one
     scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
     return {  # transformers >= 4.45 (this package's lower bound) reads rope_scaling's rope_type
         "rope_scaling": None if scaling.get("rope_type") == "default" else scaling,
@@ -117,8 +174,8 @@ def config_kwargs(rope: Mapping[str, Any], max_position_embeddings: int, form: s
 
 def vllm_overrides(rope: Mapping[str, Any], max_position_embeddings: int) -> dict:
     """vLLM's ``hf_overrides`` for this RoPE: the whole ``rope_parameters`` dict (vLLM sets a dict override as
-    given, without filling defaults) and the window, so vLLM's own max_model_len check passes without
-    ``VLLM_ALLOW_LONG_MAX_MODEL_LEN``."""
+    given, without filling defaults; per layer type for a model that has them, :func:`layered_rope`) and the
+    window, so vLLM's own max_model_len check passes without ``VLLM_ALLOW_LONG_MAX_MODEL_LEN``."""
     return {"rope_parameters": dict(rope), "max_position_embeddings": int(max_position_embeddings)}
 
 
@@ -166,4 +223,31 @@ def suggested_overrides(config: Mapping[str, Any], length: int) -> dict:
         "factor": factor,
         "original_max_position_embeddings": window,
     }
-    return vllm_overrides(rope, int(window * factor))
+    return vllm_overrides(layered_rope(config, rope), int(window * factor))
+
+
+# ------------------------------------------------------------------------------------- adapters
+RUN_MANIFEST = "manifest.json"  # what `needles finetune` writes beside OUT/adapter (harness_ext.finetune.rundir)
+
+
+def adapter_manifest(adapter: str | os.PathLike | None) -> Path | None:
+    """The finetune manifest of the run an adapter folder comes from (OUT/manifest.json beside OUT/adapter),
+    or None when there is none."""
+    if not adapter:
+        return None
+    path = Path(adapter).expanduser().resolve().parent / RUN_MANIFEST
+    return path if path.is_file() else None
+
+
+def trained_overrides(adapter: str | os.PathLike | None) -> dict | None:
+    """The RoPE an adapter was trained with: ``context.hf_overrides`` of its run's manifest, or None (no
+    manifest, an unreadable one, or a run without a RoPE change)."""
+    path = adapter_manifest(adapter)
+    if path is None:
+        return None
+    try:
+        context = json.loads(path.read_text(encoding="utf-8")).get("context") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    overrides = context.get("hf_overrides") if isinstance(context, Mapping) else None
+    return overrides if isinstance(overrides, dict) and overrides else None

@@ -1,1 +1,2 @@
-"""Workflows that chain the layers below: score -> finetune -> score -> paired comparison."""
+"""``needles experiment`` (score -> finetune -> score -> paired verdict), its context-extension form
+(:mod:`harness_ext.experiment.extension`) and the finetune loop of ``needles finetune --loop``."""

@@ -14,6 +14,7 @@ YAML::
       - {task: kv_retrieval_simple, role: target, metric: value_acc}
       - {task: flenqa, role: target, metric: acc}
       - {task: mdqa_closedbook, role: guard, metric: best_subspan_em, margin: 0.05, optional: true}
+    in_distribution: {documents: 60}   # held-out documents of the training family (harness_ext.workflow.in_distribution)
 
 ``optional: true``: when the task's data cannot be had (no mirror, no cache, no network) the experiment runs
 without it and says so in its log, plan and comparison; otherwise missing data stops it before the first step.
@@ -23,62 +24,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness_ext.core.errors import NeedlesError
+from harness_ext.workflow.in_distribution import options as in_distribution_options
+from harness_ext.workflow.suite import FIXTURE_OPTIONS, ROLES, ExperimentConfig, SuiteTask
 
-ROLES = ("target", "guard")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # experiments shipped in the wheel (the demo's)
-# fixtures the experiment can build before it starts (harness_ext.experiment.data_step), and their options
-FIXTURE_OPTIONS = {
-    "flenqa": ("ctx_sizes", "instances", "seed"),
-    "mdqa": ("documents", "num_questions", "seed"),
-    "musique": ("num_questions", "seed"),
-    "summhay": ("num_documents", "seed"),
-}
-
-
-@dataclass(frozen=True)
-class SuiteTask:
-    """One entry of the suite: an lm-eval task or group, scored on one per-sample metric."""
-
-    task: str
-    role: str
-    metric: str
-    margin: float = 0.0  # guards: the largest drop tolerated, in the metric's units (0.01 = 1 point of accuracy)
-    filter: str = "none"  # lm-eval filter whose per-sample values are compared
-    label: str = ""  # how tables name it (default: the task)
-    optional: bool = False  # run without it when its data cannot be had (said in the log, plan and comparison)
-
-    @property
-    def name(self) -> str:
-        return self.label or self.task
-
-
-@dataclass
-class ExperimentConfig:
-    name: str
-    model: str
-    suite: list[SuiteTask]
-    finetune: dict = field(default_factory=dict)  # FinetuneConfig values; "recipe" names a packaged/YAML base
-    metadata: dict = field(default_factory=dict)
-    fixtures: dict = field(default_factory=dict)  # {"flenqa": {...}, "mdqa": {...}}: see FIXTURE_OPTIONS
-    alpha: float = 0.05
-    max_model_len: int = 4096
-    bootstrap_iters: int = 10000
-    seed: int = 0
-    gen_kwargs: str | None = None  # lm_eval --gen_kwargs for both evaluations
-    limit: int | None = None  # lm_eval --limit (a smoke run; the comparison is then on fewer documents)
-    on_gpu: bool = False  # vLLM's GPU defaults instead of the CPU engine options
-    reference: str | None = None  # a CSV of published numbers shown beside ours (leaderboards/...)
-
-    @property
-    def tasks(self) -> list[str]:
-        return list(dict.fromkeys(t.task for t in self.suite))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 def _fail(path: str, problem: str, fix: str) -> NeedlesError:
@@ -147,7 +99,11 @@ def experiment_from_dict(values: dict, path: str = "<dict>") -> ExperimentConfig
             raise _fail(path, f"fixtures has unknown fixture {name!r}", f"use one of {sorted(FIXTURE_OPTIONS)}")
         if not isinstance(options or {}, dict) or sorted(set(options or {}) - set(FIXTURE_OPTIONS[name])):
             raise _fail(path, f"fixtures.{name} has unknown options", f"use keys among {list(FIXTURE_OPTIONS[name])}")
-    return ExperimentConfig(**{**values, "suite": entries})
+    try:  # the held-out check of the training family (harness_ext.workflow.in_distribution)
+        in_distribution = in_distribution_options(values.get("in_distribution"), "in_distribution")
+    except NeedlesError as exc:
+        raise _fail(path, exc.problem, exc.fix or "") from None
+    return ExperimentConfig(**{**values, "suite": entries, "in_distribution": in_distribution})
 
 
 def packaged_experiment(name: str) -> Path:

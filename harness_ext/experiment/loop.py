@@ -82,9 +82,9 @@ def compare(
 ) -> dict:
     """Per metric: both accuracies, the paired McNemar test and, where it is not significant at ``alpha``, the
     minimal detectable effect at the observed n and discordance (``mde``, ``mde_text``: the experiment's
-    ``harness_ext.experiment.mde.beside``; the loop has one target, so Holm's first step is ``alpha`` itself).
+    ``harness_ext.workflow.mde.beside``; the loop has one target, so Holm's first step is ``alpha`` itself).
     ``p_value`` is the test metric's one-sided p."""
-    from harness_ext.experiment.mde import beside
+    from harness_ext.workflow.mde import beside
 
     out = {"n": len(base_rows), "metrics": {}}
     for metric in metrics:
@@ -145,8 +145,8 @@ def run_loop(
     e.g. ``{"data": {"num_samples": 200}, "max_steps": 40}`` for a smaller training budget.
     Writes OUTPUT_DIR/{eval_base,finetune,eval_finetuned}/ and OUTPUT_DIR/comparison.{json,md}.
     """
-    from harness_ext.experiment.config import ExperimentConfig, SuiteTask
     from harness_ext.experiment.run import run_experiment
+    from harness_ext.workflow.suite import ExperimentConfig, SuiteTask
 
     out = Path(output_dir).expanduser().resolve()
     eval_metadata = dict(DEFAULT_EVAL_METADATA if eval_metadata is None else eval_metadata)

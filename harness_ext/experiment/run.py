@@ -2,14 +2,14 @@
 documents, then the paired comparison and its verdict, leaderboard rows and plots. Each step is resumable.
 
 Outputs under OUT: ``plan.json`` (every step and its command), ``steps/*.json`` (finished-step markers),
-``eval_base/``, ``finetune/``, ``eval_finetuned/``, ``comparison.{json,md}``, ``leaderboard.csv``, ``plots/``.
+``pilot/`` and ``pilot.json`` (the pilot check, harness_ext.experiment.pilot), ``eval_base/``, ``finetune/``,
+``eval_finetuned/``, ``comparison.{json,md}``, ``leaderboard.csv``, ``plots/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 import shlex
 import sys
 from collections.abc import Callable
@@ -17,51 +17,16 @@ from pathlib import Path
 
 from harness_ext.core.atomic_io import write_atomic, write_json_atomic
 from harness_ext.core.errors import NeedlesError
-from harness_ext.experiment.config import ExperimentConfig
-from harness_ext.experiment.data_step import prepare_data
-from harness_ext.experiment.mde import experiment_plan_text
-from harness_ext.experiment.steps import Step, StepRunner
+from harness_ext.experiment.in_distribution import plain as without_check
+from harness_ext.experiment.in_distribution import with_in_distribution
 from harness_ext.experiment.verdict import compare_runs, to_markdown
-
-KV_TASK = re.compile(r"^kv_retrieval_(simple|simple_template|multisubkey)$")
-# tasks whose documents finetune.leakage can load (kv_retrieval, synth_mdqa, mdqa, niah, musique, summhay families)
-FAMILY_TASK = re.compile(r"^(kv_retrieval|synth_mdqa|mdqa|niah|musique|summhay_citation)(_\w+)?$")
-
+from harness_ext.workflow.data_step import prepare_data
+from harness_ext.workflow.mde import experiment_plan_text
+from harness_ext.workflow.steps import Step, StepRunner
+from harness_ext.workflow.suite import ExperimentConfig
 
 # The experiment's steps, in order (the progress lines number them out of these)
-PLAN = ("data", "eval_base", "finetune", "eval_finetuned", "compare", "report")
-
-
-def finetune_config(cfg: ExperimentConfig, out: Path):
-    """The FinetuneConfig of the experiment: its recipe (packaged name or YAML path) < its `finetune` keys."""
-    from harness_ext.core.output_files import check_output_dir
-    from harness_ext.finetune.config import load_config, packaged_config, validate_hparams
-    from harness_ext.finetune.data import train_spec
-    from harness_ext.finetune.families import data_family
-
-    values = dict(cfg.finetune)
-    recipe = values.pop("recipe", None)
-    path = None
-    if recipe:
-        path = Path(recipe) if Path(recipe).is_file() else packaged_config(str(recipe))
-    kv_tasks = [t for t in cfg.tasks if KV_TASK.match(t)]
-    kv_keys = ("lengths", "depths", "num_samples", "seed", "num_dicts")
-    values |= {
-        "model": cfg.model,
-        "output_dir": str(out / "finetune"),
-        # the KV documents the suite scores must never be trained on (checked by hash in the recipe)
-        "eval_tasks": kv_tasks or ["kv_retrieval_simple"],
-        "eval_metadata": {k: v for k, v in cfg.metadata.items() if k in kv_keys},
-    }
-    ft = load_config(path, values)
-    if data_family(ft.data) != "kv":
-        # synthetic MDQA data: check it against every suite task whose documents the leakage check can load
-        checked = [t for t in cfg.tasks if FAMILY_TASK.match(t)]
-        ft = dataclasses.replace(ft, eval_tasks=checked or ft.eval_tasks, eval_metadata=dict(cfg.metadata))
-    validate_hparams(ft)
-    train_spec(ft.data)  # the training data's spec too: a bad one must not wait for the base model's scores
-    check_output_dir(out, "experiment folder")
-    return ft
+PLAN = ("data", "pilot", "eval_base", "finetune", "eval_finetuned", "compare", "report")
 
 
 def scored_model(ft, out: Path) -> tuple[Path | None, Path | None]:
@@ -83,10 +48,14 @@ def eval_argv(
     merged: Path | None = None,
     lora_rank: int | None = None,
     hf_overrides: dict | None = None,
+    system_prompt: str | None = None,
 ) -> list[str]:
     """The lm_eval command that scores the suite (the same documents for the base and the finetuned model);
-    ``hf_overrides``: the RoPE of a context extension, for an adapter served on the base model."""
-    from harness_ext.plugin.runner import vllm_eval_command
+    ``hf_overrides``: the RoPE of a context extension, for an adapter served on the base model; ``system_prompt``:
+    the finetune's, rendered for both models so their prompts are the ones it trained on. Prefixed with
+    ``env VAR=value`` where the served model needs the environment ``needles finetune`` prints (eval_env)."""
+    from harness_ext.plugin.runner import eval_env, vllm_eval_command
+    from harness_ext.workflow.eval_step import with_env
 
     argv = vllm_eval_command(
         base,
@@ -104,18 +73,18 @@ def eval_argv(
         argv += ["--gen_kwargs", cfg.gen_kwargs]
     if cfg.limit:
         argv += ["--limit", str(cfg.limit)]
-    return argv
+    if system_prompt:
+        argv += ["--system_instruction", system_prompt]
+    # the base's tokenizer: a merged or finetuned folder saves the same one, and does not exist yet when planned
+    return with_env(argv, eval_env(base, cfg.max_model_len))
 
 
 def lm_eval_step(argv: list[str], out: Path) -> dict:
-    """Run one evaluation step's ``lm_eval`` command into ``out`` (log beside it); the marker's record."""
-    from harness_ext.plugin.runner import run_lm_eval
+    """Run one evaluation step's command into ``out`` (log beside it; its environment and a time limit sized by
+    the cost estimate: harness_ext.workflow.eval_step); the marker's record."""
+    from harness_ext.workflow.eval_step import run_eval
 
-    args = list(argv[2:])
-    i = args.index("--output_path")
-    del args[i : i + 2]
-    path = run_lm_eval(args, out, log_file=out.parent / f"{out.name}.log")
-    return {"results": str(path)}
+    return {"results": str(run_eval(argv, out))}
 
 
 def finetune_step(ft) -> dict:
@@ -133,23 +102,29 @@ def finetune_step(ft) -> dict:
 
 
 def run_experiment(
-    cfg: ExperimentConfig, out: str | Path, log: Callable[[str], None] | None = None, config_path: str | None = None
+    cfg: ExperimentConfig,
+    out: str | Path,
+    log: Callable[[str], None] | None = None,
+    config_path: str | None = None,
+    skip_pilot_check: bool = False,
 ) -> dict:
-    """Run (or resume) the experiment into ``out``; returns the comparison (also in OUT/comparison.json)."""
-
+    """Run (or resume) the experiment into ``out``; returns the comparison (also in OUT/comparison.json).
+    ``skip_pilot_check``: no pilot (harness_ext.experiment.pilot) before the long steps."""
+    from harness_ext.experiment import pilot
     from harness_ext.finetune.context import plan_context
     from harness_ext.finetune.modeling import resolve_model
 
     out = Path(out).expanduser().resolve()
     base = resolve_model(cfg.model)
-    ft = finetune_config(cfg, out)  # every option checked before the first slow step or the first file
+    # every option checked before the first slow step or the first file; the in-distribution check joins the suite
+    cfg, ft = with_in_distribution(cfg, out)
     runner, data_step, data, run_cfg = open_folder(cfg, ft, out, log, config_path, len(PLAN))
     ft_yaml, reproduce, skipped = out / "finetune.yaml", data_step.command, data["skipped"]
     # what each target can detect at its n, before the evaluations (a resumed run plans from its base scores)
     runner.log(experiment_plan_text(run_cfg, (runner.done("eval_base") or {}).get("outputs", {}).get("results")))
 
     adapter, merged = scored_model(ft, out)
-    base_argv = eval_argv(run_cfg, base, out / "eval_base")
+    base_argv = eval_argv(run_cfg, base, out / "eval_base", system_prompt=ft.system_prompt)
     # an extended adapter is served on the base model with the RoPE it was trained with (a merged folder's config
     # carries it already)
     plan = plan_context(ft.context, base, cfg.model)
@@ -162,6 +137,7 @@ def run_experiment(
         merged=merged,
         lora_rank=ft.lora_r,
         hf_overrides=overrides,
+        system_prompt=ft.system_prompt,
     )
 
     def compare() -> dict:
@@ -172,6 +148,7 @@ def run_experiment(
 
     done: dict[str, dict] = {"data": data}
     steps = [
+        pilot.pilot_step(base_argv, run_cfg, out, runner, pilot.entries(run_cfg), skip_pilot_check),
         Step("eval_base", base_argv, lambda: lm_eval_step(base_argv, out / "eval_base"), out / "eval_base"),
         Step(
             "finetune",
@@ -196,6 +173,8 @@ def run_experiment(
     )
     for i, step in enumerate(steps, 2):  # run one at a time so later steps see earlier outputs
         done.update(runner.run([step], i, len(PLAN)))
+        if step.name == "pilot":
+            pilot.after_pilot(done["pilot"], runner, skip_pilot_check)
     return compare_runs(done["eval_base"]["results"], done["eval_finetuned"]["results"], run_cfg, skipped)
 
 
@@ -228,7 +207,7 @@ def open_folder(
 
 
 def _plain(cfg: ExperimentConfig) -> dict:
-    d = cfg.to_dict()
+    d = without_check(cfg.to_dict())
     d["suite"] = [
         {k: v for k, v in e.items() if v not in ("", None) and not (k == "filter" and v == "none")} for e in d["suite"]
     ]
@@ -283,15 +262,23 @@ def report(cfg: ExperimentConfig, done: dict, out: Path) -> dict:
 def describe_plan(cfg: ExperimentConfig, out: Path) -> str:
     """The commands the experiment will run, for --dry-run (nothing is loaded or written), and what its targets can
     detect."""
-    ft = finetune_config(cfg, out)
+    from harness_ext.experiment.pilot import describe
+
+    cfg, ft = with_in_distribution(cfg, out)
     adapter, merged = scored_model(ft, out)
     fixtures = f"build fixtures {', '.join(cfg.fixtures)} into {out / 'fixtures'}, " if cfg.fixtures else ""
+    base_argv = eval_argv(cfg, cfg.model, out / "eval_base", system_prompt=ft.system_prompt)
     return "\n".join(
         [
             "# " + experiment_plan_text(cfg).replace("\n", "\n# "),
             f"# data: {fixtures}check every suite task's data (optional tasks without it are left out)",
-            shlex.join(eval_argv(cfg, cfg.model, out / "eval_base")),
+            describe(base_argv, cfg),
+            shlex.join(base_argv),
             f"needles finetune --config {out / 'finetune.yaml'}",
-            shlex.join(eval_argv(cfg, cfg.model, out / "eval_finetuned", adapter, merged, ft.lora_r)),
+            shlex.join(
+                eval_argv(
+                    cfg, cfg.model, out / "eval_finetuned", adapter, merged, ft.lora_r, system_prompt=ft.system_prompt
+                )
+            ),
         ]
     )

@@ -4,91 +4,23 @@ Pairs come from the gate's reader (same documents, prompts and targets, joined o
 group); every statistic comes from harness_ext.core.stats. Targets: a one-sided test that the finetuned model
 is better (exact McNemar on 0/1 metrics, paired bootstrap otherwise). Guards: a non-inferiority test that the
 drop is smaller than the margin (paired bootstrap on finetuned - base + margin; exact McNemar has no margin
-form). Holm across the whole family. The claim holds when every target improved and every guard held.
+form). Holm across the whole family. The claim holds when every target improved and every guard held; a row whose
+two sides are both at floor or both at ceiling is uninformative, neither (harness_ext.workflow.informative).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from harness_ext.core import stats
-from harness_ext.core.errors import NeedlesError
-from harness_ext.experiment.config import ExperimentConfig, SuiteTask
-from harness_ext.experiment.mde import beside
-from harness_ext.reporting.gate_pairing import check_task_compatible, load_one_run, load_pairs
-from harness_ext.reporting.results_io import Run
-
-
-def leaf_tasks(run: Run, task: str) -> list[str]:
-    """The leaf tasks lm-eval ran for ``task`` (itself, or its group's subtasks, recursively)."""
-    groups = run.data.get("group_subtasks") or {}
-    if task not in groups:
-        if task not in run.data["results"]:
-            raise NeedlesError(f"task {task} is not in {run.path}", fix="check the suite's task names")
-        return [task]
-    return [leaf for sub in groups[task] for leaf in leaf_tasks(run, sub)]
-
-
-def paired_values(base: Run, new: Run, entry: SuiteTask) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Per-sample (base, finetuned) values of ``entry.metric`` over every leaf task, and the leaves."""
-    leaves = leaf_tasks(base, entry.task)
-    if sorted(leaves) != sorted(leaf_tasks(new, entry.task)):
-        raise NeedlesError(f"{entry.task}: the two runs ran different subtasks", fix="evaluate both the same way")
-    b_all, n_all = [], []
-    for leaf in leaves:
-        if base.samples_path(leaf) is None or new.samples_path(leaf) is None:
-            raise NeedlesError(f"{leaf}: no per-sample log in one of the runs", fix="run lm_eval with --log_samples")
-        check_task_compatible(base, new, leaf)
-        pairs = load_pairs(base, new, leaf, [(entry.metric, entry.filter)])[(entry.metric, entry.filter)]
-        b_all.append(pairs.baseline)
-        n_all.append(pairs.candidate)
-    b, n = np.concatenate(b_all), np.concatenate(n_all)
-    if len(b) == 0:
-        raise NeedlesError(
-            f"{entry.task}: no sample carries metric {entry.metric!r} (filter {entry.filter!r})",
-            fix="name a per-sample metric of that task in the suite (see its samples_*.jsonl)",
-        )
-    return b, n, leaves
-
-
-def compare_entry(entry: SuiteTask, base: np.ndarray, new: np.ndarray, cfg: ExperimentConfig) -> dict:
-    """One task's comparison: means, delta with its (1 - 2 alpha) interval, the one-sided p-value."""
-    delta = new - base
-    binary = bool(np.isin(base, (0.0, 1.0)).all() and np.isin(new, (0.0, 1.0)).all())
-    # core.stats' bootstrap tests "mean < 0"; on -(delta + margin) that is H1: delta > -margin (improvement
-    # when the margin is 0, non-inferiority otherwise)
-    boot = stats.paired_bootstrap(-(delta + entry.margin), cfg.alpha, cfg.bootstrap_iters, cfg.seed)
-    low, high = -boot.ci[1] - entry.margin, -boot.ci[0] - entry.margin
-    if binary:
-        both, base_only, new_only, neither = stats.paired_binary_counts(base, new)
-        low, high = stats.newcombe_paired_ci(both, base_only, new_only, neither, level=1 - 2 * cfg.alpha)
-    if entry.role == "target" and binary:
-        method = "exact McNemar (one-sided: finetuned better)"
-        p = stats.mcnemar_one_sided(losses=new_only, wins=base_only)  # "base worse than finetuned"
-    elif entry.role == "target":
-        method, p = "paired bootstrap (one-sided: finetuned better)", boot.p_value
-    else:
-        method, p = f"paired bootstrap non-inferiority (drop < {entry.margin:g})", boot.p_value
-    out = {
-        "task": entry.name,
-        "lm_eval_task": entry.task,
-        "role": entry.role,
-        "metric": entry.metric,
-        "margin": entry.margin,
-        "n": int(len(base)),
-        "base": float(base.mean()),
-        "finetuned": float(new.mean()),
-        "delta": float(delta.mean()),
-        "ci": [float(low), float(high)],
-        "ci_level": 1 - 2 * cfg.alpha,
-        "p": float(p),
-        "method": method,
-    }
-    if binary:
-        out["discordant"] = {"only_base_right": base_only, "only_finetuned_right": new_only}
-    return out
+from harness_ext.experiment.in_distribution import in_distribution_result
+from harness_ext.experiment.in_distribution import markdown as in_distribution_markdown
+from harness_ext.reporting.gate_pairing import load_one_run
+from harness_ext.workflow.in_distribution import ROLE
+from harness_ext.workflow.informative import claim_note, mark_row
+from harness_ext.workflow.mde import beside
+from harness_ext.workflow.paired import compare_entry, paired_values
+from harness_ext.workflow.suite import ExperimentConfig
 
 
 def compare_runs(
@@ -98,7 +30,7 @@ def compare_runs(
     ``skipped``: optional suite tasks left out for want of data; the verdict then says it is partial."""
     base, new = load_one_run(base_path, "baseline"), load_one_run(new_path, "candidate")
     rows, values = [], []
-    for entry in cfg.suite:
+    for entry in [e for e in cfg.suite if e.role != ROLE]:  # the in-distribution check is not part of the claim
         b, n, leaves = paired_values(base, new, entry)
         rows.append({**compare_entry(entry, b, n, cfg), "leaf_tasks": leaves})
         values.append((b, n))
@@ -115,13 +47,15 @@ def compare_runs(
             # what this n could have detected (at Holm's first step), so "no significant" is not read as "no effect"
             found = beside(b, n, cfg.alpha / len(rows))
             row["mde"], row["mde_text"] = found["mde"], found["text"]
+        mark_row(row, b, n)  # both sides at floor or at ceiling: neither improved nor held
     holds = all(r["pass"] for r in rows)
     skipped = list(skipped or [])
-    verdict = "CLAIM HOLDS" if holds else "CLAIM NOT SHOWN"
+    verdict = ("CLAIM HOLDS" if holds else "CLAIM NOT SHOWN") + claim_note(rows)
     if skipped:
         verdict += f" (on the tasks run; {len(skipped)} optional task(s) not run: no data)"
     return {
         "name": cfg.name,
+        "in_distribution": in_distribution_result(base, new, cfg, skipped),  # reported first
         "alpha": cfg.alpha,
         "correction": "Holm over all suite tasks run",
         "claim_holds": holds,
@@ -142,6 +76,7 @@ def to_markdown(comparison: dict, reference: dict | None = None) -> str:
     lines = [
         f"# Experiment {comparison['name']}: {comparison['verdict']}",
         "",
+        *in_distribution_markdown(comparison),
         f"alpha = {comparison['alpha']}, {comparison['correction']}; CI = {comparison['tasks'][0]['ci_level']:.0%} "
         "paired interval of the delta (finetuned - base).",
         "",

@@ -33,7 +33,8 @@ GROUP_LORA = "LoRA"
 GROUP_OPTIM = "optimisation"
 GROUP_OUTPUTS = "checkpoints and outputs"
 GROUP_CONTEXT = "context extension (train and serve past the model's native window; docs/extension.md)"
-ROPE_TYPES = ("yarn", "linear", "dynamic", "llama3", "theta")  # theta: a new base frequency only
+# theta: a new base frequency only; dynamic is named so that its refusal can say why (finetune/context.py)
+ROPE_TYPES = ("yarn", "linear", "dynamic", "llama3", "theta")
 # Above this many tokens in the longest example, gradient checkpointing is on unless set: activations grow
 # linearly with the sequence (attention's scores too, without a fused kernel), and past ~2K tokens they outweigh
 # a LoRA's weights and optimizer state on the models this project trains; below it recomputation costs ~30%.
@@ -95,7 +96,9 @@ class ContextOptions:
         label="context.length",
         fix="set the target window, e.g. --context-length 16384",
     )
-    rope_type: str | None = option(key="rope.type", help=f"RoPE change: {', '.join(ROPE_TYPES)}")
+    rope_type: str | None = option(
+        key="rope.type", help="RoPE change: yarn, linear, llama3, theta (dynamic is training-free only: refused)"
+    )
     rope_factor: float | None = option(
         key="rope.factor",
         help="scaling factor (default ceil(length / native window))",
@@ -105,7 +108,7 @@ class ContextOptions:
     )
     rope_theta: float | None = option(
         key="rope.theta",
-        help="base frequency (required for type theta)",
+        help="base frequency (default: the model's; for type theta the NTK-aware theta x s^(d/(d-2)))",
         **_positive("theta", "8.0e6 (ProLong's, 64K)"),
     )
     rope_original_max_position_embeddings: int | None = option(

@@ -1,30 +1,35 @@
 """Context extension in ``needles finetune``: the ``context`` section checked against the model's config.json
-(before anything loads), the RoPE and window the run trains and serves with, and what a run measures per
-training length (tokens/s, peak memory).
+(before anything loads), and the RoPE and window the run trains and serves with (what a run measures per
+training length: :mod:`harness_ext.finetune.long_sequences`).
 
 ``context: {length: L, rope: {type: T, ...}}``. Defaults a user expects (LLaMA-Factory's and LongLoRA's rule):
-``factor = ceil(L / native)``, ``original_max_position_embeddings`` = the model's declared window. The window
-written follows what each type means to transformers and vLLM (:mod:`harness_ext.core.rope`): yarn and llama3
-set ``max_position_embeddings = factor x original`` (jquesnelle/yarn's finetune.py), linear and dynamic keep the
-declared ``max_position_embeddings`` (dynamic NTK reads it as the pretraining window; vLLM multiplies it by
-``factor``), ``theta`` raises the base frequency and sets ``max_position_embeddings = L`` (ProLong's recipe).
+``factor = ceil(L / native)``, ``original_max_position_embeddings`` = the model's declared window, and for
+``theta`` the NTK-aware base ``theta x s ** (d / (d - 2))`` (d: rotated dimensions per head, s = L / native).
+The window written follows what each type means to transformers and vLLM (:mod:`harness_ext.core.rope`): yarn
+and llama3 set ``max_position_embeddings = factor x original`` (jquesnelle/yarn's finetune.py), linear keeps the
+declared ``max_position_embeddings`` (vLLM multiplies it by ``factor``), ``theta`` raises the base frequency and
+sets ``max_position_embeddings = L`` (ProLong's recipe). ``dynamic`` is refused: transformers trains it with a
+base that grows with each sequence's length, vLLM serves one base for the whole window, so a model trained with
+one is scored with the other everywhere but at the full window. A model with per-layer-type RoPE (Gemma 3) gets
+the new RoPE on its ``full_attention`` entry only (:func:`harness_ext.core.rope.layered_rope`).
 """
 
 from __future__ import annotations
 
 import math
-import re
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from harness_ext.core import rope as ropelib
 from harness_ext.core.errors import NeedlesError
 from harness_ext.finetune.config import ROPE_TYPES
+from harness_ext.finetune.long_sequences import LengthMeter
 
 CONTEXT_KEYS = ("length", "rope")
 LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0}  # Llama 3.1's values
 INTEGER_KEYS = ("original_max_position_embeddings",)
+# transformers trains these with a sequence-length-dependent base, vLLM serves one fixed base (module docstring)
+TRAINING_FREE_ONLY = ("dynamic",)
 
 
 def _fail(problem: str, fix: str) -> None:
@@ -50,27 +55,55 @@ class ContextPlan:
     max_position_embeddings: int
     window: int  # the window served with ``rope`` (harness_ext.core.rope.rope_window)
     base_rope: dict = field(default_factory=dict)  # the model's RoPE as it is
+    layers: dict | None = None  # the model's per-layer-type rope_parameters (None: one flat dict)
+    defaults: dict = field(default_factory=dict)  # rope key -> the rule that chose its value (none given)
 
     @property
     def changes_rope(self) -> bool:
         return self.rope != self.base_rope or self.window != self.native
 
+    @property
+    def extends(self) -> bool:
+        """Whether the run serves past the model's native window."""
+        return self.length > self.native
+
+    def rope_parameters(self) -> dict:
+        """``rope_parameters`` as written to the config and the override: per layer type where the model has
+        them (``rope`` on full attention, the others as they were), else ``rope``."""
+        return ropelib.layered_rope({"rope_parameters": self.layers}, self.rope) if self.layers else dict(self.rope)
+
     def config_kwargs(self) -> dict:
         """Config attributes for AutoConfig / from_pretrained, in the installed transformers' form."""
-        return ropelib.config_kwargs(self.rope, self.max_position_embeddings) if self.changes_rope else {}
+        return ropelib.config_kwargs(self.rope_parameters(), self.max_position_embeddings) if self.changes_rope else {}
 
     def hf_overrides(self) -> dict | None:
         """vLLM's hf_overrides that serve the base model with this RoPE (None: nothing to override)."""
-        return ropelib.vllm_overrides(self.rope, self.max_position_embeddings) if self.changes_rope else None
+        if not self.changes_rope:
+            return None
+        return ropelib.vllm_overrides(self.rope_parameters(), self.max_position_embeddings)
+
+    def describe(self) -> str:
+        """One line: the RoPE chosen, each defaulted value with its rule, and the windows."""
+        values = ", ".join(
+            f"{k} {v:g}" + (f" ({self.defaults[k]})" if k in self.defaults else "")
+            for k, v in self.rope.items()
+            if k != "rope_type" and isinstance(v, (int, float))
+        )
+        where = f" on {ropelib.FULL_ATTENTION} layers (other layer types unchanged)" if self.layers else ""
+        return (
+            f"context {self.length} tokens: RoPE {self.rope['rope_type']}{where}, {values}; window {self.native} -> "
+            f"{self.window} (max_position_embeddings {self.max_position_embeddings})"
+        )
 
     def to_json(self) -> dict:
         return {
             "length": self.length,
             "native_window": self.native,
             "window": self.window,
-            "rope_parameters": self.rope,
+            "rope_parameters": self.rope_parameters(),
             "max_position_embeddings": self.max_position_embeddings,
             "base_rope_parameters": self.base_rope,
+            "defaults": self.defaults,
             "config_form": ropelib.config_form(),
             "hf_overrides": self.hf_overrides(),
         }
@@ -106,6 +139,7 @@ def plan_context(context: Any, model_path: str, model_name: str | None = None) -
         )
     base = ropelib.read_rope(config)
     declared = ropelib.declared_positions(config) or native
+    layers = config.get("rope_parameters") if ropelib.layer_key(config) else None
     if not rope:
         if length > native:
             _fail(
@@ -119,6 +153,19 @@ def plan_context(context: Any, model_path: str, model_name: str | None = None) -
         _fail("context.rope.type is missing", f"use one of {list(ROPE_TYPES)}")
     if rope_type not in ROPE_TYPES:
         _fail(f"unknown context.rope.type {rope_type!r}", f"use one of {list(ROPE_TYPES)}")
+    if rope_type in TRAINING_FREE_ONLY:
+        _fail(
+            f"context.rope.type {rope_type} cannot be trained for the server: transformers trains dynamic NTK with "
+            "a base frequency recomputed from each sequence's length, vLLM serves one base fixed for the maximum "
+            "length, so the trained model would be scored with another RoPE everywhere but at the full window",
+            "train with --rope-type yarn (or linear, or theta: a fixed NTK-aware base); dynamic NTK is a "
+            "training-free method: score the untrained model with its hf_overrides, no needles finetune",
+        )
+    if layers is not None and ropelib.layer_key(config) != ropelib.FULL_ATTENTION:
+        _fail(
+            f"{name} has per-layer-type RoPE without a {ropelib.FULL_ATTENTION} entry (types {sorted(layers)})",
+            "needles extends the full-attention RoPE only; extend this model with its own recipe",
+        )
     _check_keys(rope, rope_type)
     for key, value in rope.items():
         if key != "type":
@@ -126,7 +173,7 @@ def plan_context(context: Any, model_path: str, model_name: str | None = None) -
     if rope.get("theta") is not None and rope["theta"] <= 0:
         _fail(f"context.rope.theta={rope['theta']} must be positive", "use e.g. theta: 8.0e6 (ProLong's for 64K)")
     if rope_type == "theta":
-        return _theta_plan(rope, length, native, declared, base)
+        return _theta_plan(rope, length, native, declared, base, config, layers)
     if base["rope_type"] != "default":
         _fail(
             f"{name} already uses {base['rope_type']} RoPE scaling (window {native})",
@@ -138,7 +185,7 @@ def plan_context(context: Any, model_path: str, model_name: str | None = None) -
             f"context.rope.type={rope_type} scales RoPE",
             f"raise context.length above {native}, or drop context.rope",
         )
-    return _scaled_plan(rope, rope_type, length, native, base)
+    return _scaled_plan(rope, rope_type, length, native, base, config, layers)
 
 
 def _check_keys(rope: dict, rope_type: str) -> None:
@@ -153,11 +200,18 @@ def _check_keys(rope: dict, rope_type: str) -> None:
         _fail(f"context.rope.{key} is not a parameter of {rope_type} RoPE", fix)
 
 
-def _scaled_plan(rope: dict, rope_type: str, length: int, native: int, base: dict) -> ContextPlan:
+def _scaled_plan(
+    rope: dict, rope_type: str, length: int, native: int, base: dict, config: dict, layers: dict | None
+) -> ContextPlan:
     original = int(rope.get("original_max_position_embeddings") or native)
     if original < 1:
         _fail(f"context.rope.original_max_position_embeddings={original} must be positive", f"use {native}")
+    defaults = {} if rope.get("theta") is not None else {"rope_theta": "the model's"}
+    if rope_type in ("yarn", "llama3") and rope.get("original_max_position_embeddings") is None:
+        defaults["original_max_position_embeddings"] = "the model's declared window"
     reach = native if rope_type in ropelib.FACTOR_SCALES_WINDOW else original
+    if rope.get("factor") is None:
+        defaults["factor"] = f"ceil({length} / {reach})"
     factor = float(rope["factor"]) if rope.get("factor") is not None else float(math.ceil(length / reach))
     if factor < 1:
         _fail(
@@ -189,105 +243,32 @@ def _scaled_plan(rope: dict, rope_type: str, length: int, native: int, base: dic
             f"context.rope.beta_fast={out.get('beta_fast', 32.0):g} must be above beta_slow={out.get('beta_slow', 1.0):g}",
             "use transformers' defaults (beta_fast 32, beta_slow 1) or drop both",
         )
-    max_positions = native if rope_type in ropelib.FACTOR_SCALES_WINDOW else window
-    return ContextPlan(length, native, out, max_positions, window, base)
+    # linear: vLLM multiplies max_position_embeddings by factor (not on Gemma 3, which needs the window itself)
+    max_positions = native if ropelib.factor_scales_window(config, rope_type) else window
+    return ContextPlan(length, native, out, max_positions, window, base, layers, defaults)
 
 
-def _theta_plan(rope: dict, length: int, native: int, declared: int, base: dict) -> ContextPlan:
-    if rope.get("theta") is None:
-        _fail("context.rope.theta is required for type theta", "set e.g. theta: 8.0e6 (ProLong's for 64K)")
-    out = {**base, "rope_theta": float(rope["theta"])}
-    scale = float(base.get("factor") or 1.0) if base["rope_type"] in ropelib.FACTOR_SCALES_WINDOW else 1.0
+def _theta_plan(
+    rope: dict, length: int, native: int, declared: int, base: dict, config: dict, layers: dict | None
+) -> ContextPlan:
+    defaults = {}
+    theta = rope.get("theta")
+    if theta is None:
+        dims = ropelib.rotary_dims(config)
+        if dims is None:
+            _fail(
+                "context.rope.theta has no default here: the config gives no head size for the NTK-aware rule",
+                "set e.g. theta: 8.0e6 (ProLong's for 64K)",
+            )
+        scale = max(length / native, 1.0)
+        theta = ropelib.ntk_theta(base["rope_theta"], dims, scale)
+        defaults["rope_theta"] = f"NTK-aware: {base['rope_theta']:g} x ({length}/{native}) ** ({dims}/{dims - 2})"
+    out = {**base, "rope_theta": float(theta)}
+    scale = float(base.get("factor") or 1.0) if ropelib.factor_scales_window(config, base["rope_type"]) else 1.0
     max_positions = max(declared, math.ceil(length / scale))
-    window = ropelib.rope_window({"rope_parameters": out, "max_position_embeddings": max_positions})
-    return ContextPlan(length, native, out, max_positions, window or max_positions, base)
-
-
-# ------------------------------------------------------------------------------------- long sequences
-def use_gradient_checkpointing(cfg: Any, longest: int) -> bool:
-    """The configured switch, or (unset) on when the longest example exceeds ``gradient_checkpointing_above``."""
-    if cfg.gradient_checkpointing is not None:
-        return bool(cfg.gradient_checkpointing)
-    return longest > cfg.gradient_checkpointing_above
-
-
-def length_bucket(tokens: int) -> int:
-    """The power of two a step's longest sequence rounds up to (the manifest's training length)."""
-    return 1 << max(int(tokens) - 1, 1).bit_length()
-
-
-def _vm_hwm_kib() -> int | None:
-    try:
-        with open("/proc/self/status", encoding="ascii") as f:
-            m = re.search(r"VmHWM:\s+(\d+)", f.read())
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-def _reset_peak_rss() -> bool:
-    """Linux: writing 5 to /proc/self/clear_refs resets VmHWM, so each step's peak RSS is its own."""
-    try:
-        with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-class LengthMeter:
-    """Tokens/s and peak memory per training length: CUDA peak allocation on a GPU, peak RSS on CPU (VmHWM reset
-    at each step; where it cannot be reset, the process's peak so far, marked as such)."""
-
-    def __init__(self, device: Any = None):
-        self.cuda = getattr(device, "type", str(device)) == "cuda"
-        self.rows: dict[int, dict] = {}
-        self.kind = "cuda_max_allocated" if self.cuda else "rss_peak_per_step"
-        self._t0 = 0.0
-
-    def start(self) -> None:
-        if self.cuda:
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-        elif not _reset_peak_rss():
-            self.kind = "rss_peak_of_process"
-        self._t0 = time.perf_counter()
-
-    def stop(self, longest: int, tokens: int) -> None:
-        seconds = time.perf_counter() - self._t0
-        if self.cuda:
-            import torch
-
-            peak = torch.cuda.max_memory_allocated()
-        else:
-            kib = _vm_hwm_kib()
-            if kib is None:
-                import resource
-
-                kib, self.kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "rss_peak_of_process"
-            peak = kib * 1024
-        row = self.rows.setdefault(length_bucket(longest), {"steps": 0, "tokens": 0, "seconds": 0.0, "peak": 0})
-        row["steps"] += 1
-        row["tokens"] += int(tokens)
-        row["seconds"] += seconds
-        row["peak"] = max(row["peak"], int(peak))
-        row["longest"] = max(row.get("longest", 0), int(longest))
-
-    def summary(self) -> dict:
-        """``{"up_to_N": {steps, tokens, seconds, tokens_per_second, peak_memory_mb, longest_sequence}}``."""
-        out = {}
-        for bucket, r in sorted(self.rows.items()):
-            out[f"up_to_{bucket}"] = {
-                "steps": r["steps"],
-                "tokens": r["tokens"],
-                "seconds": round(r["seconds"], 3),
-                "tokens_per_second": round(r["tokens"] / r["seconds"], 1) if r["seconds"] else None,
-                "peak_memory_mb": round(r["peak"] / 2**20, 1),
-                "memory": self.kind,
-                "longest_sequence": r["longest"],
-            }
-        return out
+    served = {**config, "rope_parameters": out, "max_position_embeddings": max_positions}
+    window = ropelib.rope_window(served)
+    return ContextPlan(length, native, out, max_positions, window or max_positions, base, layers, defaults)
 
 
 def extended_config(base: str, plan: ContextPlan | None, trust_remote_code: bool = False) -> Any:
@@ -306,31 +287,3 @@ def context_manifest(manifest: dict, plan: ContextPlan | None, meter: LengthMete
     manifest["training"]["gradient_checkpointing"] = checkpointing
     manifest["training"]["by_length"] = meter.summary()
     return manifest
-
-
-def refuse_sequence_parallel(environ: Any = None, on_gpu: bool = False) -> None:
-    """Refuse an accelerate launch with context or sequence parallelism (``parallelism_config`` cp_size or
-    sp_size > 1, e.g. examples/accelerate/fsdp2_context_parallel.yaml) before accelerate builds its device mesh."""
-    import os
-
-    env = os.environ if environ is None else environ
-    if str(env.get("ACCELERATE_USE_PARALLELISM_CONFIG", "false")).lower() != "true":
-        return
-    sizes = {k: int(env.get(f"PARALLELISM_CONFIG_{k.upper()}_SIZE", "1") or 1) for k in ("cp", "sp")}
-    split = {k: v for k, v in sizes.items() if v > 1}
-    if not split:
-        return
-    what = ", ".join(f"{k}_size={v}" for k, v in split.items())
-    if not on_gpu:
-        raise NeedlesError(
-            f"the accelerate config asks for sequence parallelism ({what}), which needs CUDA GPUs: torch's context "
-            "parallel shards attention over NCCL, and this machine has none",
-            fix="train on one process (long examples fit through gradient checkpointing, on above "
-            "--gradient-checkpointing-above tokens, and --batch-size 1), or run the config on a GPU node",
-        )
-    raise NeedlesError(
-        f"the accelerate config asks for sequence parallelism ({what}), which the needles training loop does not "
-        "do yet: its answer-only loss reads the last positions of each sequence, which context parallelism "
-        "splits over ranks",
-        fix="shard the model instead (examples/accelerate/fsdp.yaml) with gradient checkpointing and --batch-size 1",
-    )

@@ -32,14 +32,7 @@ from harness_ext.core.errors import NeedlesError
 from harness_ext.finetune import rundir, tracking
 from harness_ext.finetune.batches import SampleLog, plan_index, plan_loader, plan_run
 from harness_ext.finetune.config import FinetuneConfig, validate_hparams
-from harness_ext.finetune.context import (
-    LengthMeter,
-    context_manifest,
-    extended_config,
-    plan_context,
-    refuse_sequence_parallel,
-    use_gradient_checkpointing,
-)
+from harness_ext.finetune.context import context_manifest, extended_config, plan_context
 from harness_ext.finetune.data import (
     check_lengths,
     data_summary,
@@ -50,6 +43,7 @@ from harness_ext.finetune.data import (
     train_spec,
     write_docs,
 )
+from harness_ext.finetune.long_sequences import LengthMeter, refuse_sequence_parallel, use_gradient_checkpointing
 from harness_ext.finetune.manifest import build_manifest
 from harness_ext.finetune.modeling import (
     check_target_modules,
@@ -120,6 +114,8 @@ class FinetuneRecipe:
             f"of {cfg.batch_size}, batching={cfg.batching}, {'bf16' if self.mixed == 'bf16' else 'fp32'} on "
             f"{a.device}, {a.num_processes} process(es)"
         )
+        if self.context and self.context.changes_rope:
+            self.say(self.context.describe())  # every RoPE value, and the rule behind each default
 
     def _setup_data(self) -> None:
         cfg = self.cfg

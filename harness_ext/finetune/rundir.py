@@ -17,8 +17,9 @@ from typing import Any
 
 from harness_ext.core.atomic_io import write_json_atomic
 from harness_ext.core.errors import NeedlesError
+from harness_ext.core.rope import RUN_MANIFEST
 
-MANIFEST = "manifest.json"
+MANIFEST = RUN_MANIFEST  # the scorers read it beside an adapter (harness_ext.core.rope.trained_overrides)
 LOCK_FILE = ".needles-finetune.lock"
 STATE_FILE = "needles_state.json"
 # options that may change between a run and its --resume (outputs and checkpointing only)

@@ -5,6 +5,12 @@ that ``lm_eval --model vllm`` takes, e.g. the training-free variant's), the mani
 run an ``--adapter`` comes from (its ``context.hf_overrides``: the RoPE the adapter was trained with), or the
 model's own config.json (a merged folder carries its RoPE). Probe lengths past that window are refused before
 the model loads, with the override that would serve them, instead of probing positions the model never saw.
+
+An adapter is never probed on a RoPE other than the one it was trained with, where that can be known: an
+``--hf-overrides`` whose RoPE differs from the adapter's manifest is refused, and so is a ``--model`` whose RoPE
+or window differs from the base model the adapter names (``base_model_name_or_path`` in adapter_config.json,
+when its config can be read). An adapter without a manifest is probed with the model's RoPE, recorded as such;
+past the model's window it is refused with the fix to pass the RoPE it was trained with, not a guessed one.
 """
 
 from __future__ import annotations
@@ -40,27 +46,52 @@ def parse_overrides(text: str | None) -> dict | None:
     return value
 
 
-def adapter_overrides(adapter: str | Path | None) -> dict | None:
-    """The RoPE an adapter was trained with: ``context.hf_overrides`` of its run's manifest (OUT/manifest.json
-    beside OUT/adapter), or None (no manifest, or no extension)."""
-    if not adapter:
-        return None
-    manifest = Path(adapter).expanduser().resolve().parent / "manifest.json"
+MODEL_CONFIG = "the model's config.json"
+NO_MANIFEST = "the model's config.json (the adapter has no needles finetune manifest beside it)"
+
+
+def _check_adapter_base(config: dict, model: str | Path, adapter: str | Path) -> None:
+    """Refuse a model whose RoPE or window differs from the base the adapter names (where that is readable)."""
     try:
-        context = json.loads(manifest.read_text(encoding="utf-8")).get("context") or {}
+        named = json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))
+        base = named.get("base_model_name_or_path")
     except (OSError, ValueError, AttributeError):
-        return None
-    return context.get("hf_overrides") or None
+        return
+    base_config = ropelib.read_config_json(base) if isinstance(base, str) and base else None
+    if not base_config or not config:
+        return
+    theirs = (ropelib.read_rope(base_config), ropelib.rope_window(base_config))
+    ours = (ropelib.read_rope(config), ropelib.rope_window(config))
+    if theirs != ours:
+        raise NeedlesError(
+            f"the adapter {adapter} was trained on {base} (RoPE {theirs[0]}, window {theirs[1]}), but --model "
+            f"{model} has RoPE {ours[0]}, window {ours[1]}",
+            fix=f"probe it on the model it was trained on: --model {base}",
+        )
 
 
 def probed_rope(model: str | Path, adapter: str | Path | None, hf_overrides: str | None) -> tuple[dict | None, dict]:
     """(the overrides to load the model with or None, {"window", "native_window", "source", "rope_parameters"})."""
     config = ropelib.read_config_json(model) or {}
-    overrides, source = parse_overrides(hf_overrides), "--hf-overrides"
-    if overrides is None:
-        overrides, source = adapter_overrides(adapter), "the adapter's finetune manifest"
-    if overrides is None:
-        source = "the model's config.json"
+    given = parse_overrides(hf_overrides)
+    trained = ropelib.trained_overrides(adapter)
+    if adapter:
+        _check_adapter_base(config, model, adapter)
+    if given is not None and trained is not None:
+        ours, theirs = ropelib.with_overrides(config, given), ropelib.with_overrides(config, trained)
+        if ropelib.read_rope(ours) != ropelib.read_rope(theirs):
+            raise NeedlesError(
+                f"--hf-overrides gives RoPE {ropelib.read_rope(ours)}, but the adapter {adapter} was trained with "
+                f"{ropelib.read_rope(theirs)} ({ropelib.adapter_manifest(adapter)})",
+                fix="drop --hf-overrides (the adapter's manifest is used), or pass its context.hf_overrides",
+            )
+    if given is not None:
+        overrides, source = given, "--hf-overrides"
+    elif trained is not None:
+        overrides, source = trained, "the adapter's finetune manifest"
+    else:
+        no_manifest = adapter and ropelib.adapter_manifest(adapter) is None
+        overrides, source = None, NO_MANIFEST if no_manifest else MODEL_CONFIG
     served = ropelib.with_overrides(config, overrides)
     info = {
         "window": ropelib.rope_window(served),
@@ -91,7 +122,12 @@ def check_probe_lengths(lengths: dict[str, list[int]], extra_tokens: int, info: 
             continue
         config = ropelib.read_config_json(model) or {}
         fix = f"keep {flag} at or below {window - extra_tokens - CHAT_SLACK}"
-        if info.get("source") == "the model's config.json":
+        if info.get("source") == NO_MANIFEST:  # its training RoPE is unknown: a guessed override would be wrong
+            fix += (
+                ", or pass the RoPE the adapter was trained with: --hf-overrides with the context.hf_overrides of "
+                "its needles finetune manifest (OUT/manifest.json beside OUT/adapter)"
+            )
+        elif info.get("source") == MODEL_CONFIG:
             wanted = max(too_long) + extra_tokens + CHAT_SLACK
             suggested = json.dumps(ropelib.suggested_overrides(config, wanted), separators=(",", ":"))
             fix += f", or probe the model extended: --hf-overrides '{suggested}' (training-free YaRN)"

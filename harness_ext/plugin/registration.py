@@ -5,7 +5,8 @@
   and reads its index of lm-eval's own folder from a disk cache (``task_index_cache``).
 * ``generate_until`` of the vLLM and HF backends refuses, before generating, any prompt of this
   plugin's tasks that does not fit the model with ``max_gen_toks`` (lm-eval would silently
-  truncate it from the left, which destroys a long-context score).
+  truncate it from the left, which destroys a long-context score); ``loglikelihood`` likewise
+  refuses a context + continuation that does not fit ``max_length``.
 * A :class:`NeedlesError` reaching the top of a program prints as a message, not a traceback.
 """
 
@@ -146,6 +147,44 @@ def check_prompt_lengths(lm, requests) -> None:
         )
 
 
+def check_loglikelihood_lengths(lm, requests) -> None:
+    """Raise if a plugin task's context plus continuation exceeds ``max_length`` (lm-eval would cut the context
+    from the left, so the loss would be measured after fewer tokens than the row says), or if the continuation
+    lm-eval scores is not the row's ``continuation_tokens`` (per-token scores divide by it). The RoPE window is
+    no limit here: a loss curve past it is what a context-length sweep measures."""
+    ours = plugin_task_names()
+    limit = int(lm.max_length)
+    over: dict[str, tuple[int, int]] = {}  # task -> (count, longest request)
+    miscounted: list[str] = []
+    for req in requests:
+        task = getattr(req, "task_name", None)
+        if task not in ours or not req.args[0]:
+            continue
+        context_enc, continuation_enc = lm._encode_pair(req.args[0], req.args[1])
+        n = len(context_enc) + len(continuation_enc)
+        if n > limit:
+            count, longest = over.get(task, (0, 0))
+            over[task] = (count + 1, max(longest, n))
+        expected = req.doc.get("continuation_tokens") if isinstance(req.doc, dict) else None
+        if expected is not None and len(continuation_enc) != expected and len(miscounted) < 3:
+            miscounted.append(f"task {task}: lm-eval scores {len(continuation_enc)} tokens, the row says {expected}")
+    if over:
+        lines = [f"task {t}: {c} request(s) do not fit; longest {n} tokens > model limit {limit}" for t, (c, n) in
+                 sorted(over.items())]  # fmt: skip
+        raise NeedlesError(
+            "requests longer than the model's context (lm-eval would silently cut them from the left):\n  "
+            + "\n  ".join(lines),
+            fix="lower the context lengths (e.g. --metadata '{\"long_ppl_contexts\": [1024, 2048]}') or raise "
+            "max_length (hf) / max_model_len (vllm) in --model_args",
+        )
+    if miscounted:
+        raise NeedlesError(
+            "the backend tokenizes the continuation differently from the task's tokenizer:\n  "
+            + "\n  ".join(miscounted),
+            fix="pass the evaluated model's own tokenizer (--model_args tokenizer=...) so the rows are cut with it",
+        )
+
+
 def patch_generation(module) -> None:
     from harness_ext.plugin.rope_guard import patch_vllm_init
 
@@ -164,6 +203,16 @@ def patch_generation(module) -> None:
 
         setattr(generate_until, _MARK, True)
         cls.generate_until = generate_until
+        if not getattr(cls.loglikelihood, _MARK, False):
+            scoring = cls.loglikelihood
+
+            @functools.wraps(scoring)
+            def loglikelihood(self, requests, *args, _original=scoring, **kwargs):
+                check_loglikelihood_lengths(self, requests)
+                return _original(self, requests, *args, **kwargs)
+
+            setattr(loglikelihood, _MARK, True)
+            cls.loglikelihood = loglikelihood
     install_excepthook()
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from harness_ext.core.errors import NeedlesError
 from harness_ext.core.rope import read_config_json
+from harness_ext.plugin.lm_eval_progress import ProgressEcho, follow
 
 # Engine options that matter for vLLM on a CPU-only machine (see README, "vLLM on CPU").
 VLLM_CPU_ARGS = "dtype=float32,gpu_memory_utilization=0.3,enforce_eager=True,max_model_len={max_model_len}"
@@ -64,19 +65,34 @@ def cpu_bind_all(max_cores: int = 4) -> str | None:
     return ",".join(map(str, cores))
 
 
-def run_lm_eval(args: list[str], output_path: Path, log_file: Path | None = None, timeout: int = 1800) -> Path:
-    """Run ``lm_eval run ARGS --output_path OUTPUT`` and return the newest results JSON."""
+def run_lm_eval(
+    args: list[str],
+    output_path: Path,
+    log_file: Path | None = None,
+    timeout: int = 1800,
+    progress: str | None = "lm_eval",
+    env: dict[str, str] | None = None,
+) -> Path:
+    """Run ``lm_eval run ARGS --output_path OUTPUT`` and return the newest results JSON. With a ``log_file``, the
+    output goes there and the progress bars show on stderr as ``  PROGRESS: 8/18 prompts, ...`` (None: silent).
+    ``env``: variables the command needs on top of this process's (e.g. :func:`eval_env`'s)."""
     cmd = [sys.executable, "-m", "lm_eval", "run", *args, "--output_path", str(output_path)]
-    out = open(log_file, "w") if log_file else None  # noqa: SIM115 - closed below
-    try:
-        proc = subprocess.run(
-            cmd, env=lm_eval_env(), stdout=out or subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
-        )
-    finally:
-        if out:
-            out.close()
+    run_env = lm_eval_env({**os.environ, **(env or {})})
+    if log_file:
+        echo = ProgressEcho(progress) if progress else None
+        proc = follow(cmd, run_env, Path(log_file), timeout, echo)
+    else:
+        try:
+            proc = subprocess.run(
+                cmd, env=run_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+            )
+        except subprocess.TimeoutExpired:
+            raise NeedlesError(
+                f"lm_eval ran past its {timeout} s limit and was stopped",
+                fix="give the step more time or score fewer prompts (--limit)",
+            ) from None
     if proc.returncode != 0:
-        tail = (Path(log_file).read_text() if log_file else proc.stdout or "")[-4000:]
+        tail = (Path(log_file).read_text(errors="replace") if log_file else proc.stdout or "")[-4000:]
         raise NeedlesError(f"lm_eval exited with {proc.returncode}:\n{tail}", fix="read the log above")
     return latest_results(output_path)
 

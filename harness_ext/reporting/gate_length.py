@@ -1,6 +1,12 @@
 """The gate's effective-length check (``needles gate --effective-length``): the candidate's effective length must
 not shrink, per task or group and rule, on the same length grid. The rules, curves and bootstrap are
 harness_ext.reporting.effective_length / length_curves; this module only pairs the two runs' outcomes.
+
+The verdict is decided on the bootstrap interval, not on the point estimate: SHRANK when the candidate's effective
+length is shorter than the baseline's AND so is the top of the candidate's 90% bootstrap interval over documents
+(a one-sided 95% bound, as the gate's metric tests are one-sided at 5%); a shorter point estimate whose interval
+still reaches the baseline's length is within the documents' noise and holds. Without the candidate's sample logs
+(--log_samples) there is no interval, and the point estimate decides; the reason column says which applied.
 """
 
 from __future__ import annotations
@@ -8,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from harness_ext.reporting.effective_length import Rule
+from harness_ext.reporting.effective_length import Bootstrap, EffectiveLength, Rule
 from harness_ext.reporting.gate_pairing import IncomparableRuns
 from harness_ext.reporting.leaderboard_rows import rows_from_run
 from harness_ext.reporting.length_curves import Summary, require_curves, summarize
@@ -26,6 +32,24 @@ class LengthCheck:
     baseline_interval: str  # bootstrap interval over documents ("n/a" without sample logs)
     candidate_interval: str
     verdict: str  # "SHRANK" or "held"
+    reason: str = ""  # what decided the verdict: the candidate's interval, or the point estimate (no sample logs)
+
+
+SHRANK_RULE = (
+    "SHRANK: the candidate's effective length and the top of its 90% bootstrap interval are both shorter than the "
+    "baseline's (without the candidate's sample logs: its effective length alone)"
+)
+
+
+def _verdict(base: EffectiveLength, cand: EffectiveLength, boot: Bootstrap | None) -> tuple[str, str]:
+    """(verdict, reason): see the module docstring."""
+    if cand.rank >= base.rank:
+        return "held", "not shorter"
+    if boot is None:
+        return "SHRANK", "shorter; no sample logs for an interval, decided on the point estimate"
+    if boot.ranks[1] < base.rank:
+        return "SHRANK", f"shorter, and the candidate's {boot.level:.0%} interval ends at {boot.high}"
+    return "held", f"shorter, but within noise: the candidate's {boot.level:.0%} interval reaches {boot.high}"
 
 
 def _by_key(summaries: list[Summary]) -> dict[tuple[str, str, str], Summary]:
@@ -73,7 +97,7 @@ def check_lengths(
                     rc.display(),
                     bb.interval_text() if bb else "n/a",
                     bc.interval_text() if bc else "n/a",
-                    "SHRANK" if rc.rank < rb.rank else "held",
+                    *_verdict(rb, rc, bc),
                 )
             )
     return checks
@@ -81,7 +105,7 @@ def check_lengths(
 
 def length_lines(checks: Sequence[LengthCheck]) -> list[list[str]]:
     """Header and rows of the effective-length table (text and Markdown)."""
-    header = ["task", "metric", "rule", "baseline [90% bootstrap]", "candidate [90% bootstrap]", "verdict"]
+    header = ["task", "metric", "rule", "baseline [90% bootstrap]", "candidate [90% bootstrap]", "verdict", "why"]
     body = [
         [
             c.task,
@@ -90,6 +114,7 @@ def length_lines(checks: Sequence[LengthCheck]) -> list[list[str]]:
             f"{c.baseline} {c.baseline_interval}",
             f"{c.candidate} {c.candidate_interval}",
             c.verdict,
+            c.reason,
         ]  # fmt: skip
         for c in checks
     ]

@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from harness_ext.reporting.gate_compare import Comparison
-from harness_ext.reporting.gate_length import LengthCheck, length_lines
+from harness_ext.reporting.gate_length import SHRANK_RULE, LengthCheck, length_lines
 from harness_ext.reporting.gate_pairing import GateConfig
 from harness_ext.reporting.markdown_text import md_code, md_escape
 
@@ -124,7 +124,7 @@ def to_text(report: GateReport) -> str:
     if report.lengths:
         table = length_lines(report.lengths)
         widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-        lines += ["", "effective context length (must not shrink):"]
+        lines += ["", "effective context length (must not shrink):", SHRANK_RULE]
         lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
     lines += [f"note: {n}" for n in report.notes]
     return "\n".join(lines) + "\n"
@@ -147,8 +147,8 @@ def to_markdown(report: GateReport) -> str:
     lines += ["| " + " | ".join(md_escape(cell) for cell in r) + " |" for r in body]
     if report.lengths:
         head, *rest = length_lines(report.lengths)
-        lines += ["", "Effective context length (must not shrink):", "", "| " + " | ".join(head) + " |",
-                  "|" + "---|" * len(head)]  # fmt: skip
+        lines += ["", "Effective context length (must not shrink):", "", md_escape(SHRANK_RULE), "",
+                  "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
         lines += ["| " + " | ".join(md_escape(cell) for cell in r) + " |" for r in rest]
     if report.notes:
         lines += ["", *(f"> {md_escape(n)}" for n in report.notes)]

@@ -31,7 +31,7 @@ from harness_ext.reporting.results_io import Run, as_number, find_results, iter_
 from harness_ext.tasklib import breakdowns as names
 
 # Per task, the metric whose curve is summarised (the first one present); tasks with none of them: every metric.
-PRIMARY_METRICS = (names.KV_METRIC, names.NIAH_METRIC, names.MDQA_METRIC, names.FLENQA_METRIC,
+PRIMARY_METRICS = (names.KV_METRIC, names.NIAH_METRIC, names.PASSKEY_METRIC, names.MDQA_METRIC, names.FLENQA_METRIC,
                    names.BARE_LENGTH_METRIC)  # fmt: skip
 DERIVED_METRICS = ("effective_length", "wavg_inc", "wavg_dec")
 
@@ -57,7 +57,7 @@ def _length_cells(rows: Iterable[Row]) -> dict[tuple[str, ...], list[Row]]:
     """The newest per-length rows (a length, no position), by (model, adapter, task, group, metric, filter)."""
     cells: dict[tuple[str, ...], list[Row]] = {}
     for r in latest(rows):
-        if r["length"] and not r["position"] and r["metric"] not in DERIVED_METRICS:
+        if r["length"] and not r["position"] and r["metric"] not in DERIVED_METRICS + names.LOSS_METRICS:
             cells.setdefault((r["model"], r["adapter"], r["task"], r["group"], r["metric"], r["filter"]), []).append(r)
     return cells
 
@@ -127,10 +127,11 @@ def summarize(
     out = []
     for curve in curves(rows, metrics):
         docs = document_cells(curve, by_source, cache)
-        results = [effective_length(curve.points, rule) for rule in rules]
-        boots = [bootstrap(docs, rule, iters=iters, seed=seed) if docs else None for rule in rules]
+        what = f"{curve.label}, task {curve.task}, metric {curve.metric}"
+        results = [effective_length(curve.points, rule, what=what) for rule in rules]
+        boots = [bootstrap(docs, rule, iters=iters, seed=seed, what=what) if docs else None for rule in rules]
         n = sum(len(v) for v in docs.values()) if docs else None
-        out.append(Summary(curve, results, boots, weighted_averages(curve.points), n))
+        out.append(Summary(curve, results, boots, weighted_averages(curve.points, what), n))
     return out
 
 

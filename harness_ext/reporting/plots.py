@@ -1,5 +1,6 @@
-"""PNG plots from leaderboard rows: MDQA accuracy by gold position, KV length x depth heatmap, FLenQA by length,
-and score by length per family with the effective-length threshold and the native window (``length_plot``).
+"""PNG plots from leaderboard rows: MDQA accuracy by gold position, KV / NIAH / passkey length x depth heatmaps,
+FLenQA by length, continuation loss by context length (``loss_plot``), and score by length per family with the
+effective-length threshold and the native window (``length_plot``).
 
 Each function returns PNG bytes, or None when the rows hold nothing to plot. Task and metric names come from
 harness_ext.tasklib.breakdowns.
@@ -243,6 +244,57 @@ def niah_heatmap(rows: Iterable[Row], metric: str = names.NIAH_METRIC, filt: str
     return kv_heatmap(rows, metric, filt, task=names.NIAH_TASK)
 
 
+def passkey_heatmap(rows: Iterable[Row], metric: str = names.PASSKEY_METRIC, filt: str | None = None) -> bytes | None:
+    """The passkey grid (exact key by prompt length and key depth), drawn as the KV one."""
+    return kv_heatmap(rows, metric, filt, task=names.PASSKEY_TASK)
+
+
+def loss_series(rows: Iterable[Row], metric: str = "nll", filt: str | None = None) -> dict[tuple[str, str], Curve]:
+    """{(model label, task): {context length P: (value, stderr)}} of the continuation-loss tasks."""
+    cells = _pick_filter(
+        [r for r in latest(rows) if r["metric"] == metric and names.LONG_PPL_TASK.match(r["task"])], filt
+    )
+    series: dict[tuple[str, str], Curve] = {}
+    for r in cells:
+        if r["length"] and not r["position"]:
+            stderr = float(r["stderr"]) if r["stderr"] else None
+            series.setdefault((_label(r), r["task"]), {})[int(r["length"])] = (float(r["value"]), stderr)
+    return series
+
+
+@_literal_text
+def loss_plot(rows: Iterable[Row], metric: str = "nll", filt: str | None = None) -> bytes | None:
+    """Loss of the same continuation by the context length before it, one line per model; each model's native
+    window dotted, where the rows say it (past it the loss shows whether the model still uses the context)."""
+    rows = list(rows)
+    series = loss_series(rows, metric, filt)
+    if not series:
+        return None
+    windows = native_windows(rows)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4.2), layout="constrained")
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = sorted({label for label, _ in series})
+    for (label, task), points in sorted(series.items()):
+        color = colors[labels.index(label) % len(colors)]
+        xs = sorted(points)
+        ax.errorbar(xs, [points[x][0] for x in xs], yerr=[points[x][1] or 0.0 for x in xs], marker="o", capsize=3,
+                    color=color, label=label if len(series) == len(labels) else f"{label}: {task}")  # fmt: skip
+        window = windows.get(label)
+        if window and min(xs) / 2 <= window <= max(xs) * 2:
+            ax.axvline(window, color=color, linestyle=":", linewidth=1.2)
+    ticks = sorted({x for points in series.values() for x in points})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks, [f"{x // 1024}K" if x >= 1024 and x % 1024 == 0 else str(x) for x in ticks])
+    ax.minorticks_off()
+    ax.set_xlabel("Context before the continuation (tokens; K = 1024); dotted: native window")
+    ax.set_ylabel({"nll": "NLL per token (nats)", "ppl": "Perplexity"}.get(metric, metric))
+    ax.set_title("Continuation loss by context length (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return _png(fig)
+
+
 def native_windows(rows: Iterable[Row]) -> dict[str, int]:
     """Model label -> its context window where the rows say it: vLLM's ``max_model_len`` or HF's ``max_length`` in
     ``model_args``, else a ``claimed_length`` row (the reference leaderboards' claimed context)."""
@@ -315,7 +367,8 @@ def length_plot(
     return _png(fig)
 
 
-PLOTS = {"mdqa": mdqa_plot, "kv": kv_heatmap, "niah": niah_heatmap, "flenqa": flenqa_plot}
+PLOTS = {"mdqa": mdqa_plot, "kv": kv_heatmap, "niah": niah_heatmap, "passkey": passkey_heatmap,
+         "flenqa": flenqa_plot, "loss": loss_plot}  # fmt: skip
 
 
 def available() -> bool:

@@ -61,11 +61,12 @@ def curve_entries(summaries: Sequence[Summary]) -> list[dict]:
 
 
 def grids(rows: Sequence[Row]) -> list[dict]:
-    """Length x depth grids of the tasks that record a depth (KV, NIAH): {task, metric, lengths, depths, values}."""
+    """Length x depth grids of the tasks that record a depth (KV, NIAH, passkey): {task, metric, lengths, depths,
+    values}."""
     from harness_ext.reporting.plots import kv_cells
 
     out = []
-    for metric, pattern in ((names.KV_METRIC, names.KV_TASK), (names.NIAH_METRIC, names.NIAH_TASK)):
+    for metric, pattern in names.DEPTH_GRIDS:
         for (label, task), cells in sorted(kv_cells(rows, metric, task=pattern).items()):
             lengths = sorted({k[0] for k in cells})
             depths = sorted({k[1] for k in cells})

@@ -50,6 +50,14 @@ KV_TASK = re.compile(r"^kv_retrieval(_\w+)?$")
 KV_METRIC = "both_acc"
 NIAH_TASK = re.compile(r"^niah(_\w+)?$")
 NIAH_METRIC = "niah_success"
+# Passkey retrieval (Mohtashami & Jaggi): length x depth breakdowns, as NIAH.
+PASSKEY_TASK = re.compile(r"^needles_passkey(_\w+)?$")
+PASSKEY_METRIC = "passkey_acc"
+# The length x depth grids the scorecard and plots draw: (metric, tasks).
+DEPTH_GRIDS = ((KV_METRIC, KV_TASK), (NIAH_METRIC, NIAH_TASK), (PASSKEY_METRIC, PASSKEY_TASK))
+# Continuation loss by context length (``nll_len<P>``): lower is better, so never a score curve for effective length.
+LONG_PPL_TASK = re.compile(r"^needles_long_ppl(_\w+)?$")
+LOSS_METRICS = ("nll", "ppl")
 
 # lm-eval's ruler: metric keys that are a bare length; the value -1 means the length was not run.
 BARE_LENGTH_METRIC = "score"
@@ -135,15 +143,27 @@ def parse_name(name: str) -> Breakdown:
     return Breakdown(rest, length)
 
 
-_RUN_LENGTH = re.compile(r"^([1-9]\d{0,5})k$", flags=re.ASCII)
+# A length in tokens, or with babilong's unit suffix (its configs "1k" ... "128k", "1M"); K = 1024 as in RULER.
+_LENGTH_TEXT = re.compile(rf"^(?:({_NUMBER})|(\d{{1,6}})([kKmM]))$", flags=re.ASCII)
+_LENGTH_UNIT = {"k": 1024, "m": 1024 * 1024}
+
+
+def length_value(text: str) -> int | None:
+    """A length as a number of tokens: ``"4096"`` -> 4096, ``"4k"`` / ``"4K"`` -> 4096, ``"1M"`` -> 1048576;
+    None for anything else (a list, a fraction, ``"4 k"``)."""
+    m = _LENGTH_TEXT.match(text.strip())
+    if m is None:
+        return None
+    return int(m.group(1)) if m.group(1) else int(m.group(2)) * _LENGTH_UNIT[m.group(3).lower()]
 
 
 def run_length(metadata: dict) -> int | None:
     """The one input length a task was run at, from ``--metadata '{"max_seq_lengths": "4k"}'`` (lm-eval's babilong,
-    whose scores carry no length): ``"4k"`` -> 4096. babilong's ``"0k"`` (the facts without a haystack) is not an
-    input length, and lists (lm-eval's ruler) are per-length metrics already: both give None."""
-    m = _RUN_LENGTH.match(str(metadata.get("max_seq_lengths", "")).strip())
-    return int(m.group(1)) * 1024 if m else None
+    whose scores carry no length): ``"4k"``, ``"4K"`` or 4096 -> 4096, ``"1M"`` -> 1048576. babilong's ``"0k"``
+    (the facts without a haystack) is not an input length, and lists (lm-eval's ruler) are per-length metrics
+    already: both give None."""
+    raw = metadata.get("max_seq_lengths", "")
+    return (length_value(str(raw)) or None) if isinstance(raw, str | int) and not isinstance(raw, bool) else None
 
 
 def not_run(name: str, value: float) -> bool:

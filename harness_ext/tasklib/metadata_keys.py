@@ -64,6 +64,18 @@ FAMILY_KEYS: dict[str, frozenset[str]] = {
             "niah_mirror",
         }
     ),
+    "passkey": frozenset({"passkey_lengths", "passkey_depths", "passkey_num_samples", "passkey_seed"}),
+    "long_ppl": frozenset(
+        {
+            "long_ppl_contexts",
+            "long_ppl_continuation",
+            "long_ppl_num_docs",
+            "long_ppl_text",
+            "long_ppl_files",
+            "long_ppl_pg19_mirror",
+            "niah_mirror",  # the book text is a file of the NIAH data source
+        }
+    ),
     "musique": frozenset(
         {
             "musique_lengths",

@@ -58,8 +58,9 @@ NIAH_KEYS = FAMILY_KEYS["niah"]
 # ---------------------------------------------------------------------------------- metadata
 
 
-def _depths(value: object) -> tuple[float, ...]:
-    key, example = "niah_depths", "[0.0, 0.25, 0.5, 0.75, 1.0]"
+def parse_depths(value: object, key: str = "niah_depths") -> tuple[float, ...]:
+    """Depths in 0..1, told apart to 2 decimals (the breakdown keys' precision); ``key`` names them in errors."""
+    example = "[0.0, 0.25, 0.5, 0.75, 1.0]"
     out = []
     for d in as_list(key, value, example):
         if isinstance(d, bool) or not isinstance(d, (int, float)):
@@ -96,7 +97,7 @@ def spec_from_metadata(task: str, metadata: dict) -> NiahSpec:
         if len(set(kw["lengths"])) != len(kw["lengths"]):
             raise bad_value("niah_lengths", v, "repeats a length", ex)
     if "niah_depths" in metadata:
-        kw["depths"] = _depths(metadata["niah_depths"])
+        kw["depths"] = parse_depths(metadata["niah_depths"])
     if "niah_num_samples" in metadata:
         kw["num_samples"] = as_int("niah_num_samples", metadata["niah_num_samples"], 1, 1_000_000, "20")
     if "niah_seed" in metadata:

@@ -77,9 +77,9 @@ def test_mde_beside_no_significant_in_the_experiment_report(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reporting"))
     from runs_fixture import write_run
 
-    from harness_ext.experiment.config import ExperimentConfig, SuiteTask
-    from harness_ext.experiment.mde import experiment_plan_text
     from harness_ext.experiment.verdict import compare_runs, to_markdown
+    from harness_ext.workflow.mde import experiment_plan_text
+    from harness_ext.workflow.suite import ExperimentConfig, SuiteTask
 
     base = [1.0] * 10 + [0.0] * 14
     new = [1.0] * 12 + [0.0] * 12  # +2 of 24: not significant
@@ -94,7 +94,7 @@ def test_mde_beside_no_significant_in_the_experiment_report(tmp_path):
 
 
 def test_mde_beside_no_significant_in_the_study_report():
-    from harness_ext.experiment.study_vs_base import cell, paired_test, with_holm
+    from harness_ext.study.vs_base import cell, paired_test, with_holm
 
     test = paired_test(np.array([1.0] * 10 + [0.0] * 14), np.array([1.0] * 11 + [0.0] * 13), iters=100)
     found = with_holm({"run": {"mdqa": {**test, "mde": 0.41, "mde_text": "MDE 0.410 at n 24"}}})["run"]["mdqa"]

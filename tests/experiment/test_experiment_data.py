@@ -13,11 +13,11 @@ import pytest
 from harness_ext.core.errors import NeedlesError
 from harness_ext.data.sources import FLENQA, LOST_IN_THE_MIDDLE, RETRIEVAL_HEAD
 from harness_ext.experiment.config import experiment_from_dict
-from harness_ext.experiment.data_step import prepare_data
-from harness_ext.experiment.steps import Step, StepRunner
 from harness_ext.experiment.verdict import to_markdown
 from harness_ext.tasklib.data_needs import data_needs
 from harness_ext.tasklib.mdqa import ORACLE_FILE, official_path
+from harness_ext.workflow.data_step import prepare_data
+from harness_ext.workflow.steps import Step, StepRunner
 
 
 def cfg(suite: list[dict], metadata: dict | None = None, fixtures: dict | None = None):

@@ -14,9 +14,10 @@ import yaml
 
 from harness_ext.cli import main
 from harness_ext.experiment.config import experiment_from_dict
-from harness_ext.experiment.run import PLAN, eval_argv, finetune_config
+from harness_ext.experiment.run import PLAN, eval_argv
 from harness_ext.experiment.verdict import compare_runs
 from harness_ext.finetune.modeling import resolve_model
+from harness_ext.workflow.training import finetune_config
 
 DATE = "2026-01-01T00-00-00.000000"
 
@@ -118,9 +119,11 @@ def test_improvement_and_held_guard_make_the_claim_hold(tmp_path, smollm2_dir, l
     assert main(["experiment", str(tmp_path / "exp.yaml"), "-o", str(out)]) == 0
     printed = capsys.readouterr()
     assert "CLAIM HOLDS" in printed.out and "done before, skipped" in printed.err
-    # progress counts the plan's six steps, in order (not "1/1" before each)
+    # progress counts the plan's seven steps, in order (not "1/1" before each); the pilot is not run once the
+    # finetune has finished (nothing left to save)
     counters = re.findall(r"\[needles experiment\] (\d)/(\d) (\w+):", printed.err)
-    assert counters == [(str(i), "6", name) for i, name in enumerate(PLAN, 1)], counters
+    assert counters == [(str(i), "7", name) for i, name in enumerate(PLAN, 1)], counters
+    assert json.loads((out / "steps" / "pilot.json").read_text())["outputs"]["skipped"].startswith("the finetune")
     comparison = json.loads((out / "comparison.json").read_text())
     kv, guard = comparison["tasks"]
     assert kv["verdict"] == "improved" and kv["delta"] == pytest.approx(0.5) and kv["p"] < 1e-8
@@ -132,10 +135,13 @@ def test_improvement_and_held_guard_make_the_claim_hold(tmp_path, smollm2_dir, l
     assert "planted-finetuned" in rows and rows.count(KV) >= 2
     # nothing that had finished was run again, and the plan names the command of every step
     plan = json.loads((out / "plan.json").read_text())
-    names = ["data", "eval_base", "finetune", "eval_finetuned", "compare", "report"]
+    names = ["data", "pilot", "eval_base", "finetune", "eval_finetuned", "compare", "report"]
     assert [s["name"] for s in plan["steps"]] == names and plan["skipped"] == []
     assert json.loads((out / "steps" / "finetune.json").read_text())["outputs"]["manifest"] == "planted"
-    assert "lora_local_path=" in plan["steps"][3]["command"] and "lm_eval run" in plan["steps"][1]["command"]
+    assert "lora_local_path=" in plan["steps"][4]["command"] and "lm_eval run" in plan["steps"][2]["command"]
+    assert plan["steps"][1]["command"].endswith(
+        f"--output_path {out / 'pilot'} --batch_size auto --log_samples --limit 20"
+    )
     assert "comparison" in json.loads((out / "steps" / "compare.json").read_text())["outputs"]
 
 
@@ -242,8 +248,8 @@ def test_without_merge_the_finetuned_suite_scores_the_adapter(tmp_path, capsys):
 
 def test_cost_estimate_counts_synth_training_documents_per_gold_position(tmp_path):
     from harness_ext.experiment.config import load_experiment
-    from harness_ext.experiment.cost import estimate, format_estimate
-    from harness_ext.experiment.run import finetune_config
+    from harness_ext.workflow.cost import estimate, format_estimate
+    from harness_ext.workflow.training import finetune_config
 
     cfg = config()
     cfg["finetune"] = {"data": {"family": "synth_mdqa", "cell": "symbolic_kv", "num_samples": 10, "positions": [1, 5]}}
@@ -261,7 +267,7 @@ def test_cost_estimate_counts_synth_training_documents_per_gold_position(tmp_pat
 
 def test_synth_training_is_leak_checked_against_every_loadable_suite_task(tmp_path):
     from harness_ext.experiment.config import load_experiment
-    from harness_ext.experiment.run import finetune_config
+    from harness_ext.workflow.training import finetune_config
 
     cfg = config()
     cfg["suite"].append({"task": "flenqa", "role": "target", "metric": "acc"})  # not loadable by the check
@@ -278,3 +284,15 @@ def test_synth_training_is_leak_checked_against_every_loadable_suite_task(tmp_pa
 def _write(path, cfg):
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def test_both_models_are_scored_with_the_system_prompt_the_finetune_trained_with(tmp_path, capsys):
+    """A finetune with a system prompt trains on [system, user] turns; lm-eval must render the same turn for the base
+    and the finetuned model, or the finetuned model is scored on prompts it never saw (its own default system turn)."""
+    cfg = config()
+    cfg["finetune"] = {**cfg.get("finetune", {}), "system_prompt": "Answer from the documents only."}
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["experiment", str(tmp_path / "exp.yaml"), "-o", str(tmp_path / "out"), "--dry-run"]) == 0
+    commands = [line for line in capsys.readouterr().out.splitlines() if "lm_eval run" in line]
+    assert len(commands) == 2
+    assert all("--system_instruction 'Answer from the documents only.'" in c for c in commands)

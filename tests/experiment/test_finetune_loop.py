@@ -35,8 +35,8 @@ def _rows(values: list[float]) -> list[dict]:
 
 def test_loop_report_gives_the_mde_beside_not_significant():
     """The loop's own table (loop.md / loop.json) says what its n could have detected where the gain is not
-    significant, with the experiment's one implementation (harness_ext.experiment.mde.beside), and nothing where it is."""
-    from harness_ext.experiment.mde import beside
+    significant, with the experiment's one implementation (harness_ext.workflow.mde.beside), and nothing where it is."""
+    from harness_ext.workflow.mde import beside
 
     base = [1.0, 0.0] * 10  # 20 documents, 2 discordant pairs, one each way: p = 0.75
     new = list(base)
@@ -104,8 +104,9 @@ def test_experiment_verdict_on_the_real_runs(finetuned_smollm2, capsys):
     assert (out / "comparison.md").read_text().startswith("# Experiment ci: ")
     board = (out / "leaderboard.csv").read_text()
     assert "ci-finetuned" in board and "mdqa_closedbook" in board
-    # resumable: every step has its marker, so a rerun skips all six (data included) and gives the same verdict
+    # resumable: every step has its marker, so a rerun skips all seven (data and the skipped pilot included) and
+    # gives the same verdict
     capsys.readouterr()
     code = main(["experiment", str(out.parent / "ci.yaml"), "-o", str(out)])
     assert code == finetuned_smollm2["exit_code"]
-    assert capsys.readouterr().err.count("done before, skipped") == 6
+    assert capsys.readouterr().err.count("done before, skipped") == 7

@@ -11,10 +11,10 @@ import pytest
 from harness_ext.core.errors import NeedlesError
 from harness_ext.data.qa_sources import MUSIQUE, SUMMHAY
 from harness_ext.experiment.config import experiment_from_dict
-from harness_ext.experiment.data_step import prepare_data
-from harness_ext.experiment.study_config import study_from_dict
-from harness_ext.experiment.study_plan import check_data
+from harness_ext.study.config import study_from_dict
+from harness_ext.study.plan import check_data
 from harness_ext.tasklib.qa_fixtures import write_musique_fixture, write_summhay_fixture
+from harness_ext.workflow.data_step import prepare_data
 
 TARGETS = [
     {"task": "musique", "role": "target", "metric": "answer_f1"},

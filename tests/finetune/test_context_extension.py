@@ -21,8 +21,9 @@ from harness_ext.core import rope as ropelib
 from harness_ext.core.errors import NeedlesError
 from harness_ext.finetune.args import finetune_parser, overrides_from_args
 from harness_ext.finetune.config import FinetuneConfig, load_config
-from harness_ext.finetune.context import extended_config, length_bucket, plan_context
-from harness_ext.finetune.context import use_gradient_checkpointing as checkpointing
+from harness_ext.finetune.context import extended_config, plan_context
+from harness_ext.finetune.long_sequences import length_bucket
+from harness_ext.finetune.long_sequences import use_gradient_checkpointing as checkpointing
 from harness_ext.plugin.rope_guard import refuse_past_window, served_config
 from harness_ext.plugin.runner import vllm_eval_command
 
@@ -79,12 +80,12 @@ BAD = [
         "llama3",
     ),
     (
-        ["--context-length", "1024", "--rope-type", "dynamic", "--rope-original-max-position-embeddings", "512"],
-        "context.rope.original_max_position_embeddings is not a parameter of dynamic",
+        ["--context-length", "1024", "--rope-type", "linear", "--rope-original-max-position-embeddings", "512"],
+        "context.rope.original_max_position_embeddings is not a parameter of linear",
         "yarn or llama3",
     ),
+    (["--context-length", "1024", "--rope-type", "dynamic"], "context.rope.type dynamic cannot be trained", "yarn"),
     (["--context-length", "1024", "--rope-type", "theta", "--rope-factor", "2"], "context.rope.factor is not", ""),
-    (["--context-length", "1024", "--rope-type", "theta"], "context.rope.theta is required", "8.0e6"),
     (
         ["--context-length", "1024", "--rope-type", "yarn", "--rope-theta", "-1"],
         "context.rope.theta=-1.0 must be positive",
@@ -154,8 +155,6 @@ def test_defaults_factor_ceil_length_over_native_and_original_the_declared_windo
     linear = plan_context({"length": 1300, "rope": {"type": "linear"}}, str(small))
     # vLLM multiplies max_position_embeddings by a linear factor: the declared window stays
     assert (linear.max_position_embeddings, linear.window, linear.rope["factor"]) == (NATIVE, 1536, 3.0)
-    dynamic = plan_context({"length": 1024, "rope": {"type": "dynamic"}}, str(small))
-    assert (dynamic.max_position_embeddings, dynamic.window) == (NATIVE, 1024)
     llama3 = plan_context({"length": 2048, "rope": {"type": "llama3", "high_freq_factor": 8}}, str(small))
     assert llama3.rope["low_freq_factor"] == 1.0 and llama3.rope["high_freq_factor"] == 8.0
     assert (llama3.rope["factor"], llama3.window) == (4.0, 2048)
@@ -170,8 +169,8 @@ def test_defaults_factor_ceil_length_over_native_and_original_the_declared_windo
     [
         {"type": "yarn", "beta_fast": 16, "attention_factor": 1.2},
         {"type": "linear"},
-        {"type": "dynamic"},
         {"type": "llama3"},
+        {"type": "theta"},
     ],
 )
 def test_every_plan_passes_transformers_own_rope_validation_without_a_warning(small, rope, caplog):
@@ -267,7 +266,7 @@ def test_gradient_checkpointing_turns_on_above_the_threshold_unless_set():
 
 _METER_RUN = """
 import json
-from harness_ext.finetune.context import LengthMeter
+from harness_ext.finetune.long_sequences import LengthMeter
 meter = LengthMeter("cpu")
 meter.start()
 block = bytearray(64 * 2**20)  # 64 MiB touched inside the step: the step's peak must hold it

@@ -90,7 +90,9 @@ def test_training_past_the_native_window_records_memory_and_writes_the_rope(smal
     assert "hf_overrides" not in m["eval_command_merged"] and "max_model_len=1024" in m["eval_command_merged"]
     free = m["eval_command_training_free"]
     assert "hf_overrides=" in free and "lora_local_path" not in free and f"pretrained={small}," in free
-    assert (out / "eval_command.sh").read_text().count("hf_overrides=") == 2
+    # the adapter's and the training-free commands, then the passkey and NIAH lines (the adapter at the ladder)
+    assert (out / "eval_command.sh").read_text().count("hf_overrides=") == 4
+    assert m["eval_lengths"] == [256, 384, 768, 896] and list(m["eval_commands_long"]) == ["needles_passkey", "niah"]
 
     # without the context section the same data is refused before training, with the extension as the fix
     code = cli_main(finetune_argv(small, tmp_path / "plain"))

@@ -5,7 +5,7 @@ the scores: the same questions scored for both, numeric stderr, hashes and the l
 
 The model is the tiny random Llama with SmolLM2's tokenizer and chat template (the claim is mechanical: the
 prompts, data and manifests do not depend on the weights); SmolLM2 itself is finetuned and scored through vLLM
-in the experiment fixture (tests/conftest.py) and `make demo`. Measured: 143 s with SmolLM2, see docs/testing.md."""
+in the experiment fixture (tests/conftest.py) and `make demo` (this test with SmolLM2 would take ~143 s on 2 cores)."""
 
 from __future__ import annotations
 

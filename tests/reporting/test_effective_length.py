@@ -18,11 +18,14 @@ from harness_ext.reporting import leaderboard as lb
 from harness_ext.reporting.effective_length import (
     Rule,
     bootstrap,
+    cell_text,
     check_threshold,
     default_rules,
     effective_length,
+    untested_lengths,
     weighted_averages,
 )
+from harness_ext.reporting.length_curves import summarize
 
 REPO = Path(__file__).resolve().parents[2]
 RULER_CSV = REPO / "leaderboards" / "ruler_main_results.csv"
@@ -157,6 +160,50 @@ def test_scales_and_bad_thresholds_are_refused_with_the_fix():
         check_threshold(0.856)
     with pytest.raises(NeedlesError, match="relative"):
         default_rules(85.6, 1.5)
+
+
+def test_lengths_are_ordered_as_numbers_not_as_text():
+    points = {"4k": 0.95, "16k": 0.5, "8K": 0.9}  # as text, "16k" sorts first and the curve reads backwards
+    result = effective_length(points, RULER)
+    assert (result.lengths, result.display()) == ((4096, 8192, 16384), "8192")
+    assert weighted_averages(points) == weighted_averages({4096: 0.95, 8192: 0.9, 16384: 0.5})
+    assert effective_length({4096: 0.9, "1M": 0.9}, RULER).lengths == (4096, 1048576)
+    boot = bootstrap({("t", "4k"): [1.0] * 10, ("t", "16K"): [0.0] * 10}, RULER, iters=100)
+    assert boot.interval_text() == "4096"
+    for bad in ({"4 tokens": 0.9, 8192: 0.9}, {4096.0: 0.9}, {True: 0.9}, {"-4k": 0.9}):
+        with pytest.raises(NeedlesError) as exc:
+            effective_length(bad, RULER)
+        assert "is not a number of tokens" in exc.value.problem and '"4k"' in exc.value.fix
+    with pytest.raises(NeedlesError, match="twice"):
+        weighted_averages({4096: 0.9, "4k": 0.8})
+
+
+def test_a_nan_score_is_named_with_its_length_and_curve(tmp_path):
+    with pytest.raises(NeedlesError) as exc:
+        effective_length({4096: 0.9, 8192: float("nan")}, RULER)
+    assert "length 8192 is nan" in exc.value.problem and "scale" not in exc.value.problem
+    assert "rerun that task at that length" in exc.value.fix
+    with pytest.raises(NeedlesError, match="length 8192 is nan"):
+        bootstrap({("t", 4096): [1.0, 1.0], ("t", 8192): [1.0, float("nan")]}, RULER, iters=10)
+    rows = [{**dict.fromkeys(lb.COLUMNS, ""), "model": "Qwen", "task": "niah_single_1", "metric": "score",
+             "filter": "none", "length": str(n), "value": v, "date": "2026-01-01", "run_id": "r"}
+            for n, v in ((4096, "0.9"), (8192, "nan"))]  # fmt: skip
+    with pytest.raises(NeedlesError) as exc:
+        summarize(rows, [RULER])
+    assert exc.value.problem.startswith("Qwen, task niah_single_1, metric score: the score at length 8192 is nan")
+
+
+def test_an_untested_doubling_is_named_in_the_outcome():
+    assert untested_lengths([4096, 16384]) == [8192] and untested_lengths([400, 800, 1600]) == []
+    assert untested_lengths([1024, 8192, 10000]) == [2048, 4096]
+    assert effective_length({4096: 0.9, 16384: 0.9}, RULER).display() == ">=16384 (8192 not tested)"
+    # L = 4096, the first failure at 16384: 8192 could have passed, the effective length could be longer
+    assert effective_length({4096: 0.9, 16384: 0.5}, RULER).display() == "4096 (8192 not tested)"
+    # a gap beyond the first failure, or below a failing shortest length, cannot change the outcome
+    assert effective_length({4096: 0.9, 8192: 0.5, 32768: 0.5}, RULER).display() == "4096"
+    assert effective_length({4096: 0.5, 16384: 0.9}, RULER).display() == "<4096"
+    assert cell_text("4096 (8192 not tested) | RULER rule ...", "4096") == "4096 (8192 not tested)"
+    assert cell_text("reported by the model authors", "4096") == "4096"
 
 
 def test_bootstrap_is_seeded_and_covers_where_the_length_can_land():

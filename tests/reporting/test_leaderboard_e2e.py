@@ -31,8 +31,7 @@ POSITIONS = [1, 5, 10]
 
 def _metadata(mdqa: Path, flenqa: Path) -> dict:
     # CI budget: the SmolLM2 run is prefill-bound; 2 MDQA questions (a stderr needs two) and 2 FLenQA instances
-    # per cell (8 items) keep every breakdown the assertions read (was 4 questions and 6 instances: ~36K prompt
-    # tokens, now ~20K)
+    # per cell (8 items, ~20K prompt tokens) keep every breakdown the assertions read
     return {
         "lengths": [256, 512], "depths": [0.0, 1.0], "num_samples": 5,  # KV: 2 x 2 cells x 5 = 20 docs
         "mdqa_mirror": str(mdqa), "mdqa_num_documents": 10, "mdqa_positions": POSITIONS, "mdqa_num_questions": 2,

@@ -1,0 +1,187 @@
+"""``needles experiment`` with a context extension (``context`` in its ``finetune``, a target window past the
+model's native one): the suite is scored for three variants and compared by length.
+
+- ``base``: the model as it is, served inside its native window, on the suite's lengths that fit there;
+- ``training_free``: the same model served with the extension's RoPE (``hf_overrides`` + ``max_model_len``,
+  the variant users try first), on every length up to the target;
+- ``finetuned``: the model trained past its window with that RoPE, on every length.
+
+Targets must improve over the training-free variant past the native window (what the training added); guards
+must not drop by their margin against the base model inside the native window (no regression where the model
+already worked). The report (:mod:`harness_ext.experiment.extension.report`) puts the three variants side by
+side by length, the native window marked, with each variant's effective context length.
+
+Steps (each resumable, as ``needles experiment``'s): data, pilot, eval_base, eval_training_free, finetune,
+eval_finetuned, compare, report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from harness_ext.core.errors import NeedlesError
+from harness_ext.experiment.run import eval_argv, scored_model
+from harness_ext.workflow.suite import ExperimentConfig
+
+# task family -> (its --metadata key of token lengths, its max_gen_toks); families without one (mdqa's fixed
+# documents, FLenQA's word counts) are scored whole in every variant and must fit the native window
+LENGTH_FAMILIES = {
+    "kv_retrieval": ("lengths", 64),
+    "niah": ("niah_lengths", 50),
+    "synth_mdqa": ("synth_lengths", 100),
+    "musique": ("musique_lengths", 32),
+    "summhay": ("summhay_lengths", 32),
+}
+# tokens a chat template adds around a prompt (SmolLM2's system turn is ~30): a length fits a window when it,
+# this and the generated tokens do, so the length guard never has to refuse a planned prompt
+CHAT_SLACK = 64
+PLAN = ("data", "pilot", "eval_base", "eval_training_free", "finetune", "eval_finetuned", "compare", "report")
+VARIANTS = ("base", "training_free", "finetuned")
+
+
+def length_family(task: str) -> str | None:
+    """The length family of a suite task (the family itself as a group, or one of its tasks), or None."""
+    for family in LENGTH_FAMILIES:
+        if task == family or task.startswith(family + "_"):
+            return family
+    return None
+
+
+def _max_gen_toks(cfg: ExperimentConfig, family: str) -> int:
+    m = re.search(r"max_gen_toks\s*=\s*(\d+)", cfg.gen_kwargs or "")
+    return int(m.group(1)) if m else LENGTH_FAMILIES[family][1]
+
+
+@dataclass(frozen=True)
+class ExtensionPlan:
+    """The three variants' evaluations: which lengths and tasks each scores, and in which window."""
+
+    native: int  # the window the base model is served with
+    target: int  # context.length: the window the two extended variants are served with
+    hf_overrides: dict  # the RoPE override of the training-free variant (and of an adapter)
+    rope: dict
+    inside: dict  # length metadata key -> the lengths that fit the native window
+    past: dict  # length metadata key -> the lengths past it
+    base_tasks: tuple[str, ...]  # suite names the base model scores (those with a length inside its window)
+
+    def base_metadata(self, metadata: dict) -> dict:
+        return {**metadata, **{key: list(lengths) for key, lengths in self.inside.items()}}
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def is_extension(ft) -> bool:
+    """True when the finetune's ``context`` section extends the window past the native one."""
+    from harness_ext.finetune.context import plan_context
+    from harness_ext.finetune.modeling import resolve_model
+
+    if not ft.context:
+        return False
+    ctx = plan_context(ft.context, resolve_model(ft.model), ft.model)
+    return ctx is not None and ctx.length > ctx.native
+
+
+def plan_extension(cfg: ExperimentConfig, ft) -> ExtensionPlan:
+    """Split the suite's lengths at the native window and check that the experiment can say something: every
+    length-family task names its lengths, each fits the target window, some lie past the native window, and every
+    guard has lengths inside it. Every problem is a NeedlesError naming the key and the fix."""
+    from harness_ext.finetune.context import plan_context
+    from harness_ext.finetune.modeling import resolve_model
+
+    ctx = plan_context(ft.context, resolve_model(ft.model), ft.model)
+    assert ctx is not None and ctx.length > ctx.native  # is_extension() chose this path
+    where = f"experiment {cfg.name}"
+    inside: dict[str, list[int]] = {}
+    past: dict[str, list[int]] = {}
+    base_tasks = []
+    for entry in cfg.suite:
+        family = length_family(entry.task)
+        if family is None:  # scored whole by every variant: it has to fit the native window (the guard checks)
+            base_tasks.append(entry.name)
+            continue
+        key, _ = LENGTH_FAMILIES[family]
+        lengths = cfg.metadata.get(key)
+        if isinstance(lengths, int) and not isinstance(lengths, bool):
+            lengths = [lengths]
+        if not isinstance(lengths, list) or not lengths or not all(isinstance(x, int) for x in lengths):
+            raise NeedlesError(
+                f"{where}: suite task {entry.task} needs its lengths in metadata.{key} (a context-extension "
+                "experiment spans lengths up to the target window)",
+                fix=f"set metadata.{key}, e.g. [{ctx.native // 2}, {ctx.native * 3 // 4}, "
+                f"{(ctx.native + ctx.length) // 2}, {ctx.length - 512}]",
+            )
+        gen = _max_gen_toks(cfg, family) + CHAT_SLACK
+        too_long = [x for x in lengths if x + gen > ctx.length]
+        if too_long:
+            raise NeedlesError(
+                f"{where}: metadata.{key} has length(s) {too_long} that do not fit the target window "
+                f"context.length={ctx.length} with {gen} tokens for the chat template and the reply",
+                fix=f"keep metadata.{key} at or below {ctx.length - gen}, or raise finetune.context.length",
+            )
+        inside[key] = sorted(x for x in lengths if x + gen <= ctx.native)
+        past[key] = sorted(x for x in lengths if x + gen > ctx.native)
+        if inside[key]:
+            base_tasks.append(entry.name)
+        elif entry.role == "guard":
+            raise NeedlesError(
+                f"{where}: guard {entry.name} has no length inside the native window {ctx.native} "
+                f"(metadata.{key} = {sorted(lengths)}): guards test for no regression where the model already works",
+                fix=f"add a length at or below {ctx.native - gen} to metadata.{key}",
+            )
+    if not any(past.values()):
+        raise NeedlesError(
+            f"{where}: no suite length is past the native window {ctx.native}, so the extension is never scored",
+            fix=f"add lengths between {ctx.native} and {ctx.length - 128} to the metadata length lists",
+        )
+    return ExtensionPlan(ctx.native, ctx.length, ctx.hf_overrides() or {}, ctx.rope, inside, past, tuple(base_tasks))
+
+
+def variant_argvs(cfg: ExperimentConfig, ft, plan: ExtensionPlan, base: str, out: Path) -> dict[str, list[str]]:
+    """The lm_eval command of each variant (the same documents at the lengths two variants share)."""
+    adapter, merged = scored_model(ft, out)
+    base_cfg = dataclasses.replace(
+        cfg,
+        suite=[e for e in cfg.suite if e.name in plan.base_tasks],
+        metadata=plan.base_metadata(cfg.metadata),
+        max_model_len=plan.native,
+    )
+    long_cfg = dataclasses.replace(cfg, max_model_len=plan.target)
+    return {
+        "base": eval_argv(base_cfg, base, out / "eval_base", system_prompt=ft.system_prompt),
+        "training_free": eval_argv(
+            long_cfg, base, out / "eval_training_free", hf_overrides=plan.hf_overrides, system_prompt=ft.system_prompt
+        ),
+        # an adapter is served on the base model with the RoPE it was trained with; a merged folder carries it
+        "finetuned": eval_argv(
+            long_cfg,
+            base,
+            out / "eval_finetuned",
+            adapter=adapter,
+            merged=merged,
+            lora_rank=ft.lora_r,
+            hf_overrides=plan.hf_overrides if adapter else None,
+            system_prompt=ft.system_prompt,
+        ),
+    }
+
+
+def extension_pilot(
+    cfg: ExperimentConfig, plan, base: str, out: Path, system_prompt: str | None = None
+) -> tuple[list[str], ExperimentConfig, list]:
+    """(the base-model command, its config, the checked entries) of a context extension's pilot: every suite task
+    inside the native window (plan: harness_ext.experiment.extension.plan.ExtensionPlan)."""
+    from harness_ext.experiment.pilot import entries
+
+    metadata = {**cfg.metadata, **{key: list(n) or [plan.native // 2] for key, n in plan.inside.items()}}
+    pilot_cfg = dataclasses.replace(cfg, metadata=metadata, max_model_len=plan.native)
+    past = set()
+    for e in cfg.suite:
+        family = length_family(e.task)
+        if e.role == "target" and family and plan.past.get(LENGTH_FAMILIES[family][0]):
+            past.add(e.name)
+    argv = eval_argv(pilot_cfg, base, out / "pilot", system_prompt=system_prompt)
+    return argv, pilot_cfg, entries(pilot_cfg, frozenset(past))

@@ -1,0 +1,1 @@
+"""``needles study``: finetune variants side by side, each scored against the base model, with head analyses."""
