@@ -20,7 +20,7 @@ the mean of the last 10 step losses (the manifest's ``final_loss``), the same fo
     .venv/bin/python benchmarks/bench_finetune.py --trl padded padding_free --samples 4
     .venv/bin/python benchmarks/bench_finetune.py --mfu llama-1b   # CUDA only: MFU of a random-init model
 
-Decision rule (issue 14): needles must reach ``RATIO_REQUIRED`` x the fastest correct TRL setting at
+Decision rule: needles must reach ``RATIO_REQUIRED`` x the fastest correct TRL setting at
 equal final loss (within ``--loss-tol``), else the project adopts TRL's SFTTrainer. Exit status 1 when
 the rule is not met (or needles is slower than the baseline).
 """

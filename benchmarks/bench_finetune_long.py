@@ -1,6 +1,6 @@
 """Long-sequence LoRA training: `needles finetune` vs TRL's ``SFTTrainer`` vs a plain Trainer + peft, per length.
 
-Issue 25 section 1. Per training length L (default 4K / 8K / 16K tokens) every side trains the same model with
+Per training length L (default 4K / 8K / 16K tokens) every side trains the same model with
 the same LoRA (bench_finetune.LORA) on the same chat-formatted KV documents (the very token ids, each just under
 L tokens), loss on the answer tokens only, batch 1, the same optimizer steps (``--steps`` documents, one epoch),
 lr, schedule and warmup, gradient checkpointing on (``--no-gc`` turns it off on every side). Past the model's
@@ -30,7 +30,7 @@ peak = c0 + c1 L + c2 L^2 (a line with two lengths) and reports the longest mult
 predicted peak is under GIB (arithmetic); ``--confirm`` then trains one step at the longest length under the memory
 a process can have here (GIB, at most MemTotal - 2 GiB) with the watchdog at that limit (measured).
 
-Goal (issue 25): needles >= 1.5x TRL's tokens/s at every length, at no more peak memory, final loss within 5%
+Goal: needles >= 1.5x TRL's tokens/s at every length, at no more peak memory, final loss within 5%
 (needles <= TRL x 1.05). Exit 1 when a length misses it.
 """
 

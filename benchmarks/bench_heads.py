@@ -19,7 +19,7 @@ detect.aggregate), i.e. SDPA prefill in 256-token blocks continued from the prev
 head on the last position only), eager attention plus an argmax per head on the decode steps. ``--batch N`` runs it with ``detect(batch_size=N)``: N probes decoded per forward pass
 (one row per ``--batch`` value; 1 is the default, one probe at a time). ``--profile DIR`` writes a cProfile of
 each side's detection to DIR/<side>-<length>[-b<N>].prof (read it with ``python -m pstats``).
-``--interleaved ROUNDS`` instead measures near the floor of the work (issue 25; code in bench_heads_floor.py):
+``--interleaved ROUNDS`` instead measures near the floor of the work (code in bench_heads_floor.py):
 every side in one process, alternating, best-of times (no memory figures). ``--num-needles N`` uses the first N
 needles.
 

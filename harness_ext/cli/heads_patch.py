@@ -57,7 +57,9 @@ def _patch(args: argparse.Namespace) -> int:
     def rope_for(model: Path, adapter: str | None) -> tuple[dict, dict]:
         # an adapter trained with an extended RoPE is loaded with it (its finetune manifest), never on the plain base
         overrides, info = probed_rope(model, adapter, None)
-        check_probe_lengths({"--eval-lengths": args.eval_lengths}, args.eval_max_new_tokens, info, model)
+        check_probe_lengths(
+            {"--eval-lengths": args.eval_lengths}, args.eval_max_new_tokens, info, model, takes_overrides=False
+        )
         return config_kwargs(overrides, model), info
 
     tgt_kwargs, tgt_rope = rope_for(target, args.target_adapter)

@@ -145,10 +145,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "scorecard",
         help="the long-context report card of one model (effective length per family, curves, heatmaps, MDQA "
-        "positions, beside RULER and Lost in the Middle); --compare A B: what changed, paired per length",
+        "positions, loss by position, beside RULER and Lost in the Middle); --compare A B: what changed, paired per length",
         description="Score MODEL (a folder, a hub id or smollm2) through lm_eval --model vllm on a curated long-context "
-        "suite at lengths up to its served window: KV retrieval (simple, multi-key), NIAH, MDQA on real NQ-Open "
-        "questions, FLenQA; families whose data cannot be had are left out with the reason. Prints the cost first; "
+        "suite at lengths up to its served window: KV retrieval (simple, multi-key), NIAH, passkey, MDQA on real "
+        "NQ-Open questions, FLenQA, and the continuation loss by context length (its own call, no chat template); "
+        "families whose data cannot be had are left out with the reason. Prints the cost first; "
         "rerun into the same folder to resume. Writes scorecard.html (self-contained), scorecard.json and "
         "scorecard.csv. With --base-url URL: MODEL is the name an OpenAI-compatible endpoint serves, scored through "
         "lm_eval --model local-chat-completions (key from OPENAI_API_KEY; prompts sized with --tokenizer). With "

@@ -166,6 +166,14 @@ def as_ints(key: str, value: object, lo: int, hi: int, example: str) -> tuple[in
     return tuple(sorted({as_int(key, v, lo, hi, example) for v in as_list(key, value, example)}))
 
 
+def as_distinct_lengths(key: str, value: object, lo: int, hi: int, example: str) -> tuple[int, ...]:
+    """Token lengths within ``lo..hi`` in the given order; a repeated length is refused (it would be scored twice)."""
+    got = tuple(as_int(key, v, lo, hi, example) for v in as_list(key, value, example))
+    if len(set(got)) != len(got):
+        raise bad_value(key, value, "repeats a length", example)
+    return got
+
+
 def as_choice(key: str, value: object, choices: tuple[str, ...]) -> str:
     if value not in choices:
         raise NeedlesError(

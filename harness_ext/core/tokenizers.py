@@ -47,6 +47,17 @@ def tokenizer_from_metadata(metadata: dict):
     return load_tokenizer(name, truthy(metadata.get("trust_remote_code", False)))
 
 
+def required_fingerprint(task: str, metadata: dict, use: str = "sizes prompts in the evaluated model's tokens") -> str:
+    """The tokenizer fingerprint of a task whose rows are cut in the evaluated model's tokens (``use`` says how);
+    without a tokenizer in the metadata the rows cannot be built, so the task is refused with the fix."""
+    fingerprint = tokenizer_fingerprint(metadata)
+    if fingerprint is None:
+        raise NeedlesError(
+            f"task {task} {use} and needs its tokenizer", fix="pass --model_args pretrained=... (or tokenizer=...)"
+        )
+    return fingerprint
+
+
 def tokenizer_fingerprint(metadata: dict) -> str | None:
     """A content hash of the tokenizer without loading it when its files are on disk."""
     name = tokenizer_name(metadata)

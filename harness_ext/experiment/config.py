@@ -22,34 +22,36 @@ without it and says so in its log, plan and comparison; otherwise missing data s
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
 
 from harness_ext.core.errors import NeedlesError
-from harness_ext.workflow.in_distribution import options as in_distribution_options
+from harness_ext.workflow.config_file import (
+    check_known_keys,
+    check_strings,
+    config_error,
+    in_distribution_of,
+    load_config,
+)
 from harness_ext.workflow.suite import FIXTURE_OPTIONS, ROLES, ExperimentConfig, SuiteTask
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # experiments shipped in the wheel (the demo's)
 
 
+KIND = "experiment config"  # how errors name the file
+
+
 def _fail(path: str, problem: str, fix: str) -> NeedlesError:
-    return NeedlesError(f"experiment config {path}: {problem}", fix=fix)
+    return config_error(KIND, path, problem, fix)
 
 
 def _suite_entry(path: str, i: int, raw: object) -> SuiteTask:
     where = f"suite[{i}]"
     if not isinstance(raw, dict):
         raise _fail(path, f"{where} is not a mapping", "write `- {task: NAME, role: target, metric: METRIC}`")
-    known = {f.name for f in dataclasses.fields(SuiteTask)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise _fail(path, f"{where} has unknown key(s) {unknown}", f"use keys among {sorted(known)}")
-    for key in ("task", "role", "metric"):
-        if not isinstance(raw.get(key), str) or not raw.get(key):
-            raise _fail(
-                path, f"{where} needs a {key}", "e.g. {task: kv_retrieval_simple, role: target, metric: value_acc}"
-            )
+    check_known_keys(KIND, path, raw, SuiteTask, where)
+    fix = "e.g. {task: kv_retrieval_simple, role: target, metric: value_acc}"
+    check_strings(KIND, path, raw, ("task", "role", "metric"), where, fix)
     if raw["role"] not in ROLES:
         raise _fail(
             path, f"{where} role {raw['role']!r} is neither target nor guard", "use role: target or role: guard"
@@ -68,13 +70,8 @@ def experiment_from_dict(values: dict, path: str = "<dict>") -> ExperimentConfig
     """A validated config; every problem names the key and the fix."""
     if not isinstance(values, dict):
         raise _fail(path, "is not a mapping", "write `key: value` lines (see examples/experiments/)")
-    known = {f.name for f in dataclasses.fields(ExperimentConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise _fail(path, f"unknown key(s) {unknown}", f"use keys among {sorted(known)}")
-    for key in ("name", "model"):
-        if not isinstance(values.get(key), str) or not values.get(key):
-            raise _fail(path, f"needs a {key}", f"add `{key}: ...`")
+    check_known_keys(KIND, path, values, ExperimentConfig)
+    check_strings(KIND, path, values, ("name", "model"))
     suite = values.get("suite")
     if not isinstance(suite, list) or not suite:
         raise _fail(path, "needs a non-empty suite", "add `suite:` with one `- {task, role, metric}` per task")
@@ -99,10 +96,7 @@ def experiment_from_dict(values: dict, path: str = "<dict>") -> ExperimentConfig
             raise _fail(path, f"fixtures has unknown fixture {name!r}", f"use one of {sorted(FIXTURE_OPTIONS)}")
         if not isinstance(options or {}, dict) or sorted(set(options or {}) - set(FIXTURE_OPTIONS[name])):
             raise _fail(path, f"fixtures.{name} has unknown options", f"use keys among {list(FIXTURE_OPTIONS[name])}")
-    try:  # the held-out check of the training family (harness_ext.workflow.in_distribution)
-        in_distribution = in_distribution_options(values.get("in_distribution"), "in_distribution")
-    except NeedlesError as exc:
-        raise _fail(path, exc.problem, exc.fix or "") from None
+    in_distribution = in_distribution_of(KIND, path, values)  # the held-out check of the training family
     return ExperimentConfig(**{**values, "suite": entries, "in_distribution": in_distribution})
 
 
@@ -117,10 +111,4 @@ def packaged_experiment(name: str) -> Path:
 
 def load_experiment(path: str | Path) -> ExperimentConfig:
     """Read and validate an experiment YAML (safe loader)."""
-    from harness_ext.finetune.config import read_yaml
-
-    path = Path(path)
-    if not path.is_file():
-        problem = "is a folder" if path.is_dir() else "does not exist"
-        raise NeedlesError(f"experiment config {path} {problem}", fix="pass a YAML file (see examples/experiments/)")
-    return experiment_from_dict(read_yaml(path), str(path))
+    return load_config(KIND, path, experiment_from_dict, "pass a YAML file (see examples/experiments/)")

@@ -111,8 +111,11 @@ def config_kwargs(overrides: dict | None, model: str | Path) -> dict:
     return ropelib.config_kwargs(overrides["rope_parameters"], int(positions))
 
 
-def check_probe_lengths(lengths: dict[str, list[int]], extra_tokens: int, info: dict, model: str | Path) -> None:
-    """Refuse probe lengths whose prompt, chat template and decoded tokens do not fit the probed window."""
+def check_probe_lengths(
+    lengths: dict[str, list[int]], extra_tokens: int, info: dict, model: str | Path, takes_overrides: bool = True
+) -> None:
+    """Refuse probe lengths whose prompt, chat template and decoded tokens do not fit the probed window;
+    ``takes_overrides``: whether the command has ``--hf-overrides`` to suggest (``needles heads patch`` has not)."""
     window = info.get("window")
     if not window:
         return  # the config declares no window: nothing to check against
@@ -122,12 +125,17 @@ def check_probe_lengths(lengths: dict[str, list[int]], extra_tokens: int, info: 
             continue
         config = ropelib.read_config_json(model) or {}
         fix = f"keep {flag} at or below {window - extra_tokens - CHAT_SLACK}"
-        if info.get("source") == NO_MANIFEST:  # its training RoPE is unknown: a guessed override would be wrong
+        if info.get("source") == NO_MANIFEST and not takes_overrides:
+            fix += (
+                ", or put the adapter's needles finetune manifest beside the adapter folder (OUT/manifest.json next "
+                "to OUT/adapter: it records the RoPE the adapter was trained with)"
+            )
+        elif info.get("source") == NO_MANIFEST:  # its training RoPE is unknown: a guessed override would be wrong
             fix += (
                 ", or pass the RoPE the adapter was trained with: --hf-overrides with the context.hf_overrides of "
                 "its needles finetune manifest (OUT/manifest.json beside OUT/adapter)"
             )
-        elif info.get("source") == MODEL_CONFIG:
+        elif info.get("source") == MODEL_CONFIG and takes_overrides:
             wanted = max(too_long) + extra_tokens + CHAT_SLACK
             suggested = json.dumps(ropelib.suggested_overrides(config, wanted), separators=(",", ":"))
             fix += f", or probe the model extended: --hf-overrides '{suggested}' (training-free YaRN)"

@@ -201,10 +201,15 @@ def flenqa_series(
     rows: Iterable[Row], metric: str = names.FLENQA_METRIC, filt: str | None = None
 ) -> dict[tuple[str, str], Curve]:
     """{(model label, task): {ctx size: (value, stderr)}} from FLenQA length breakdowns (all dispersions)."""
-    cells = _pick_filter(
-        [r for r in latest(rows) if r["metric"] == metric and names.FLENQA_TASK.match(r["task"])], filt
-    )
-    series: dict[tuple[str, str], dict[int, tuple[float, float | None]]] = {}
+    return _length_series(rows, metric, names.FLENQA_TASK, filt)
+
+
+def _length_series(
+    rows: Iterable[Row], metric: str, task: re.Pattern, filt: str | None
+) -> dict[tuple[str, str], Curve]:
+    """{(model label, task): {length: (value, stderr)}} of the ``_len<L>`` breakdowns of the tasks ``task`` matches."""
+    cells = _pick_filter([r for r in latest(rows) if r["metric"] == metric and task.match(r["task"])], filt)
+    series: dict[tuple[str, str], Curve] = {}
     for r in cells:
         if r["length"] and not r["position"]:
             stderr = float(r["stderr"]) if r["stderr"] else None
@@ -251,15 +256,7 @@ def passkey_heatmap(rows: Iterable[Row], metric: str = names.PASSKEY_METRIC, fil
 
 def loss_series(rows: Iterable[Row], metric: str = "nll", filt: str | None = None) -> dict[tuple[str, str], Curve]:
     """{(model label, task): {context length P: (value, stderr)}} of the continuation-loss tasks."""
-    cells = _pick_filter(
-        [r for r in latest(rows) if r["metric"] == metric and names.LONG_PPL_TASK.match(r["task"])], filt
-    )
-    series: dict[tuple[str, str], Curve] = {}
-    for r in cells:
-        if r["length"] and not r["position"]:
-            stderr = float(r["stderr"]) if r["stderr"] else None
-            series.setdefault((_label(r), r["task"]), {})[int(r["length"])] = (float(r["value"]), stderr)
-    return series
+    return _length_series(rows, metric, names.LONG_PPL_TASK, filt)
 
 
 @_literal_text

@@ -4,7 +4,7 @@
 Everything is read from lm-eval's own output through the project's readers (``results_io``, ``leaderboard_rows``)
 and summarised by the one effective-length implementation (``length_curves`` / ``effective_length``); this module
 only arranges it: effective length per family up front, curves, length x depth grids, the MDQA position curve,
-the reference leaderboards beside, the commands and data hashes.
+the continuation loss by context length, the reference leaderboards beside, the commands and data hashes.
 """
 
 from __future__ import annotations
@@ -86,6 +86,21 @@ def positions(rows: Sequence[Row], task: str = MDQA_TASK) -> dict:
     return {str(k): out[k] for k in sorted(out)}
 
 
+def loss_curves(rows: Sequence[Row]) -> list[dict]:
+    """The continuation-loss curves (lower is better, no threshold): per model and task, {P: {nll, nll_stderr, ppl}}
+    of ``nll_len<P>`` / ``ppl_len<P>``."""
+    from harness_ext.reporting.plots import loss_series
+
+    nll, ppl = loss_series(rows, "nll"), loss_series(rows, "ppl")
+    out = []
+    for (label, task), points in sorted(nll.items()):
+        ppls = ppl.get((label, task), {})
+        out.append({"model": label, "task": task, "points": {
+            str(p): {"nll": v, "nll_stderr": se, "ppl": ppls[p][0] if p in ppls else None}
+            for p, (v, se) in sorted(points.items())}})  # fmt: skip
+    return out
+
+
 def references() -> dict:
     """The published rows shown beside ours: RULER (claimed and effective length, score per length) and Lost in the
     Middle (20-document accuracy by gold position)."""
@@ -145,6 +160,7 @@ def build_scorecard(families: Sequence[dict], root: Path, rules: Sequence[Rule],
         "effective_length": curve_entries(summaries),
         "grids": grids(rows),
         "positions": positions(rows),
+        "loss": loss_curves(rows),
         "references": references(),
         "data": data_hashes(runs),
         "lm_eval_version": next((r["lm_eval_version"] for r in rows if r["lm_eval_version"]), ""),

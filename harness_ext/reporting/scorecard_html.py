@@ -37,7 +37,8 @@ def _png_uri(png: bytes | None) -> str | None:
 
 
 def plot_images(rows: Sequence[Row], rule: Rule) -> dict[str, str]:
-    """{name: data URI} of the plots the rows support: score by length, KV and NIAH length x depth grids."""
+    """{name: data URI} of the plots the rows support: score by length, KV, NIAH and passkey length x depth grids,
+    the continuation loss by context length."""
     from harness_ext.reporting import plots
 
     if not plots.available():
@@ -46,6 +47,8 @@ def plot_images(rows: Sequence[Row], rule: Rule) -> dict[str, str]:
         "length": plots.length_plot(list(rows), rule),
         "kv": plots.kv_heatmap(rows),
         "niah": plots.niah_heatmap(rows),
+        "passkey": plots.passkey_heatmap(rows),
+        "loss": plots.loss_plot(rows),
     }
     return {k: uri for k, png in made.items() if (uri := _png_uri(png))}
 

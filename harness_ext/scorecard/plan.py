@@ -7,11 +7,17 @@ The suite is a few lm_eval runs, one per family, each resumable on its own (``ha
   length x depth: no download;
 - ``niah``: Wu et al.'s natural-language needle in book text (``niah_single``), length x depth; the haystack is a
   download (or a mirror);
+- ``passkey``: Mohtashami & Jaggi's 5-digit pass key in repeated filler (``needles_passkey``), length x depth: no
+  download, so it runs in every budget;
 - ``mdqa``: the MDQA shape of Lost in the Middle on real NQ-Open questions (``synth_mdqa_real``: a real question,
   its gold passage and answer-free passages of other questions) at gold positions 1 ... 20: the position curve,
   shown beside the paper's ``mdqa20`` numbers; reads the NQ-Open oracle file;
 - ``synth``: the MDQA-shaped synthetic cells along the length ladder (``full`` budget only);
-- ``flenqa``: FLenQA (direct answers, book padding) at its context sizes up to the window; a download.
+- ``flenqa``: FLenQA (direct answers, book padding) at its context sizes up to the window; a download;
+- ``long_ppl``: the loss of a C-token continuation after P tokens of held-out book text (``needles_long_ppl``), P on
+  the ladder up to the window less C (and at most ``LONG_PPL_MAX_CONTEXT``): log-likelihoods, so its own lm_eval
+  call without ``--apply_chat_template`` (the task refuses it), and not through a chat endpoint; the book part is
+  a download (or the NIAH mirror). A loss curve, lower is better: never an effective length.
 
 A family whose data cannot be had (no network, no mirror, no cache) is left out with the reason, as
 ``needles experiment`` leaves out its ``optional`` tasks. lm-eval's ``ruler`` downloads its corpora from the
@@ -35,6 +41,10 @@ LADDER_START = 256
 FLENQA_SIZES = (250, 500, 1000, 2000, 3000)
 KV_SEED = 1000
 MDQA_TOKENS_PER_DOC = 160  # a real NQ-Open passage with its title, a little above the mean (for the doc count)
+LONG_PPL_CONTINUATION = 128  # C: scored tokens per document (the task's default)
+# The held-out book part is ~34K SmolLM2 tokens (129K characters; ~28K in a 256K-vocabulary tokenizer): the longest
+# context must leave room for every document's continuation after it, in any tokenizer.
+LONG_PPL_MAX_CONTEXT = 16384
 
 
 @dataclass(frozen=True)
@@ -54,20 +64,28 @@ class Budget:
     synth_samples: int  # 0: no synth length sweep
     flenqa_limit: int  # lm_eval --limit of the FLenQA run (rows per task, sizes interleaved)
     what: str
+    passkey_samples: int
+    passkey_depths: tuple[float, ...]
+    long_ppl_docs: int  # documents, each scored after every context length
 
 
 BUDGETS = {
     "tiny": Budget("tiny", (256, 512), 1, (0.0, 1.0), True, 1, (0.0, 1.0), 1, (1, 5), 5, 0, 5,
-                   "a smoke test: lengths 256 and 512 only, one sample per cell"),
+                   "a smoke test: lengths 256 and 512 only, one sample per cell",
+                   passkey_samples=1, passkey_depths=(0.0, 1.0), long_ppl_docs=1),
     "small": Budget("small", "ladder", 1, (0.0, 1.0), False, 1, (0.5,), 2, (1, 20), 20, 0, 5,
-                    "the ladder with one KV sample at depths 0 and 1, one NIAH sample, 2 MDQA questions"),
+                    "the ladder with one KV sample at depths 0 and 1, one NIAH and one passkey sample, 2 MDQA "
+                    "questions, 2 loss documents",
+                    passkey_samples=1, passkey_depths=(0.5,), long_ppl_docs=2),
     "default": Budget("default", "ladder", 1, (0.0, 0.5, 1.0), False, 1, (0.0, 1.0), 2, (1, 10, 20), 20, 0, 10,
-                      "the ladder; KV simple 1 sample x 3 depths and NIAH 1 x 2 depths per length; 2 MDQA questions at "
-                      "gold positions 1/10/20 of 20 documents; FLenQA 10 rows per task"),
+                      "the ladder; KV simple 1 sample x 3 depths, NIAH and passkey 1 x 2 depths per length; 2 MDQA "
+                      "questions at gold positions 1/10/20 of 20 documents; FLenQA 10 rows per task; 4 loss documents",
+                      passkey_samples=1, passkey_depths=(0.0, 1.0), long_ppl_docs=4),
     "full": Budget("full", "ladder", 10, (0.0, 0.25, 0.5, 0.75, 1.0), True, 6, (0.0, 0.25, 0.5, 0.75, 1.0), 50,
                    (1, 5, 10, 15, 20), 20, 10, 0,
-                   "the ladder; KV 10 samples x 5 depths, NIAH 6 x 5, 50 MDQA questions at 5 positions, the synthetic "
-                   "MDQA cells at every length, all of FLenQA up to the window"),
+                   "the ladder; KV 10 samples x 5 depths, NIAH 6 x 5, passkey 6 x 5, 50 MDQA questions at 5 positions, "
+                   "the synthetic MDQA cells at every length, all of FLenQA up to the window, 16 loss documents",
+                   passkey_samples=6, passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0), long_ppl_docs=16),
 }  # fmt: skip
 
 
@@ -82,6 +100,7 @@ class FamilyRun:
     what: str = ""
     documents: int | None = None  # prompts it will score, where known before the run
     prompt_tokens: int | None = None
+    chat_template: bool = True  # False: plain prompts (a loss after exactly P tokens of text)
 
 
 @dataclass
@@ -146,9 +165,9 @@ def endpoint_window(endpoint: Endpoint, max_model_len: int | None) -> tuple[int,
     return window, source if source == "--max-model-len" else f"{source} in the tokenizer folder {endpoint.tokenizer}"
 
 
-def ladder(window: int, start: int = LADDER_START) -> list[int]:
-    """Powers of two from ``start`` below the top, then the top itself (the window less the reserve)."""
-    top = window - TOP_RESERVE
+def ladder(window: int, start: int = LADDER_START, reserve: int = TOP_RESERVE) -> list[int]:
+    """Powers of two from ``start`` below the top, then the top itself (the window less ``reserve``)."""
+    top = window - reserve
     out, length = [], start
     while length < top:
         out.append(length)
@@ -200,6 +219,10 @@ def make_plan(
     plan.runs.append(FamilyRun("kv", kv_tasks, kv_meta, what=f"KV retrieval ({kind}), length x depth"))
     niah_meta = {"niah_lengths": grid, "niah_depths": list(b.niah_depths), "niah_num_samples": b.niah_samples}
     plan.runs.append(FamilyRun("niah", ["niah_single"], niah_meta, what="needle in a haystack, length x depth"))
+    passkey_meta = {"passkey_lengths": grid, "passkey_depths": list(b.passkey_depths),
+                    "passkey_num_samples": b.passkey_samples}  # fmt: skip
+    plan.runs.append(FamilyRun("passkey", ["needles_passkey"], passkey_meta,
+                               what="passkey in filler text, length x depth"))  # fmt: skip
     docs = b.mdqa_documents if b.mdqa_documents * MDQA_TOKENS_PER_DOC + TOP_RESERVE <= window else 10
     positions = sorted({min(p, docs) for p in b.mdqa_positions})
     mdqa_meta = {"synth_num_documents": docs, "synth_positions": positions, "synth_num_samples": b.mdqa_samples}
@@ -215,6 +238,13 @@ def make_plan(
         flen_meta = {"flenqa_ctx_sizes": sizes, "flenqa_padding_types": ["books"]}
         plan.runs.append(FamilyRun("flenqa", ["flenqa"], flen_meta, limit=b.flenqa_limit or None,
                                    what="FLenQA (direct answers, book padding) by context size"))  # fmt: skip
+    if endpoint is None:  # chat completions return no prompt log-probabilities
+        contexts = long_ppl_contexts(grid, window, lengths is None and b.lengths == "ladder")
+        ppl_meta = {"long_ppl_contexts": contexts, "long_ppl_continuation": LONG_PPL_CONTINUATION,
+                    "long_ppl_num_docs": b.long_ppl_docs}  # fmt: skip
+        plan.runs.append(FamilyRun("long_ppl", ["needles_long_ppl"], ppl_meta, chat_template=False,
+                                   what=f"loss of a {LONG_PPL_CONTINUATION}-token continuation of held-out book text "
+                                   "by the context length before it"))  # fmt: skip
     for run in plan.runs:
         run.documents, run.prompt_tokens = _cost(run, docs)
     if endpoint is not None:
@@ -222,6 +252,16 @@ def make_plan(
 
         check_generation_tasks([t for run in plan.runs for t in run.tasks])
     return plan
+
+
+def long_ppl_contexts(grid: list[int], window: int, on_ladder: bool) -> list[int]:
+    """The context lengths P of the loss family: the ladder up to the window less the continuation (no chat template
+    and no generation take room), capped where the held-out book holds every document; with fixed lengths, those
+    lengths (the top where none fits)."""
+    top = min(window - LONG_PPL_CONTINUATION, LONG_PPL_MAX_CONTEXT)
+    if on_ladder:
+        return ladder(top + LONG_PPL_CONTINUATION, reserve=LONG_PPL_CONTINUATION)
+    return [x for x in grid if x <= top] or [top]
 
 
 def _cost(run: FamilyRun, mdqa_docs: int) -> tuple[int | None, int | None]:
@@ -238,6 +278,12 @@ def _cost(run: FamilyRun, mdqa_docs: int) -> tuple[int | None, int | None]:
         return n, m["synth_num_samples"] * len(m["synth_positions"]) * sum(m["synth_lengths"]) * len(run.tasks)
     if run.family == "flenqa":
         return None, None
+    if run.family == "passkey":
+        per_length = m["passkey_num_samples"] * len(m["passkey_depths"])
+        return per_length * len(m["passkey_lengths"]), per_length * sum(m["passkey_lengths"])
+    if run.family == "long_ppl":
+        n = m["long_ppl_num_docs"]
+        return n * len(m["long_ppl_contexts"]), n * sum(p + m["long_ppl_continuation"] for p in m["long_ppl_contexts"])
     rows, _ = eval_rows(run.tasks, m, run.limit)
     return sum(r["documents"] for r in rows), sum(r["prompt_tokens"] for r in rows)
 
@@ -256,8 +302,12 @@ def format_cost(plan: ScorecardPlan, seconds_per_kilotoken: float | None = None)
             size = "prompts read at run time" + (f" (--limit {run.limit} per task)" if run.limit else "")
         else:
             size = f"{run.documents:,} prompts, ~{run.prompt_tokens:,} prompt tokens"
+            if not run.chat_template:
+                size += " (log-likelihoods, no chat template)"
             total += run.prompt_tokens or 0
         lines.append(f"  {run.family}: {', '.join(run.tasks)}: {size}")
+    if plan.endpoint is not None:
+        lines.append("  long_ppl: not planned (a chat endpoint returns no prompt log-probabilities)")
     line = f"  total ~{total:,} prompt tokens" + (" (plus one engine start per family run)" if plan.endpoint is None
                                                   else ", one request per prompt")  # fmt: skip
     if seconds_per_kilotoken:

@@ -26,8 +26,9 @@ MIRROR_ENVS = ("NEEDLES_MDQA_MIRROR", "NEEDLES_NIAH_MIRROR", "NEEDLES_FLENQA_MIR
 
 
 def eval_argv(plan: ScorecardPlan, run: FamilyRun, out: Path, on_gpu: bool = False) -> list[str]:
-    """The lm_eval command of one family run (the runner's vLLM command line, as ``needles experiment`` builds it;
-    for an endpoint, its local-chat-completions command line)."""
+    """The lm_eval command of one family run (the runner's vLLM command line, as ``needles experiment`` builds it,
+    without ``--apply_chat_template`` for a plain-text family; for an endpoint, its local-chat-completions command
+    line)."""
     from harness_ext.plugin.runner import api_eval_command, vllm_eval_command
 
     output = out / "runs" / run.family
@@ -36,6 +37,8 @@ def eval_argv(plan: ScorecardPlan, run: FamilyRun, out: Path, on_gpu: bool = Fal
         argv = api_eval_command(ep.model, ep.chat_url, ep.tokenizer, run.tasks, run.metadata, plan.window, output)
         return argv + (["--limit", str(run.limit)] if run.limit else [])
     argv = vllm_eval_command(plan.served, run.tasks, run.metadata, plan.window, output_path=output, on_gpu=on_gpu)
+    if not run.chat_template:  # the loss family scores plain text: a chat template would change its P tokens
+        argv.remove("--apply_chat_template")
     return argv + (["--limit", str(run.limit)] if run.limit else [])
 
 

@@ -34,7 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness_ext.core.errors import NeedlesError
-from harness_ext.workflow.in_distribution import options as in_distribution_options
+from harness_ext.workflow.config_file import (
+    check_known_keys,
+    check_strings,
+    config_error,
+    in_distribution_of,
+    load_config,
+)
 
 BACKENDS = ("vllm", "hf")
 EXECUTORS = ("local", "ray")
@@ -116,8 +122,11 @@ class StudyConfig:
         return next(v for v in self.variants if v.name == self.reference_variant)
 
 
+KIND = "study config"  # how errors name the file
+
+
 def _fail(path: str, problem: str, fix: str) -> NeedlesError:
-    return NeedlesError(f"study config {path}: {problem}", fix=fix)
+    return config_error(KIND, path, problem, fix)
 
 
 def _mapping(path: str, where: str, raw: object, fix: str) -> dict:
@@ -151,13 +160,8 @@ def _target(path: str, i: int, raw: object) -> Target:
     where = f"targets[{i}]"
     fix = "write `- {task: LM_EVAL_TASK, metric: METRIC}` (e.g. {task: niah_single, metric: niah_acc})"
     raw = _mapping(path, where, raw, fix)
-    known = {f.name for f in dataclasses.fields(Target)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise _fail(path, f"{where} has unknown key(s) {unknown}", f"use keys among {sorted(known)}")
-    for key in ("task", "metric"):
-        if not isinstance(raw.get(key), str) or not raw.get(key):
-            raise _fail(path, f"{where} needs a {key}", fix)
+    check_known_keys(KIND, path, raw, Target, where)
+    check_strings(KIND, path, raw, ("task", "metric"), where, fix)
     psi = raw.get("discordance")
     if psi is not None and (isinstance(psi, bool) or not isinstance(psi, (int, float)) or not 0 < psi <= 1):
         raise _fail(
@@ -180,13 +184,8 @@ def study_from_dict(values: object, path: str = "<dict>") -> StudyConfig:
     """A validated study config; every problem names the key and the fix."""
     if not isinstance(values, dict):
         raise _fail(path, "is not a mapping", "write `key: value` lines (see docs/study.md)")
-    known = {f.name for f in dataclasses.fields(StudyConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise _fail(path, f"unknown key(s) {unknown}", f"use keys among {sorted(known)}")
-    for key in ("name", "model"):
-        if not isinstance(values.get(key), str) or not values.get(key):
-            raise _fail(path, f"needs a {key}", f"add `{key}: ...`")
+    check_known_keys(KIND, path, values, StudyConfig)
+    check_strings(KIND, path, values, ("name", "model"))
     if not _NAME.match(values["name"]):
         raise _fail(path, f"name {values['name']!r} is not a folder-safe name", "use letters, digits, _ . -")
     raw_variants = values.get("variants")
@@ -243,10 +242,7 @@ def study_from_dict(values: object, path: str = "<dict>") -> StudyConfig:
         raise _fail(
             path, f"patching.sets {sets!r} is not a list of sets", "e.g. sets: [intersection, complement, random]"
         )
-    try:  # the held-out check of each run's training family (harness_ext.workflow.in_distribution)
-        in_distribution = in_distribution_options(values.get("in_distribution"), "in_distribution")
-    except NeedlesError as exc:
-        raise _fail(path, exc.problem, exc.fix or "") from None
+    in_distribution = in_distribution_of(KIND, path, values)  # the held-out check of each run's training family
     return StudyConfig(
         **{
             **values,
@@ -265,13 +261,7 @@ def study_from_dict(values: object, path: str = "<dict>") -> StudyConfig:
 
 def load_study(path: str | Path) -> StudyConfig:
     """Read and validate a study YAML (safe loader)."""
-    from harness_ext.finetune.config import read_yaml
-
-    path = Path(path)
-    if not path.is_file():
-        problem = "is a folder" if path.is_dir() else "does not exist"
-        raise NeedlesError(f"study config {path} {problem}", fix="pass a study YAML file (see docs/study.md)")
-    return study_from_dict(read_yaml(path), str(path))
+    return load_config(KIND, path, study_from_dict, "pass a study YAML file (see docs/study.md)")
 
 
 def plain(cfg: StudyConfig) -> dict:

@@ -9,6 +9,7 @@ prompts of data read at run time (MDQA, FLenQA, general tasks) are counted as it
 from __future__ import annotations
 
 from harness_ext.study.steps import Study, merged_finetune
+from harness_ext.workflow.cost import eval_cost_line
 
 _KNOCKOUT_DEFAULTS = {
     "task": "kv",
@@ -111,10 +112,7 @@ def format_study_cost(est: dict) -> str:
         tokens = "not estimated (set data.lengths)" if t["tokens"] is None else f"~{t['tokens']:,} tokens"
         lines.append(f"  finetune:{name}: {tokens} ({t['epochs']:g} epochs)")
     for r in est["eval"]:
-        lines.append(
-            f"  eval x{est['evaluations']}: {r['task']}: {r['documents']:,} prompts, ~{r['prompt_tokens']:,} prompt "
-            f"tokens, <= {r['max_generated_tokens']:,} generated tokens per evaluation"
-        )
+        lines.append(f"  eval x{est['evaluations']}: {eval_cost_line(r, 'prompts')} per evaluation")
     if est["eval_not_estimated"]:
         lines.append(f"  eval: not estimated (data read at run time): {', '.join(est['eval_not_estimated'])}")
     h = est["heads"]

@@ -281,17 +281,21 @@ def knockout_argv(study: Study, run: str) -> list[str]:
     return [*argv, "-o", str(study.folder(run, "knockout")), "-q", *flags(options, {"task": "knockout_task"})]
 
 
+def _heads_report(study: Study, run: str, kind: str, argv: list[str]) -> tuple[dict, dict]:
+    """Run one `needles heads` step (``kind``: knockout, patch) into the run's folder of that name: (its report
+    ``<kind>.json``, the record's first fields: where the report is and what it scored)."""
+    folder = study.folder(run, kind)
+    call_needles(study, argv, folder / "needles.log")
+    r = json.loads((folder / f"{kind}.json").read_text(encoding="utf-8"))
+    return r, {kind: study.rel(folder / f"{kind}.json"), **{key: r[key] for key in ("task", "metric", "num_items")}}
+
+
 def knockout_run(study: Study, run: str) -> dict:
-    folder = study.folder(run, "knockout")
-    call_needles(study, knockout_argv(study, run), folder / "needles.log")
-    r = json.loads((folder / "knockout.json").read_text(encoding="utf-8"))
+    r, record = _heads_report(study, run, "knockout", knockout_argv(study, run))
     cond = {c["kind"]: c for c in r["conditions"]}
     tvr = r["top_vs_random"][0] if r["top_vs_random"] else None
     return {
-        "knockout": study.rel(folder / "knockout.json"),
-        "task": r["task"],
-        "metric": r["metric"],
-        "num_items": r["num_items"],
+        **record,
         "baseline": r["baseline"]["accuracy"],
         "top": {key: cond["top"][key] for key in ("accuracy", "delta", "delta_ci95")},
         "random": {key: cond["random"][key] for key in ("accuracy", "delta", "delta_ci95", "draws")},
@@ -338,14 +342,10 @@ def patch_run(study: Study, run: str) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     if not feasible:
         return {"patch": None, "sets": {}, "skipped": skipped, "intersection_minus_random": []}
-    call_needles(study, patch_argv(study, run, feasible), folder / "needles.log")
-    r = json.loads((folder / "patch.json").read_text(encoding="utf-8"))
+    r, record = _heads_report(study, run, "patch", patch_argv(study, run, feasible))
     keep = ("num_heads", "accuracy", "delta", "delta_ci95", "gap_closed", "draws")
     return {
-        "patch": study.rel(folder / "patch.json"),
-        "task": r["task"],
-        "metric": r["metric"],
-        "num_items": r["num_items"],
+        **record,
         "target_baseline": r["target_baseline"]["accuracy"],
         "source_reference": r["source_reference"]["accuracy"],
         "sets": {s["set"]: {key: s.get(key) for key in keep} for s in r["sets"]},

@@ -29,8 +29,8 @@ from dataclasses import asdict, dataclass
 import datasets
 
 from harness_ext.core.errors import NeedlesError
-from harness_ext.core.metadata import as_choice, as_int, as_list, bad_value
-from harness_ext.core.tokenizers import tokenizer_fingerprint, tokenizer_from_metadata
+from harness_ext.core.metadata import as_choice, as_distinct_lengths, as_int, as_list, bad_value
+from harness_ext.core.tokenizers import required_fingerprint, tokenizer_from_metadata
 from harness_ext.data.dataset_cache import cached_rows, dataset_sha256
 from harness_ext.tasklib.breakdowns import key_suffix, with_breakdowns
 from harness_ext.tasklib.long_ppl_cut import TextCutter
@@ -57,10 +57,7 @@ def spec_from_metadata(task: str, metadata: dict) -> LongPPLSpec:
     kw: dict = {}
     if "long_ppl_contexts" in metadata:
         v, ex = metadata["long_ppl_contexts"], "[1024, 4096, 16384]"
-        got = [as_int("long_ppl_contexts", x, MIN_CONTEXT, 1 << 22, ex) for x in as_list("long_ppl_contexts", v, ex)]
-        if len(set(got)) != len(got):
-            raise bad_value("long_ppl_contexts", v, "repeats a length", ex)
-        kw["contexts"] = tuple(sorted(got))
+        kw["contexts"] = tuple(sorted(as_distinct_lengths("long_ppl_contexts", v, MIN_CONTEXT, 1 << 22, ex)))
     if "long_ppl_continuation" in metadata:
         kw["continuation"] = as_int("long_ppl_continuation", metadata["long_ppl_continuation"], 1, 8192, "128")
     if "long_ppl_num_docs" in metadata:
@@ -158,12 +155,7 @@ def _round_robin(rooms: list[int], n: int) -> list[int]:
 def long_ppl_dataset(task: str, metadata: dict) -> datasets.DatasetDict:
     """The (document, P) rows (cached) and the facts results must carry (``needles_info``)."""
     spec = spec_from_metadata(task, metadata)
-    fingerprint = tokenizer_fingerprint(metadata)
-    if fingerprint is None:
-        raise NeedlesError(
-            f"task {task} cuts text at exact counts of the evaluated model's tokens and needs its tokenizer",
-            fix="pass --model_args pretrained=... (or tokenizer=...)",
-        )
+    fingerprint = required_fingerprint(task, metadata, "cuts text at exact counts of the evaluated model's tokens")
     found = load_texts(spec.text, spec.files, metadata)
     payload = {
         "generator": GENERATOR_VERSION,

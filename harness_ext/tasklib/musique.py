@@ -33,7 +33,7 @@ import datasets
 from harness_ext.core.errors import NeedlesError
 from harness_ext.core.metadata import as_int, as_ints
 from harness_ext.core.templating import load_template
-from harness_ext.core.tokenizers import tokenizer_fingerprint, tokenizer_from_metadata
+from harness_ext.core.tokenizers import required_fingerprint, tokenizer_from_metadata
 from harness_ext.data.dataset_cache import cached_rows, dataset_sha256
 from harness_ext.data.qa_sources import MUSIQUE, MUSIQUE_DEV
 from harness_ext.data.sources import Resolved, alias_mark, fetch
@@ -211,12 +211,7 @@ def build_rows(spec: MusiqueSpec, rows: tuple[dict, ...], tokenizer) -> list[dic
 def musique_dataset(**metadata) -> datasets.DatasetDict:
     """The ``musique`` task's rows (cached) and the facts its results carry (``needles_info``)."""
     spec = spec_from_metadata(metadata)
-    fingerprint = tokenizer_fingerprint(metadata)
-    if fingerprint is None:
-        raise NeedlesError(
-            "task musique sizes prompts in the evaluated model's tokens and needs its tokenizer",
-            fix="pass --model_args pretrained=... (or tokenizer=...)",
-        )
+    fingerprint = required_fingerprint("musique", metadata)
     got = fetch(MUSIQUE, MUSIQUE_DEV, metadata)
     payload = {
         "generator": GENERATOR_VERSION,

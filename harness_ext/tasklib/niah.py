@@ -27,9 +27,9 @@ from pathlib import Path
 import datasets
 
 from harness_ext.core.errors import NeedlesError
-from harness_ext.core.metadata import as_choice, as_int, as_list, as_string, bad_value
+from harness_ext.core.metadata import as_choice, as_distinct_lengths, as_int, as_list, as_string, bad_value
 from harness_ext.core.paths import templates_dir
-from harness_ext.core.tokenizers import tokenizer_fingerprint, tokenizer_from_metadata
+from harness_ext.core.tokenizers import required_fingerprint, tokenizer_from_metadata
 from harness_ext.data.dataset_cache import cached_rows, dataset_sha256, file_sha256
 from harness_ext.data.sources import alias_mark
 from harness_ext.tasklib.metadata_keys import FAMILY_KEYS, check_family_metadata
@@ -85,23 +85,26 @@ def _exclusions(value: object) -> tuple[str, ...]:
     )
 
 
+def grid_from_metadata(family: str, metadata: dict) -> dict:
+    """The given fields of a :class:`GridSpec` from ``<family>_lengths``, ``_depths``, ``_num_samples`` and
+    ``_seed``, validated."""
+    kw: dict = {}
+    if f"{family}_lengths" in metadata:
+        key = f"{family}_lengths"
+        kw["lengths"] = as_distinct_lengths(key, metadata[key], MIN_LENGTH, 1 << 22, "[1024, 2048]")
+    if f"{family}_depths" in metadata:
+        kw["depths"] = parse_depths(metadata[f"{family}_depths"], f"{family}_depths")
+    if f"{family}_num_samples" in metadata:
+        kw["num_samples"] = as_int(f"{family}_num_samples", metadata[f"{family}_num_samples"], 1, 1_000_000, "20")
+    if f"{family}_seed" in metadata:
+        kw["seed"] = as_int(f"{family}_seed", metadata[f"{family}_seed"], 0, 2**63 - 1, "0")
+    return kw
+
+
 def spec_from_metadata(task: str, metadata: dict) -> NiahSpec:
     """The validated spec; unknown keys get ``did you mean``, wrong types and ranges a clear error."""
     check_family_metadata("niah", metadata, task)
-    kw: dict = {}
-    if "niah_lengths" in metadata:
-        v, ex = metadata["niah_lengths"], "[1024, 2048]"
-        kw["lengths"] = tuple(
-            as_int("niah_lengths", x, MIN_LENGTH, 1 << 22, ex) for x in as_list("niah_lengths", v, ex)
-        )
-        if len(set(kw["lengths"])) != len(kw["lengths"]):
-            raise bad_value("niah_lengths", v, "repeats a length", ex)
-    if "niah_depths" in metadata:
-        kw["depths"] = parse_depths(metadata["niah_depths"])
-    if "niah_num_samples" in metadata:
-        kw["num_samples"] = as_int("niah_num_samples", metadata["niah_num_samples"], 1, 1_000_000, "20")
-    if "niah_seed" in metadata:
-        kw["seed"] = as_int("niah_seed", metadata["niah_seed"], 0, 2**63 - 1, "0")
+    kw = grid_from_metadata("niah", metadata)
     if "niah_haystack" in metadata:
         kw["haystack"] = as_choice("niah_haystack", metadata["niah_haystack"], HAYSTACK_MODES)
     if metadata.get("niah_needles") is not None:
@@ -131,12 +134,7 @@ def _template_sha(spec: NiahSpec) -> str:
 def niah_dataset(task: str, metadata: dict) -> datasets.DatasetDict:
     """One NIAH task's rows (cached) and the facts results must carry (``needles_info``)."""
     spec = spec_from_metadata(task, metadata)
-    fingerprint = tokenizer_fingerprint(metadata)
-    if fingerprint is None:
-        raise NeedlesError(
-            f"task {task} sizes prompts in the evaluated model's tokens and needs its tokenizer",
-            fix="pass --model_args pretrained=... (or tokenizer=...)",
-        )
+    fingerprint = required_fingerprint(task, metadata)
     text, got = load_haystack(spec.haystack, metadata)
     if spec.needles is None:
         all_needles, needles_file = load_reference_needles(metadata)

@@ -57,13 +57,19 @@ _SENTENCE_END = re.compile(r"[.!?][\"'\u201d\u2019)\]]*$")
 
 
 @dataclass(frozen=True)
-class NiahSpec:
-    """Everything of the metadata that determines the rows (besides data files and tokenizer)."""
+class GridSpec:
+    """A length x depth grid of samples (NIAH, passkey): each sample at every target length and depth."""
 
     lengths: tuple[int, ...] = (1024, 2048)
     depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
     num_samples: int = 6
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class NiahSpec(GridSpec):
+    """Everything of the metadata that determines the rows (besides data files and tokenizer)."""
+
     haystack: str = "text"
     needles: str | None = None
     exclude: tuple[str, ...] = ()  # needle keys (see niah_haystack.needle_key)

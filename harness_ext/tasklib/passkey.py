@@ -25,16 +25,14 @@ from dataclasses import asdict, dataclass
 import datasets
 import numpy as np
 
-from harness_ext.core.errors import NeedlesError
-from harness_ext.core.metadata import as_int, as_list, bad_value
 from harness_ext.core.paths import templates_dir
-from harness_ext.core.tokenizers import tokenizer_fingerprint, tokenizer_from_metadata
+from harness_ext.core.tokenizers import required_fingerprint, tokenizer_from_metadata
 from harness_ext.data.dataset_cache import cached_rows, dataset_sha256, file_sha256
 from harness_ext.tasklib.breakdowns import key_suffix, with_breakdowns
 from harness_ext.tasklib.metadata_keys import check_family_metadata
-from harness_ext.tasklib.niah import MIN_LENGTH, parse_depths
+from harness_ext.tasklib.niah import grid_from_metadata
 from harness_ext.tasklib.niah_generator import NiahGenerator
-from harness_ext.tasklib.niah_haystack import Needle, NiahSpec, PieceStream, piece_stream
+from harness_ext.tasklib.niah_haystack import GridSpec, Needle, NiahSpec, PieceStream, piece_stream
 
 GENERATOR_VERSION = 1
 TEMPLATE = "passkey/passkey.jinja"
@@ -47,31 +45,14 @@ _FIRST_NUMBER = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
-class PasskeySpec:
-    lengths: tuple[int, ...] = (1024, 2048)
-    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    num_samples: int = 6
-    seed: int = 0
+class PasskeySpec(GridSpec):
+    """Everything of the metadata that determines the rows (besides the tokenizer): the grid alone."""
 
 
 def spec_from_metadata(task: str, metadata: dict) -> PasskeySpec:
     """The validated spec; unknown keys get ``did you mean``, wrong types and ranges a clear error."""
     check_family_metadata("passkey", metadata, task)
-    kw: dict = {}
-    if "passkey_lengths" in metadata:
-        v, ex = metadata["passkey_lengths"], "[1024, 2048]"
-        kw["lengths"] = tuple(
-            as_int("passkey_lengths", x, MIN_LENGTH, 1 << 22, ex) for x in as_list("passkey_lengths", v, ex)
-        )
-        if len(set(kw["lengths"])) != len(kw["lengths"]):
-            raise bad_value("passkey_lengths", v, "repeats a length", ex)
-    if "passkey_depths" in metadata:
-        kw["depths"] = parse_depths(metadata["passkey_depths"], "passkey_depths")
-    if "passkey_num_samples" in metadata:
-        kw["num_samples"] = as_int("passkey_num_samples", metadata["passkey_num_samples"], 1, 1_000_000, "20")
-    if "passkey_seed" in metadata:
-        kw["seed"] = as_int("passkey_seed", metadata["passkey_seed"], 0, 2**63 - 1, "0")
-    return PasskeySpec(**kw)
+    return PasskeySpec(**grid_from_metadata("passkey", metadata))
 
 
 def passkey(seed: int, sample: int) -> int:
@@ -118,12 +99,7 @@ def filler_stream(tokenizer: object) -> PieceStream:
 def passkey_dataset(task: str, metadata: dict) -> datasets.DatasetDict:
     """The passkey rows (cached) and the facts results must carry (``needles_info``)."""
     spec = spec_from_metadata(task, metadata)
-    fingerprint = tokenizer_fingerprint(metadata)
-    if fingerprint is None:
-        raise NeedlesError(
-            f"task {task} sizes prompts in the evaluated model's tokens and needs its tokenizer",
-            fix="pass --model_args pretrained=... (or tokenizer=...)",
-        )
+    fingerprint = required_fingerprint(task, metadata)
     payload = {
         "generator": GENERATOR_VERSION,
         "spec": asdict(spec),

@@ -33,7 +33,7 @@ import datasets
 from harness_ext.core.errors import NeedlesError
 from harness_ext.core.metadata import as_choice, as_int, as_ints, as_list
 from harness_ext.core.templating import load_template
-from harness_ext.core.tokenizers import tokenizer_fingerprint, tokenizer_from_metadata
+from harness_ext.core.tokenizers import required_fingerprint, tokenizer_from_metadata
 from harness_ext.data.dataset_cache import cached_rows, dataset_sha256
 from harness_ext.data.qa_sources import SUMMHAY, SUMMHAY_HAYSTACKS, summhay_path
 from harness_ext.data.sources import Resolved, alias_mark, fetch
@@ -177,12 +177,7 @@ def build_rows(spec: SummhaySpec, topics: dict[str, dict], tokenizer) -> list[di
 def summhay_dataset(**metadata) -> datasets.DatasetDict:
     """The ``summhay_citation`` task's rows (cached) and the facts its results carry (``needles_info``)."""
     spec = spec_from_metadata(metadata)
-    fingerprint = tokenizer_fingerprint(metadata)
-    if fingerprint is None:
-        raise NeedlesError(
-            "task summhay_citation sizes prompts in the evaluated model's tokens and needs its tokenizer",
-            fix="pass --model_args pretrained=... (or tokenizer=...)",
-        )
+    fingerprint = required_fingerprint("summhay_citation", metadata)
     got = {h: fetch(SUMMHAY, summhay_path(h), metadata) for h in spec.haystacks}
     payload = {
         "generator": GENERATOR_VERSION,

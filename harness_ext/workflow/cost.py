@@ -99,15 +99,20 @@ def estimate(cfg: ExperimentConfig, ft) -> dict:
     return {"training_tokens": training, "epochs": epochs, "eval": rows, "not_estimated": unknown}
 
 
+def eval_cost_line(row: dict, unit: str = "documents") -> str:
+    """One task's evaluation cost: its ``unit`` (documents or prompts), prompt tokens and the generation bound."""
+    return (
+        f"{row['task']}: {row['documents']:,} {unit}, ~{row['prompt_tokens']:,} prompt tokens, "
+        f"<= {row['max_generated_tokens']:,} generated tokens"
+    )
+
+
 def format_estimate(est: dict) -> str:
     tokens = est["training_tokens"]
     training = f"~{tokens:,} tokens" if tokens is not None else "not estimated (set data.lengths to size documents)"
     lines = [f"[needles experiment] cost estimate: training {training} ({est['epochs']:g} epochs)"]
     for r in est["eval"]:
-        lines.append(
-            f"  {r['task']}: {r['documents']:,} documents, ~{r['prompt_tokens']:,} prompt tokens, "
-            f"<= {r['max_generated_tokens']:,} generated tokens, per evaluation (x2: base and finetuned)"
-        )
+        lines.append(f"  {eval_cost_line(r)}, per evaluation (x2: base and finetuned)")
     if est["not_estimated"]:
         lines.append(f"  not estimated (their data is read at run time): {', '.join(est['not_estimated'])}")
     return "\n".join(lines)

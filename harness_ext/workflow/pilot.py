@@ -96,35 +96,37 @@ def _values(results: Path, entry: PilotTask) -> np.ndarray:
     return np.asarray(values, dtype=float)
 
 
+# (row kind, bound) -> (the reason, "{where}" and "{rate}" filled in per row; the fix): the rows that cannot move
+_PROBLEMS = {
+    (GUARD, FLOOR): (
+        "guard {where} ({rate}): it cannot drop, so 'held' would be an empty pass",
+        "choose a guard the base model can do at these settings (shorter lengths, an easier task) or drop it",
+    ),
+    (EXTENSION, FLOOR): (
+        "extension target {where} inside the native window ({rate}): there is no skill to extend past it",
+        "choose a task or lengths the model solves inside its window (the extension carries a skill past it)",
+    ),
+    (TARGET, CEILING): (
+        "target {where} ({rate}): no room to improve",
+        "make the target harder (longer lengths, more distractors) or drop it",
+    ),
+    (TARGET, FLOOR): (
+        "target {where} ({rate}): the comparison would most likely be two floors",
+        "make the task reachable for this model (shorter lengths, an easier variant, a larger model); "
+        f"if the finetune is meant to lift it from zero, rerun with {SKIP_FLAG}",
+    ),
+}
+
+
 def _problem(entry: PilotTask, bound: str | None, n: int) -> tuple[str, str] | None:
     """(reason, fix) when the row's comparison cannot move, else None."""
-    if bound is None:
+    if (entry.kind, bound) not in _PROBLEMS:
         return None
     upper = 1 - 0.05 ** (1 / n)
     where = f"{entry.name}: the base model scored {0 if bound == FLOOR else 1} on all {n} pilot documents"
     rate = f"base rate below {upper:.2f}" if bound == FLOOR else f"base rate above {1 - upper:.2f}"
-    if entry.kind == GUARD and bound == FLOOR:
-        return (
-            f"guard {where} ({rate}): it cannot drop, so 'held' would be an empty pass",
-            "choose a guard the base model can do at these settings (shorter lengths, an easier task) or drop it",
-        )
-    if entry.kind == EXTENSION and bound == FLOOR:
-        return (
-            f"extension target {where} inside the native window ({rate}): there is no skill to extend past it",
-            "choose a task or lengths the model solves inside its window (the extension carries a skill past it)",
-        )
-    if entry.kind == TARGET and bound == CEILING:
-        return (
-            f"target {where} ({rate}): no room to improve",
-            "make the target harder (longer lengths, more distractors) or drop it",
-        )
-    if entry.kind == TARGET and bound == FLOOR:
-        return (
-            f"target {where} ({rate}): the comparison would most likely be two floors",
-            "make the task reachable for this model (shorter lengths, an easier variant, a larger model); "
-            f"if the finetune is meant to lift it from zero, rerun with {SKIP_FLAG}",
-        )
-    return None
+    reason, fix = _PROBLEMS[(entry.kind, bound)]
+    return reason.format(where=where, rate=rate), fix
 
 
 def check(results: Path, entries: Sequence[PilotTask], limit: int) -> dict:

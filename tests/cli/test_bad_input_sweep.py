@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import pytest
+from study_configs import kv_study
 
 from harness_ext.cli.app import build_parser, main
 
@@ -213,21 +214,7 @@ def env(tmp_path_factory, shared_data, tiny_llama_dir, smollm2_dir) -> dict[str,
             }
         )
     )
-    (root / "study.yaml").write_text(
-        json.dumps(
-            {
-                "name": "sweep",
-                "model": str(tiny_llama_dir),
-                "reference_variant": "real",
-                "finetune": {"data": {"num_samples": 4, "num_dicts": 4, "lengths": None}, "max_steps": 1},
-                "variants": [{"name": "real"}, {"name": "synth", "finetune": {"data": {"seed": 1}}}],
-                "targets": [{"task": "kv_retrieval_simple", "metric": "value_acc"}],
-                "metadata": {"num_dicts": 4, "num_samples": 2, "lengths": None},
-                "backend": "hf",
-                "k": 1,
-            }
-        )
-    )
+    (root / "study.yaml").write_text(json.dumps(kv_study(str(tiny_llama_dir), name="sweep")))
     with gzip.open(root / "truncated.jsonl.gz", "wt") as f:
         f.write('{"question": "who')
     litm = shared_data / "lost-in-the-middle"

@@ -1,4 +1,4 @@
-"""Context extension (issue 23), fast part: the ``context`` section of ``needles finetune`` checked against a
+"""Context extension, fast part: the ``context`` section of ``needles finetune`` checked against a
 model's config.json before anything loads, both RoPE config forms read and written, the RoPE keys checked
 against transformers' own validators, the eval command's ``hf_overrides`` as lm_eval parses it, and the length
 guard's served window. Nothing here trains or starts an engine (the heavy half:

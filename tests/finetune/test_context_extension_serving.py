@@ -1,4 +1,4 @@
-"""Context extension (issue 23), heavy part, on the tiny random Llama cut to a 512-token native window: LoRA
+"""Context extension, heavy part, on the tiny random Llama cut to a 512-token native window: LoRA
 training past the window with YaRN (memory and tokens/s per length recorded, the merged folder's config carrying
 the RoPE), then one real vLLM (CPU) launch serving the adapter with the printed command's ``hf_overrides`` on KV
 prompts longer than the native window, and the same prompts on the un-extended model refused by the guard before
@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import TINY_LORA, with_native_window
+from tiny_models import finetune_argv as tiny_finetune_argv
 
 from harness_ext.cli import main as cli_main
 from harness_ext.plugin.runner import lm_eval_env
@@ -27,20 +28,12 @@ EVAL_META = {"lengths": [800], "depths": [0.5], "num_samples": 2}
 
 @pytest.fixture(scope="module")
 def small(tiny_llama_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ctx-serving") / "small"
-    shutil.copytree(tiny_llama_dir, out)
-    conf = json.loads((out / "config.json").read_text())
-    conf["max_position_embeddings"] = NATIVE
-    (out / "config.json").write_text(json.dumps(conf))
-    return out
+    return with_native_window(tiny_llama_dir, tmp_path_factory.mktemp("ctx-serving") / "small", NATIVE)
 
 
 def finetune_argv(model: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        *("finetune", "--model", str(model), "-o", str(out), "--num-samples", "4", "--lengths", str(TRAIN_LENGTH)),
-        *("--eval-metadata", json.dumps(EVAL_META), "--batch-size", "2", "--max-steps", "2", "--lr", "5e-3"),
-        *("--lora-r", "8", "--lora-alpha", "16", *extra),
-    ]
+    lora = (*TINY_LORA, "--max-steps", "2", "--lora-alpha", "16", *extra)
+    return tiny_finetune_argv(model, out, *lora, num_samples=4, length=TRAIN_LENGTH, eval_metadata=EVAL_META)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_models import TINY_LORA, finetune_argv, with_native_window
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from harness_ext.cli import main as cli_main
@@ -28,28 +29,7 @@ def needles(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def tiny_args(model: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "finetune",
-        "--model",
-        str(model),
-        "-o",
-        str(out),
-        "--num-samples",
-        "8",
-        "--lengths",
-        "128",
-        "--eval-metadata",
-        json.dumps(EVAL_META),
-        "--batch-size",
-        "2",
-        "--lr",
-        "5e-3",
-        "--lora-r",
-        "8",
-        "--lora-alpha",
-        "16",
-        *extra,
-    ]
+    return finetune_argv(model, out, *TINY_LORA, "--lora-alpha", "16", *extra, eval_metadata=EVAL_META)
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +42,7 @@ def variants(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
     conf = json.loads((no_template / "tokenizer_config.json").read_text())
     conf.pop("chat_template", None)
     (no_template / "tokenizer_config.json").write_text(json.dumps(conf))
-    short = root / "short-context"
-    shutil.copytree(tiny_llama_dir, short)
-    conf = json.loads((short / "config.json").read_text())
-    conf["max_position_embeddings"] = 64
-    (short / "config.json").write_text(json.dumps(conf))
+    short = with_native_window(tiny_llama_dir, root / "short-context", 64)
     return {"no_template": no_template, "short": short}
 
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from tiny_models import finetune_argv
 
 from harness_ext.cli import finetune as finetune_cmd
 from harness_ext.cli import main as cli_main
@@ -25,7 +25,6 @@ from harness_ext.finetune.openai_ft import validate_rows
 from harness_ext.finetune.rundir import OutputLock, check_output_dir
 
 REPO = Path(__file__).resolve().parents[2]
-EVAL_META = {"lengths": [128], "depths": None, "num_samples": 4}
 
 # The flags as they were kept by hand before they were generated: names and order must not change.
 FINETUNE_FLAGS = [
@@ -46,7 +45,7 @@ FINETUNE_FLAGS = [
     *("--no-gradient-checkpointing", "--batching", "--pack-tokens", "--max-length", "--seed"),
     *("--attn-implementation", "--trust-remote-code", "--save-every", "--keep-checkpoints", "--resume"),
     *("--stop-after-steps", "--merge", "--report-to"),
-    # context extension (issue 23): the context section's keys, the section as JSON, the checkpointing threshold
+    # context extension: the context section's keys, the section as JSON, the checkpointing threshold
     *("--context-length", "--rope-type", "--rope-factor", "--rope-theta", "--rope-original-max-position-embeddings"),
     *("--rope-attention-factor", "--rope-beta-fast", "--rope-beta-slow", "--rope-low-freq-factor"),
     *("--rope-high-freq-factor", "--context", "--gradient-checkpointing-above"),
@@ -263,14 +262,6 @@ def test_too_few_openai_examples_says_how_many_and_how_many_are_needed():
 
 
 # ------------------------------------------------------------------------------------- the output folder
-def finetune_argv(model: Path, out: Path, *extra: str) -> list[str]:
-    return ["finetune", "--model", str(model), "-o", str(out), "--num-samples", "8", "--lengths", "128"] + [
-        "--eval-metadata",
-        json.dumps(EVAL_META),
-        *extra,
-    ]
-
-
 def test_a_finished_run_or_another_runs_checkpoints_are_not_overwritten(tiny_llama_dir, tmp_path, capsys):
     done = tmp_path / "done"
     done.mkdir()

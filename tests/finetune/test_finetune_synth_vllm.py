@@ -1,4 +1,4 @@
-"""Issue 12's plumbing on the real tools: LoRA-finetune a model on a synthetic MDQA cell and on the real-data
+"""The synthetic-data finetuning plumbing on the real tools: LoRA-finetune a model on a synthetic MDQA cell and on the real-data
 baseline (CI budget: 4 documents, 2 steps each), then score both merged models on the 10-document MDQA fixture
 through the real `lm_eval --model vllm`, held-out questions only (`mdqa_split: eval`). Asserts the plumbing, not
 the scores: the same questions scored for both, numeric stderr, hashes and the leakage check recorded.

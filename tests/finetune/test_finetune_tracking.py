@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_models import TINY_LORA
+from tiny_models import finetune_argv as tiny_finetune_argv
 
 from harness_ext.cli import main as cli_main
 from harness_ext.finetune.tracking import RUN_NAME
@@ -15,26 +17,7 @@ EVAL_META = {"lengths": [128], "depths": None, "num_samples": 4}
 
 
 def finetune_argv(model: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "finetune",
-        "--model",
-        str(model),
-        "-o",
-        str(out),
-        "--num-samples",
-        "6",
-        "--lengths",
-        "128",
-        "--eval-metadata",
-        json.dumps(EVAL_META),
-        "--batch-size",
-        "2",
-        "--lr",
-        "5e-3",
-        "--lora-r",
-        "8",
-        *extra,
-    ]
+    return tiny_finetune_argv(model, out, *TINY_LORA, *extra, num_samples=6, eval_metadata=EVAL_META)
 
 
 def scalars(logdir: Path, tag: str) -> dict[int, float]:

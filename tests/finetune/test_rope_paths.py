@@ -1,4 +1,4 @@
-"""The same RoPE on every path (issue 35): a RoPE trained one way and served another is refused (dynamic NTK),
+"""The same RoPE on every path: a RoPE trained one way and served another is refused (dynamic NTK),
 theta has a documented default, a per-layer-type RoPE (Gemma 3) keeps its layer types when extended, and the
 printed scoring commands test the model at the lengths it was extended to. Config files and the tiny random
 Llama only: nothing trains or serves here."""
@@ -8,10 +8,10 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import shutil
 from pathlib import Path
 
 import pytest
+from tiny_models import TINY_LAYERS, with_native_window
 from transformers import AutoConfig, Gemma3TextConfig
 
 from harness_ext.cli import main as cli_main
@@ -27,12 +27,7 @@ NATIVE = 512
 @pytest.fixture(scope="module")
 def small(tiny_llama_dir, tmp_path_factory) -> Path:
     """The tiny Llama (head_dim 32) with a 512-token native window."""
-    out = tmp_path_factory.mktemp("rope-paths") / "small"
-    shutil.copytree(tiny_llama_dir, out)
-    conf = json.loads((out / "config.json").read_text())
-    conf["max_position_embeddings"] = NATIVE
-    (out / "config.json").write_text(json.dumps(conf))
-    return out
+    return with_native_window(tiny_llama_dir, tmp_path_factory.mktemp("rope-paths") / "small", NATIVE)
 
 
 @pytest.fixture(scope="module")
@@ -41,12 +36,8 @@ def gemma3(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("gemma3")
     Gemma3TextConfig(
         vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+        **TINY_LAYERS,
         num_key_value_heads=1,
-        head_dim=32,
         max_position_embeddings=1024,
         sliding_window=128,
         layer_types=["sliding_attention", "full_attention"],

@@ -1,4 +1,4 @@
-"""Issue 23's SmolLM2 check in CI: one KV prompt of ~12K tokens, past SmolLM2-135M-Instruct's 8K native window,
+"""SmolLM2's context-extension check in CI: one KV prompt of ~12K tokens, past SmolLM2-135M-Instruct's 8K native window,
 scored through the real ``lm_eval run --model vllm`` with the training-free YaRN override (``hf_overrides`` +
 ``max_model_len``, the command ``needles finetune --context-length`` prints for the untrained model).
 

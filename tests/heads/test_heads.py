@@ -1,4 +1,4 @@
-"""Retrieval heads (issue 7): mechanics on the tiny random Llama and on real data, no slow model.
+"""Retrieval heads: mechanics on the tiny random Llama and on real data, no slow model.
 
 The SmolLM2 measurements (real retrieval heads, knockout, LoRA compare) are in test_heads_smollm2.py.
 """

@@ -1,4 +1,4 @@
-"""An adapter is never probed on a RoPE other than the one it was trained with (issue 35), in `needles heads` and
+"""An adapter is never probed on a RoPE other than the one it was trained with, in `needles heads` and
 `needles heads patch`: an `--hf-overrides` that contradicts the adapter's finetune manifest, a `--model` whose
 RoPE differs from the base the adapter names, and an adapter without a manifest past the model's window are
 refused before any weights load; inside the window an adapter without a manifest is probed with the model's RoPE
@@ -101,4 +101,17 @@ def test_patch_loads_adapters_with_their_rope_and_refuses_one_without_past_the_w
     code = main(argv)
     err = capsys.readouterr().err
     assert code == 2 and "--eval-lengths [800] do not fit the window the model is probed with (512" in err, err
-    assert "context.hf_overrides of its needles finetune manifest" in err and "Traceback" not in err
+    assert "OUT/manifest.json next to OUT/adapter" in err and "--hf-overrides" not in err and "Traceback" not in err
+
+
+def test_patch_fix_for_an_adapter_without_manifest_names_no_flag_it_lacks(tmp_path):
+    """`needles heads patch` has no --hf-overrides: its fix must point at the manifest, not at that flag."""
+    from harness_ext.heads.rope_window import NO_MANIFEST, check_probe_lengths
+
+    info = {"window": 1024, "source": NO_MANIFEST}
+    with pytest.raises(NeedlesError) as probe:
+        check_probe_lengths({"--lengths": [4096]}, 8, info, tmp_path)
+    with pytest.raises(NeedlesError) as patch:
+        check_probe_lengths({"--eval-lengths": [4096]}, 8, info, tmp_path, takes_overrides=False)
+    assert "--hf-overrides" in probe.value.fix
+    assert "--hf-overrides" not in patch.value.fix and "OUT/manifest.json next to OUT/adapter" in patch.value.fix

@@ -1,4 +1,4 @@
-"""`needles heads` on an extended model (issue 23): probes past the native window are refused, before the model
+"""`needles heads` on an extended model: probes past the native window are refused, before the model
 loads, for a model served with its own window (the fix names the override), and accepted with the RoPE the model
 is served with: `--hf-overrides` (the training-free variant) or the finetune manifest of an extended adapter. The
 tiny random Llama cut to a 512-token window; the scores of a random model mean nothing, the RoPE it ran with does."""
@@ -6,10 +6,10 @@ tiny random Llama cut to a 512-token window; the scores of a random model mean n
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
+from tiny_models import llama_config_only, with_native_window
 
 from harness_ext.cli import main
 from harness_ext.heads.rope_window import probed_rope
@@ -21,23 +21,13 @@ OVERRIDES = {"rope_parameters": ROPE, "max_position_embeddings": 2 * NATIVE}
 
 @pytest.fixture
 def small(tiny_llama_dir, tmp_path) -> Path:
-    out = tmp_path / "small"
-    shutil.copytree(tiny_llama_dir, out)
-    conf = json.loads((out / "config.json").read_text())
-    conf["max_position_embeddings"] = NATIVE
-    (out / "config.json").write_text(json.dumps(conf))
-    return out
+    return with_native_window(tiny_llama_dir, tmp_path / "small", NATIVE)
 
 
 @pytest.fixture
 def config_only(tmp_path) -> Path:
     """A folder holding only a 512-window Llama config.json: the checks below never load weights."""
-    out = tmp_path / "config-only"
-    out.mkdir()
-    conf = {"model_type": "llama", "max_position_embeddings": NATIVE, "rope_parameters": {"rope_theta": 10000.0,
-            "rope_type": "default"}}  # fmt: skip
-    (out / "config.json").write_text(json.dumps(conf))
-    return out
+    return llama_config_only(tmp_path / "config-only", NATIVE)
 
 
 def heads(capsys, *argv: str) -> tuple[int, str]:

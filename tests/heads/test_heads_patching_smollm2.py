@@ -1,4 +1,4 @@
-"""The patching identities of issue 13 on the real SmolLM2-135M-Instruct (30 layers x 9 heads, head size 64, GQA
+"""The patching identities on the real SmolLM2-135M-Instruct (30 layers x 9 heads, head size 64, GQA
 with 3 key-value heads): the target is the base model, the source the base plus an attention-only LoRA adapter
 (peft, q/k/v/o, random nonzero B: the paper finetunes attention only). Patching the `result` of every head
 reproduces the source's logits, no head reproduces the target exactly, one head moves the residual stream right

@@ -1,4 +1,4 @@
-"""Retrieval heads on the real SmolLM2-135M-Instruct (issue 7 "done when"), through the real CLI.
+"""Retrieval heads on the real SmolLM2-135M-Instruct, through the real CLI.
 
 * the detector finds a small set of high-scoring heads, most heads near zero;
 * the detector agrees exactly with a reference loop written the way Wu et al. wrote theirs

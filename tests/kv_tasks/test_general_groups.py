@@ -12,6 +12,7 @@ import subprocess
 import sys
 
 import pytest
+from lm_eval_cli import lm_eval_command
 
 from harness_ext.tasklib.general import PINNED, resolve_leaf_configs
 
@@ -64,20 +65,9 @@ def test_needles_paper_runs_everything_the_paper_reports(paper):
 def test_offline_error_names_the_dataset_and_the_fix(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lm_eval",
-            "run",
-            "--tasks",
-            "needles_general",
-            "--model",
-            "dummy",
-            "--limit",
-            "1",
-            "--output_path",
-            str(tmp_path / "out"),
-        ],
+        lm_eval_command(
+            "--tasks", "needles_general", "--model", "dummy", "--limit", "1", "--output_path", str(tmp_path / "out")
+        ),
         capture_output=True,
         text=True,
         env=env,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
+from lm_eval_cli import hf_args, hf_task_args, lm_eval_command, logged_samples
 
 import harness_ext.tasklib.kv
 from kv_tasks.kv_retrieval import utils as kv_utils
@@ -27,54 +27,21 @@ def _assert_scores(res: dict, task: str, breakdown: tuple[str, ...]) -> None:
 
 
 def test_hf_cli_without_chat_template(lm_eval_run, tiny_llama_dir):
-    res = lm_eval_run(
-        [
-            "--tasks",
-            "kv_retrieval",
-            "--model",
-            "hf",
-            "--model_args",
-            f"pretrained={tiny_llama_dir},dtype=float32,max_length=1024",
-            "--metadata",
-            json.dumps(SMALL),
-            "--gen_kwargs",
-            "max_gen_toks=8",
-            "--log_samples",
-        ],
-        "hf_plain",
-    )
+    res = lm_eval_run(hf_task_args("kv_retrieval", tiny_llama_dir, SMALL), "hf_plain")
     for task in SUBTASKS:
         _assert_scores(res, task, ("_len300", "_depth0.00", "_depth1.00", "_len300_depth0.00"))
         assert res["n-samples"][task]["effective"] == 4  # 2 samples x 2 depths
         assert len(res["configs"][task]["metadata"]["needles_data_sha256"]) == 64
     assert isinstance(res["results"]["kv_retrieval"]["both_acc_stderr,none"], float)
-    samples = [
-        json.loads(line)
-        for f in os.listdir(res["_dir"])
-        if f.startswith("samples_kv_retrieval_simple_2")
-        for line in open(os.path.join(res["_dir"], f))
-    ]
+    samples = logged_samples(res["_dir"], "kv_retrieval_simple")
     assert len(samples) == 4 and all(s["doc"]["n_tokens"] <= 300 for s in samples)
     assert not samples[0]["arguments"]["gen_args_0"]["arg_0"].startswith("<|im_start|>")
 
 
 def test_length_guard_refuses_before_generation(tmp_path, tiny_llama_dir):
-    cmd = [
-        sys.executable,
-        "-m",
-        "lm_eval",
-        "run",
-        "--tasks",
-        "kv_retrieval_simple",
-        "--model",
-        "hf",
-        "--model_args",
-        f"pretrained={tiny_llama_dir},dtype=float32,max_length=512",
-        "--metadata",
-        json.dumps({"lengths": [1000], "depths": [0.5], "num_samples": 2}),
-        "--output_path",
-        str(tmp_path),
-    ]
+    meta = {"lengths": [1000], "depths": [0.5], "num_samples": 2}
+    args = ("--tasks", "kv_retrieval_simple", *hf_args(tiny_llama_dir, 512), "--metadata", json.dumps(meta))
+    cmd = lm_eval_command(*args, "--output_path", str(tmp_path))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode != 0
     assert "needles: error: prompts longer than the model's context" in proc.stderr

@@ -3,11 +3,10 @@ length guard on its loglikelihood requests."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
 
 import pytest
+from lm_eval_cli import hf_task_args, logged_samples
 
 from harness_ext.cli import main
 from harness_ext.core.errors import NeedlesError
@@ -26,20 +25,8 @@ def meta(shared_data, tmp_path, monkeypatch) -> dict:
 
 
 def test_long_ppl_via_cli(lm_eval_run, tiny_llama_dir, meta, tmp_path):
-    res = lm_eval_run(
-        [
-            "--tasks",
-            "needles_long_ppl",
-            "--model",
-            "hf",
-            "--model_args",
-            f"pretrained={tiny_llama_dir},dtype=float32,max_length=512",
-            "--metadata",
-            json.dumps(meta),
-            "--log_samples",
-        ],
-        "hf_long_ppl",
-    )
+    args = hf_task_args("needles_long_ppl", tiny_llama_dir, meta, max_length=512, max_gen_toks=None)
+    res = lm_eval_run(args, "hf_long_ppl")
     scores = res["results"]["needles_long_ppl"]
     for suffix in ("", "_len64", "_len256"):
         nll, ppl = scores[f"nll{suffix},none"], scores[f"ppl{suffix},none"]
@@ -49,12 +36,7 @@ def test_long_ppl_via_cli(lm_eval_run, tiny_llama_dir, meta, tmp_path):
         assert res["higher_is_better"]["needles_long_ppl"][f"nll{suffix}"] is False
     assert res["n-samples"]["needles_long_ppl"]["effective"] == 4  # 2 documents x 2 context lengths
 
-    samples = [
-        json.loads(line)
-        for f in os.listdir(res["_dir"])
-        if f.startswith("samples_needles_long_ppl_")
-        for line in open(os.path.join(res["_dir"], f))
-    ]
+    samples = logged_samples(res["_dir"], "needles_long_ppl")
     assert len(samples) == 4
     for s in samples:
         args = s["arguments"]["gen_args_0"]

@@ -6,10 +6,9 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from lm_eval_cli import hf_args, lm_eval_command, logged_samples
 from loopback import FileServer
 
 from harness_ext.tasklib.mdqa import render_prompt
@@ -25,16 +24,6 @@ def fixture_dir(tmp_path_factory, shared_data):
     return out
 
 
-def _hf_args(model: Path, max_length: int = 4096) -> list[str]:
-    return ["--model", "hf", "--model_args", f"pretrained={model},dtype=float32,max_length={max_length}"]
-
-
-def _samples(res: dict, task: str) -> list[dict]:
-    files = list(Path(res["_dir"]).glob(f"samples_{task}_2*.jsonl"))
-    assert len(files) == 1, files
-    return [json.loads(line) for line in files[0].open()]
-
-
 def test_plain_prompts_and_any_position_sweep(lm_eval_run, tiny_llama_dir, fixture_dir):
     meta = {
         "mdqa_mirror": str(fixture_dir),
@@ -47,7 +36,7 @@ def test_plain_prompts_and_any_position_sweep(lm_eval_run, tiny_llama_dir, fixtu
         [
             "--tasks",
             "mdqa20_pos2,mdqa_sweep",
-            *_hf_args(tiny_llama_dir),
+            *hf_args(tiny_llama_dir),
             "--metadata",
             json.dumps(meta),
             "--gen_kwargs",
@@ -63,14 +52,14 @@ def test_plain_prompts_and_any_position_sweep(lm_eval_run, tiny_llama_dir, fixtu
     assert res["n-samples"]["mdqa_sweep"]["effective"] == 6  # 2 questions x 3 positions
     assert "NON-OFFICIAL DATA: fixture" in sweep["alias"]
     assert res["configs"]["mdqa_sweep"]["metadata"]["needles_positions"] == [1, 3, 10]
-    for s in _samples(res, "mdqa20_pos2"):
+    for s in logged_samples(res["_dir"], "mdqa20_pos2"):
         prompt = s["arguments"]["gen_args_0"]["arg_0"]
         assert prompt == render_prompt(s["doc"])  # no chat template: the reference prompt itself
         assert prompt.endswith("\nAnswer:") and "<|im_start|>" not in prompt
         gold = s["doc"]["ctxs"][1]
         assert gold["isgold"] and f"\nDocument [2](Title: {gold['title']}) {gold['text']}\n" in prompt
         assert s["arguments"]["gen_args_0"]["arg_1"]["until"] == ["\n"]
-    rows = _samples(res, "mdqa_sweep")
+    rows = logged_samples(res["_dir"], "mdqa_sweep")
     assert [r["doc"]["gold_position"] for r in rows] == [1, 3, 10, 1, 3, 10]
     assert all(len(r["doc"]["ctxs"]) == 10 for r in rows)
 
@@ -85,7 +74,7 @@ def test_official_data_downloaded_end_to_end(lm_eval_run, tiny_llama_dir, shared
             [
                 "--tasks",
                 "mdqa_oracle,mdqa_closedbook",
-                *_hf_args(tiny_llama_dir),
+                *hf_args(tiny_llama_dir),
                 "--limit",
                 "2",
                 "--gen_kwargs",
@@ -107,28 +96,22 @@ def test_official_data_downloaded_end_to_end(lm_eval_run, tiny_llama_dir, shared
         }
         assert isinstance(res["results"][task]["best_subspan_em_stderr,none"], float)
     assert res["configs"]["mdqa_oracle"]["metadata"]["needles_data_origin"] == ["download"]
-    questions = [[s["doc"]["question"] for s in _samples(res, t)] for t in ("mdqa_oracle", "mdqa_closedbook")]
+    questions = [
+        [s["doc"]["question"] for s in logged_samples(res["_dir"], t)] for t in ("mdqa_oracle", "mdqa_closedbook")
+    ]
     assert questions[0] == questions[1]
-    assert all(s["arguments"]["gen_args_0"]["arg_0"].startswith("Question: ") for s in _samples(res, "mdqa_closedbook"))
+    assert all(
+        s["arguments"]["gen_args_0"]["arg_0"].startswith("Question: ")
+        for s in logged_samples(res["_dir"], "mdqa_closedbook")
+    )
 
 
 def test_length_guard_refuses_twenty_documents_in_a_small_context(tiny_llama_dir, fixture_dir, tmp_path):
     meta = {"mdqa_mirror": str(fixture_dir), "allow_unofficial_data": True}
-    cmd = [
-        sys.executable,
-        "-m",
-        "lm_eval",
-        "run",
-        "--tasks",
-        "mdqa20_pos1",
-        *_hf_args(tiny_llama_dir, 1024),
-        "--limit",
-        "1",
-        "--metadata",
-        json.dumps(meta),
-        "--output_path",
-        str(tmp_path),
-    ]
+    cmd = lm_eval_command(
+        *("--tasks", "mdqa20_pos1", *hf_args(tiny_llama_dir, 1024), "--limit", "1"),
+        *("--metadata", json.dumps(meta), "--output_path", str(tmp_path)),
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=600)
     assert proc.returncode != 0
     assert "prompts longer than the model's context" in proc.stderr and "task mdqa20_pos1" in proc.stderr

@@ -8,18 +8,10 @@ positions) is tests/kv_tasks/test_general_groups.py; every position is the same 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
+from lm_eval_cli import logged_samples
 
 from harness_ext.tasklib.mdqa import render_prompt
-
-
-def _samples(res: dict, task: str) -> list[dict]:
-    files = list(Path(res["_dir"]).glob(f"samples_{task}_2*.jsonl"))
-    assert len(files) == 1, files
-    return [json.loads(line) for line in files[0].open()]
 
 
 @pytest.mark.vllm
@@ -34,7 +26,7 @@ def test_mdqa20_on_vllm(smollm2_vllm_suite):
         assert isinstance(scores["best_subspan_em_stderr,none"], float), scores  # numeric, not "N/A"
         assert "NON-OFFICIAL DATA: fixture" in scores["alias"]  # the fixture is marked in the table...
         assert res["configs"][task]["metadata"]["needles_data_official"] is False  # ...and in the metadata
-        rows = _samples(res, task)
+        rows = logged_samples(res["_dir"], task)
         assert len(rows) == num_questions
         # paired design: the same questions, in the same order, in every task
         order = [r["doc"]["question"] for r in sorted(rows, key=lambda r: r["doc_id"])]

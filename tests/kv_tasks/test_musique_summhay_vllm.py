@@ -5,9 +5,9 @@ paired, per-length / per-placement / per-hop scores with numeric standard errors
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
+from lm_eval_cli import logged_samples
 
 from harness_ext.core.tokenizers import load_tokenizer
 from harness_ext.plugin.runner import vllm_model_args
@@ -16,11 +16,6 @@ from harness_ext.tasklib.qa_fixtures import write_musique_fixture, write_summhay
 from harness_ext.tasklib.token_budget import count_tokens
 
 LENGTH = 1024
-
-
-def _samples(res: dict, task: str) -> list[dict]:
-    (path,) = Path(res["_dir"]).glob(f"samples_{task}_2*.jsonl")
-    return [json.loads(line) for line in path.open()]
 
 
 @pytest.mark.heavy
@@ -51,7 +46,7 @@ def test_both_families_through_lm_eval_vllm(lm_eval_run, tiny_llama_dir, tmp_pat
         for place in ("early", "spread", "late"):
             assert isinstance(scores[f"{metric}_len{LENGTH}_place_{place},none"], float)
             assert isinstance(scores[f"{metric}_place_{place}_stderr,none"], float)  # numeric, not "N/A"
-        rows = _samples(res, task)
+        rows = logged_samples(res["_dir"], task)
         prompts = [r["arguments"]["gen_args_0"]["arg_0"] for r in rows]
         assert prompts == [r["doc"]["prompt"] for r in rows]  # no chat template: the task's prompt itself
         counts = count_tokens(tok, prompts)

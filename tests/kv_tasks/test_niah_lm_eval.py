@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
+
+from lm_eval_cli import hf_task_args, logged_samples
 
 from harness_ext.data.sources import RETRIEVAL_HEAD, RETRIEVAL_HEAD_NEEDLES
 from harness_ext.tasklib.niah import niah_dataset
@@ -21,22 +21,7 @@ def test_niah_group_via_cli(lm_eval_run, tiny_llama_dir, shared_data, tmp_path, 
         shutil.copyfile(src, mirror / rel)
     meta = {**SMALL, "niah_mirror": str(mirror)}
     monkeypatch.setenv("NEEDLES_CACHE_DIR", str(tmp_path / "cli-cache"))  # lm_eval inherits the environment
-    res = lm_eval_run(
-        [
-            "--tasks",
-            "niah",
-            "--model",
-            "hf",
-            "--model_args",
-            f"pretrained={tiny_llama_dir},dtype=float32,max_length=1024",
-            "--metadata",
-            json.dumps(meta),
-            "--gen_kwargs",
-            "max_gen_toks=8",
-            "--log_samples",
-        ],
-        "hf_niah",
-    )
+    res = lm_eval_run(hf_task_args("niah", tiny_llama_dir, meta), "hf_niah")
     scores = res["results"]["niah_single"]
     for metric in ("niah_success", "rouge1_recall"):
         for suffix in CELLS:
@@ -53,12 +38,7 @@ def test_niah_group_via_cli(lm_eval_run, tiny_llama_dir, shared_data, tmp_path, 
     assert info["needles_data_official"] is True and info["needles_niah_haystack"] == "text"
     assert info["needles_data_cache"].startswith(str(tmp_path / "cli-cache"))
 
-    samples = [
-        json.loads(line)
-        for f in os.listdir(res["_dir"])
-        if f.startswith("samples_niah_single_")
-        for line in open(os.path.join(res["_dir"], f))
-    ]
+    samples = logged_samples(res["_dir"], "niah_single")
     assert len(samples) == 4
     for s in samples:
         assert s["doc"]["n_tokens"] <= 300 and s["target"] == s["doc"]["real_needle"]

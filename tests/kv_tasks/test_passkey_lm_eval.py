@@ -3,10 +3,8 @@ length guard on its prompts."""
 
 from __future__ import annotations
 
-import json
-import os
-
 import pytest
+from lm_eval_cli import hf_task_args, logged_samples
 
 from harness_ext.cli import main
 from harness_ext.core.errors import NeedlesError
@@ -22,22 +20,7 @@ CELLS = ("", "_len256", "_depth0.00", "_depth1.00", "_len256_depth0.00", "_len25
 
 def test_passkey_via_cli(lm_eval_run, tiny_llama_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("NEEDLES_CACHE_DIR", str(tmp_path / "cli-cache"))  # lm_eval inherits the environment
-    res = lm_eval_run(
-        [
-            "--tasks",
-            "needles_passkey",
-            "--model",
-            "hf",
-            "--model_args",
-            f"pretrained={tiny_llama_dir},dtype=float32,max_length=1024",
-            "--metadata",
-            json.dumps(SMALL),
-            "--gen_kwargs",
-            "max_gen_toks=8",
-            "--log_samples",
-        ],
-        "hf_passkey",
-    )
+    res = lm_eval_run(hf_task_args("needles_passkey", tiny_llama_dir, SMALL), "hf_passkey")
     scores = res["results"]["needles_passkey"]
     for suffix in CELLS:
         assert 0.0 <= scores[f"passkey_acc{suffix},none"] <= 1.0
@@ -48,12 +31,7 @@ def test_passkey_via_cli(lm_eval_run, tiny_llama_dir, tmp_path, monkeypatch):
     expected = passkey_dataset("needles_passkey", {**SMALL, "pretrained": str(tiny_llama_dir)})
     assert info["needles_data_sha256"] == expected.needles_info["needles_data_sha256"]
 
-    samples = [
-        json.loads(line)
-        for f in os.listdir(res["_dir"])
-        if f.startswith("samples_needles_passkey_")
-        for line in open(os.path.join(res["_dir"], f))
-    ]
+    samples = logged_samples(res["_dir"], "needles_passkey")
     assert len(samples) == 4
     for s in samples:
         prompt = s["arguments"]["gen_args_0"]["arg_0"]

@@ -3,8 +3,7 @@ metric keys, per-length/per-position breakdowns with numeric stderr, the data SH
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+from lm_eval_cli import hf_task_args, logged_samples
 
 from harness_ext.data.sources import LOST_IN_THE_MIDDLE
 from harness_ext.tasklib.mdqa import ORACLE_FILE, render_prompt
@@ -17,22 +16,7 @@ SUFFIXES = ("", "_len700", "_pos1", "_pos2", "_len700_pos1", "_len700_pos2")
 def test_synth_mdqa_group_via_cli(lm_eval_run, tiny_llama_dir, shared_data, tmp_path, monkeypatch):
     meta = {**SMALL, "mdqa_mirror": str(shared_data / "lost-in-the-middle")}
     monkeypatch.setenv("NEEDLES_CACHE_DIR", str(tmp_path / "cli-cache"))  # lm_eval inherits the environment
-    res = lm_eval_run(
-        [
-            "--tasks",
-            "synth_mdqa",
-            "--model",
-            "hf",
-            "--model_args",
-            f"pretrained={tiny_llama_dir},dtype=float32,max_length=1024",
-            "--metadata",
-            json.dumps(meta),
-            "--gen_kwargs",
-            "max_gen_toks=4",
-            "--log_samples",
-        ],
-        "hf_synth_mdqa",
-    )
+    res = lm_eval_run(hf_task_args("synth_mdqa", tiny_llama_dir, meta, max_gen_toks=4), "hf_synth_mdqa")
     monkeypatch.setenv("NEEDLES_CACHE_DIR", str(tmp_path / "own-cache"))  # rebuilt here, not read back
     for cell in CELLS:
         task = f"synth_mdqa_{cell}"
@@ -50,8 +34,7 @@ def test_synth_mdqa_group_via_cli(lm_eval_run, tiny_llama_dir, shared_data, tmp_
         assert info["needles_data_official"] is True and info["needles_synth_cell"] == cell
         assert "NON-OFFICIAL" not in (res["configs"][task].get("task_alias") or "")
 
-        (samples_file,) = Path(res["_dir"]).glob(f"samples_{task}_2*.jsonl")
-        samples = [json.loads(line) for line in samples_file.open()]
+        samples = logged_samples(res["_dir"], task)
         assert [s["doc"]["doc_sha256"] for s in samples] == [r["doc_sha256"] for r in rows]
         for s in samples:
             prompt = s["arguments"]["gen_args_0"]["arg_0"]

@@ -1,4 +1,4 @@
-"""The plugin's RoPE guard (issue 35): an adapter that `needles finetune` trained with an extended RoPE is refused
+"""The plugin's RoPE guard: an adapter that `needles finetune` trained with an extended RoPE is refused
 when served without it (its run's manifest says which), and every fix shows ``hf_overrides`` in the form lm_eval
 0.4.13 reads: its own ``--model_args`` value after the comma-separated one. Config files only: no engine starts
 (the guard runs before the wrapped ``__init__``)."""
@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+from tiny_models import llama_config_only
 
 from harness_ext.core.errors import NeedlesError
 from harness_ext.plugin.rope_guard import patch_vllm_init, refuse_past_window, served_config
@@ -22,12 +23,7 @@ OVERRIDES = {"rope_parameters": ROPE, "max_position_embeddings": 2 * NATIVE}
 
 @pytest.fixture
 def model(tmp_path) -> Path:
-    out = tmp_path / "base"
-    out.mkdir()
-    conf = {"model_type": "llama", "max_position_embeddings": NATIVE, "rope_parameters": {"rope_theta": 10000.0,
-            "rope_type": "default"}}  # fmt: skip
-    (out / "config.json").write_text(json.dumps(conf))
-    return out
+    return llama_config_only(tmp_path / "base", NATIVE)
 
 
 @pytest.fixture

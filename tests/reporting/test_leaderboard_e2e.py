@@ -1,4 +1,4 @@
-"""Done-when of issue 6: two real `lm_eval --model vllm` runs (SmolLM2-135M-Instruct and a tiny random Llama with
+"""two real `lm_eval --model vllm` runs (SmolLM2-135M-Instruct and a tiny random Llama with
 the same tokenizer and chat template, so both see byte-identical prompts) on KV retrieval, MDQA and FLenQA; both
 exported to one leaderboard; HTML (checked in headless Chromium) and PNGs rendered; one run gated against the other.
 

@@ -2,10 +2,11 @@
 CLI, the real `lm_eval run` CLI (a subprocess) and its `local-chat-completions` class, against a loopback server
 speaking OpenAI's wire format (tests/openai_loopback.py: the one allowed mock, standing in for a paid API).
 
-The server answers a simple-KV question right when its prompt is under 384 tokens (SmolLM2's tokenizer, the one the
-scorecard sizes prompts with) and wrong otherwise, and never answers multi-key questions: the scorecard must read
-effective length 256 for simple KV and "<256" for multi-key from what the server said. NIAH, MDQA and FLenQA point at
-an empty mirror, so they are left out (as offline). No model, no vLLM.
+The server answers a simple-KV or passkey question right when its prompt is under 384 tokens (SmolLM2's tokenizer, the
+one the scorecard sizes prompts with) and wrong otherwise, and never answers multi-key questions: the scorecard must
+read effective length 256 for simple KV and passkey and "<256" for multi-key from what the server said. NIAH, MDQA and
+FLenQA point at an empty mirror, so they are left out (as offline); the loss family is not planned (chat completions
+return no prompt log-probabilities). No model, no vLLM.
 """
 
 from __future__ import annotations
@@ -28,9 +29,12 @@ class KVServer:
     """/v1/models and /v1/chat/completions of a server serving MODEL with ``window`` (vLLM's max_model_len)."""
 
     def __init__(self, tokenizer, window: int | None = 8192):
-        self.tokenizer, self.window, self.counts = tokenizer, window, []
+        self.tokenizer, self.window, self.counts, self.passkey_counts = tokenizer, window, [], []
 
     def answer(self, prompt: str, tokens: int) -> str:
+        passkey = re.search(r"The pass key is (\d+)\. Remember it\.", prompt)
+        if passkey is not None:  # the passkey family: right under RIGHT_BELOW tokens, as simple KV
+            return passkey.group(1) if tokens < RIGHT_BELOW else "00000"
         key = re.search(r"Report the value of key (\d+) and", prompt)
         if key is None:  # multi-key (a tuple key): no answer
             return "I cannot tell."
@@ -49,7 +53,7 @@ class KVServer:
             return error(404, f"The model `{request.get('model')}` does not exist.", "model_not_found", "model")
         prompt = request["messages"][-1]["content"]
         tokens = len(self.tokenizer.encode(prompt, add_special_tokens=False).ids)
-        self.counts.append(tokens)
+        (self.passkey_counts if "What is the pass key?" in prompt else self.counts).append(tokens)
         return 200, chat_completion(MODEL, self.answer(prompt, tokens), tokens, 20)
 
 
@@ -87,15 +91,18 @@ def test_scorecard_of_an_endpoint(endpoint, smollm2_dir, tmp_path, capsys):
         and f"config.json in the tokenizer folder {smollm2_dir}" in cap.err
     )
     assert f"endpoint {server.base_url} serves {MODEL} (max_model_len 8192)" in cap.err
-    assert "3/6 eval_niah: left out" in cap.err
+    assert "3/7 eval_niah: left out" in cap.err and "4/7 eval_passkey: lm_eval run" in cap.err
+    assert "long_ppl: not planned (a chat endpoint returns no prompt log-probabilities)" in cap.err
     # what the server received: the model list first, then one chat request per prompt, each with the key
     assert (server.requests[0].method, server.requests[0].path) == ("GET", "/v1/models")
     chats = [r for r in server.requests if r.path == "/v1/chat/completions"]
-    assert len(chats) == 8 and len(server.requests) == 9  # 2 tasks x 2 lengths x 2 depths, one sample each
+    # KV: 2 tasks x 2 lengths x 2 depths, passkey: 2 lengths x 2 depths, one sample each
+    assert len(chats) == 12 and len(server.requests) == 13 and len(state.passkey_counts) == 4
     assert all(r.headers.get("Authorization") == f"Bearer {KEY}" for r in server.requests)
     for r in chats:
         body = r.json()
-        assert body["model"] == MODEL and body["max_tokens"] == 64 and body["temperature"] == 0
+        passkey = "What is the pass key?" in body["messages"][-1]["content"]
+        assert body["model"] == MODEL and body["max_tokens"] == (16 if passkey else 64) and body["temperature"] == 0
         assert [m["role"] for m in body["messages"]] == ["user"]  # the server applies the chat template
     # prompts sized to the ladder with the given tokenizer (whole dictionaries up to the length): half just under 256
     # tokens, half just under 512, none above
@@ -110,6 +117,7 @@ def test_scorecard_of_an_endpoint(endpoint, smollm2_dir, tmp_path, capsys):
     assert card["window"] == 8192 and card["lengths"] == [256, 512]
     rules = {e["task"]: e["rules"][0] for e in card["effective_length"]}
     assert rules["kv_retrieval_simple"]["outcome"] == "256" and rules["kv_retrieval_multisubkey"]["outcome"] == "<256"
+    assert rules["needles_passkey"]["outcome"] == "256" and "long_ppl" not in {f["family"] for f in card["families"]}
     kv = next(f for f in card["families"] if f["family"] == "kv")
     assert "--model local-chat-completions" in kv["command"] and f"model={MODEL}" in kv["command"]
     assert "Scored through the OpenAI-compatible endpoint" in (out / "scorecard.html").read_text(encoding="utf-8")
@@ -117,7 +125,7 @@ def test_scorecard_of_an_endpoint(endpoint, smollm2_dir, tmp_path, capsys):
     # a rerun into the folder resumes: the server is checked again, no prompt is sent again
     asked = len(server.requests)
     assert main([*argv, "-o", str(out)]) == 0
-    assert "2/6 eval_kv: done before, skipped" in capsys.readouterr().err
+    assert "2/7 eval_kv: done before, skipped" in capsys.readouterr().err
     assert [r.path for r in server.requests[asked:]] == ["/v1/models"]
     # the key never reaches a file: commands, logs, lm-eval's results and samples, the page
     files = [p for p in out.rglob("*") if p.is_file()]

@@ -9,7 +9,9 @@ import pytest
 
 from harness_ext.cli import main
 from harness_ext.core.errors import NeedlesError
-from harness_ext.scorecard.plan import BUDGETS, ladder, make_plan
+from harness_ext.scorecard.plan import BUDGETS, format_cost, ladder, make_plan
+from harness_ext.scorecard.run import check_data, eval_argv
+from harness_ext.tasklib.long_ppl_text import BOOK_PART
 
 
 def _model(tmp_path, window: int = 4096, tokenizer_cap: int | None = None):
@@ -37,7 +39,7 @@ def test_ladder_reaches_the_served_window(tmp_path):
     flenqa = next(r for r in plan.runs if r.family == "flenqa")
     assert flenqa.metadata["flenqa_ctx_sizes"] == [250, 500, 1000] and flenqa.limit == 10
     full = make_plan("m", str(_model(tmp_path / "b", 16384)), "full")
-    assert [r.family for r in full.runs] == ["kv", "niah", "mdqa", "synth", "flenqa"]
+    assert [r.family for r in full.runs] == ["kv", "niah", "passkey", "mdqa", "synth", "flenqa", "long_ppl"]
     assert full.lengths[-1] == 16384 - 256 and set(BUDGETS) == {"tiny", "small", "default", "full"}
 
 
@@ -67,5 +69,68 @@ def test_dry_run_prints_the_cost_first_and_the_commands(tmp_path, capsys):
     cap = capsys.readouterr()
     assert "window 4096 tokens" in cap.err and "cost estimate" in cap.err and "~" in cap.err and " min" in cap.err
     commands = [line for line in cap.out.splitlines() if line.startswith("lm_eval run")]
-    assert len(commands) == 4 and all("--log_samples" in c and "max_model_len=4096" in c for c in commands)
+    assert len(commands) == 6 and all("--log_samples" in c and "max_model_len=4096" in c for c in commands)
+    assert [("--apply_chat_template" in c, "needles_long_ppl" in c) for c in commands].count((False, True)) == 1
+    assert sum("--apply_chat_template" in c for c in commands) == 5
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+def test_passkey_and_loss_families_on_the_ladder(tmp_path):
+    plan = make_plan("m", str(_model(tmp_path, 8192)), "default")
+    runs = {r.family: r for r in plan.runs}
+    # passkey: the scorecard's ladder (the reserve holds the chat template and its 16 generated tokens)
+    assert runs["passkey"].tasks == ["needles_passkey"] and runs["passkey"].metadata == {
+        "passkey_lengths": [256, 512, 1024, 2048, 4096, 7936],
+        "passkey_depths": [0.0, 1.0],
+        "passkey_num_samples": 1,
+    }
+    assert runs["passkey"].documents == 12 and runs["passkey"].prompt_tokens == 2 * (
+        256 + 512 + 1024 + 2048 + 4096 + 7936
+    )
+    # the loss: plain text, so the ladder goes up to the window less the 128-token continuation
+    ppl = runs["long_ppl"]
+    assert ppl.metadata == {"long_ppl_contexts": [256, 512, 1024, 2048, 4096, 8064], "long_ppl_continuation": 128,
+                            "long_ppl_num_docs": 4}  # fmt: skip
+    assert ppl.documents == 24 and ppl.prompt_tokens == 4 * (256 + 512 + 1024 + 2048 + 4096 + 8064 + 6 * 128)
+    out = tmp_path / "out"
+    argv = eval_argv(plan, ppl, out)
+    assert "--apply_chat_template" not in argv and argv[argv.index("--tasks") + 1] == "needles_long_ppl"
+    assert json.loads(argv[argv.index("--metadata") + 1]) == ppl.metadata and "max_model_len=8192" in " ".join(argv)
+    assert "--apply_chat_template" in eval_argv(plan, runs["passkey"], out)
+    cost = format_cost(plan)
+    assert "  passkey: needles_passkey: 12 prompts, ~31,744 prompt tokens" in cost
+    assert "  long_ppl: needles_long_ppl: 24 prompts, ~67,072 prompt tokens (log-likelihoods, no chat template)" in cost
+    # a long window: the loss stops where the held-out book still holds every document after its context
+    long = {r.family: r for r in make_plan("m", str(_model(tmp_path / "long", 131072)), "full").runs}
+    assert long["long_ppl"].metadata["long_ppl_contexts"] == [256, 512, 1024, 2048, 4096, 8192, 16384]
+    assert (
+        long["long_ppl"].metadata["long_ppl_num_docs"] == 16
+        and long["passkey"].metadata["passkey_lengths"][-1] == 130816
+    )
+    # fixed lengths (the tiny budget, --lengths): the same lengths for both, a handful of prompts
+    tiny = {r.family: r for r in make_plan("m", str(_model(tmp_path / "tiny", 8192)), "tiny").runs}
+    assert tiny["passkey"].metadata["passkey_lengths"] == [256, 512] and tiny["passkey"].documents == 4
+    assert tiny["long_ppl"].metadata["long_ppl_contexts"] == [256, 512] and tiny["long_ppl"].documents == 2
+    given = {
+        r.family: r for r in make_plan("m", str(_model(tmp_path / "given", 4096)), "small", lengths=[3840, 300]).runs
+    }
+    assert (
+        given["long_ppl"].metadata["long_ppl_contexts"] == [300, 3840] == given["passkey"].metadata["passkey_lengths"]
+    )
+
+
+def test_loss_family_is_left_out_without_the_book_like_niah(tmp_path, shared_data, monkeypatch):
+    plan = make_plan("m", str(_model(tmp_path, 4096)), "tiny")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for env in ("NEEDLES_NIAH_MIRROR", "NEEDLES_MDQA_MIRROR", "NEEDLES_FLENQA_MIRROR"):
+        monkeypatch.setenv(env, str(empty))
+    data = check_data(plan, lambda _: None)
+    assert data["kept"] == ["kv", "passkey"]  # synthetic: no download
+    skipped = {s["family"]: s for s in data["skipped"]}
+    assert BOOK_PART in skipped["long_ppl"]["reason"] and skipped["long_ppl"]["fix"]
+    book_only = tmp_path / "book"  # the held-out part alone: the loss runs, NIAH (needles, other parts) does not
+    (book_only / BOOK_PART).parent.mkdir(parents=True)
+    (book_only / BOOK_PART).write_bytes((shared_data / "retrieval-head" / BOOK_PART).read_bytes())
+    monkeypatch.setenv("NEEDLES_NIAH_MIRROR", str(book_only))
+    assert check_data(plan, lambda _: None)["kept"] == ["kv", "passkey", "long_ppl"]

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from study_configs import kv_study
 
 from harness_ext.cli.app import main
 from harness_ext.core.stats import spearman_rho
@@ -24,17 +25,7 @@ def test_the_papers_findings_are_quoted_verbatim_from_the_spec(papers_md):
 
 
 def _base(model: str = "smollm2") -> dict:
-    return {
-        "name": "s",
-        "model": model,
-        "reference_variant": "real",
-        "finetune": {"data": {"num_samples": 4, "num_dicts": 4, "lengths": None}, "max_steps": 1},
-        "variants": [{"name": "real"}, {"name": "synth", "finetune": {"data": {"seed": 1}}}],
-        "targets": [{"task": "kv_retrieval_simple", "metric": "value_acc"}],
-        "metadata": {"num_dicts": 4, "num_samples": 2, "lengths": None},
-        "backend": "hf",
-        "k": 1,
-    }
+    return kv_study(model)
 
 
 def _run(capsys, tmp_path: Path, config: object, *extra: str) -> tuple[int, str, str]:

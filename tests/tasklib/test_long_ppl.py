@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from other_process import dataset_in_another_process
 
 from harness_ext.core.errors import NeedlesError
 from harness_ext.core.tokenizers import load_tokenizer
@@ -99,17 +97,8 @@ def test_documents_share_their_continuation_and_read_the_held_out_part(rows, sha
 
 
 def test_rows_are_byte_identical_in_another_process(meta, rows, dataset, tmp_path):
-    code = (
-        "import json, sys\n"
-        "from harness_ext.tasklib.long_ppl import long_ppl_dataset\n"
-        "ds = long_ppl_dataset('needles_long_ppl', json.loads(sys.argv[1]))\n"
-        "print(json.dumps({'rows': ds['test'].to_list(), 'sha': ds.needles_info['needles_data_sha256']}))\n"
-    )
-    env = dict(os.environ, NEEDLES_CACHE_DIR=str(tmp_path / "other-cache"), PYTHONHASHSEED="11")
-    proc = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(meta)], capture_output=True, text=True, env=env, check=True
-    )
-    other = json.loads(proc.stdout.strip().splitlines()[-1])
+    builder = "harness_ext.tasklib.long_ppl:long_ppl_dataset"
+    other = dataset_in_another_process(builder, "needles_long_ppl", meta, tmp_path / "other-cache", "11")
     assert json.dumps(other["rows"], sort_keys=True) == json.dumps(rows, sort_keys=True)
     assert other["sha"] == dataset.needles_info["needles_data_sha256"]
     info = dataset.needles_info

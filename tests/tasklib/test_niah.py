@@ -7,15 +7,13 @@ mirror) with the real SmolLM2 tokenizer.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import pytest
+from other_process import dataset_in_another_process
 
 import harness_ext.tasklib.niah_generator
 from harness_ext.core.errors import NeedlesError
@@ -85,17 +83,8 @@ def _cells(rows):
 # ---------------------------------------------------------------------------------- rows
 def test_rows_are_byte_identical_in_another_process(meta, rows, tmp_path):
     assert len(rows) == 4 * len(LENGTHS) * len(DEPTHS)
-    code = (
-        "import json, sys\n"
-        "from harness_ext.tasklib.niah import niah_dataset\n"
-        "ds = niah_dataset('niah_single', json.loads(sys.argv[1]))\n"
-        "print(json.dumps({'rows': ds['test'].to_list(), 'sha': ds.needles_info['needles_data_sha256']}))\n"
-    )
-    env = dict(os.environ, NEEDLES_CACHE_DIR=str(tmp_path / "other-cache"), PYTHONHASHSEED="123")
-    proc = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(meta)], capture_output=True, text=True, env=env, check=True
-    )
-    other = json.loads(proc.stdout.strip().splitlines()[-1])
+    builder = "harness_ext.tasklib.niah:niah_dataset"
+    other = dataset_in_another_process(builder, "niah_single", meta, tmp_path / "other-cache", "123")
     assert json.dumps(other["rows"], sort_keys=True) == json.dumps(rows, sort_keys=True)
     again = niah_dataset("niah_single", meta)  # from the cache
     assert other["sha"] == again.needles_info["needles_data_sha256"]

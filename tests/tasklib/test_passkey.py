@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
+from other_process import dataset_in_another_process
 
 from harness_ext.core.errors import NeedlesError
 from harness_ext.core.tokenizers import load_tokenizer
@@ -111,17 +109,8 @@ def test_key_sits_at_the_requested_depth_and_depths_are_paired(rows):
 
 
 def test_rows_are_byte_identical_in_another_process(meta, rows, tmp_path):
-    code = (
-        "import json, sys\n"
-        "from harness_ext.tasklib.passkey import passkey_dataset\n"
-        "ds = passkey_dataset('needles_passkey', json.loads(sys.argv[1]))\n"
-        "print(json.dumps({'rows': ds['test'].to_list(), 'sha': ds.needles_info['needles_data_sha256']}))\n"
-    )
-    env = dict(os.environ, NEEDLES_CACHE_DIR=str(tmp_path / "other-cache"), PYTHONHASHSEED="7")
-    proc = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(meta)], capture_output=True, text=True, env=env, check=True
-    )
-    other = json.loads(proc.stdout.strip().splitlines()[-1])
+    builder = "harness_ext.tasklib.passkey:passkey_dataset"
+    other = dataset_in_another_process(builder, "needles_passkey", meta, tmp_path / "other-cache", "7")
     assert json.dumps(other["rows"], sort_keys=True) == json.dumps(rows, sort_keys=True)
     assert other["sha"] == passkey_dataset(TASK, meta).needles_info["needles_data_sha256"]
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 from planted import plant_run, values
+from study_configs import kv_study
 
 from harness_ext.cli import main
 from harness_ext.core.errors import NeedlesError
@@ -107,18 +108,8 @@ def test_experiment_stops_after_its_pilot_and_goes_on_with_the_flag(tmp_path, ti
 def test_study_stops_after_its_pilot(tmp_path, tiny_llama_dir, monkeypatch, capsys):
     calls: list = []
     monkeypatch.setattr(eval_step, "run_eval", _fake_eval(calls, [1.0] * 20))
-    cfg = {
-        "name": "s",
-        "model": str(tiny_llama_dir),
-        "reference_variant": "real",
-        "finetune": {"data": {"num_samples": 4, "num_dicts": 4, "lengths": None}, "max_steps": 1},
-        "variants": [{"name": "real"}, {"name": "synth", "finetune": {"data": {"seed": 1}}}],
-        "targets": [{"task": KV, "metric": "value_acc"}],
-        "metadata": {"num_dicts": 4, "num_samples": 30, "lengths": None},
-        "backend": "hf",
-        "k": 1,
-        "in_distribution": False,
-    }
+    metadata = {"num_dicts": 4, "num_samples": 30, "lengths": None}
+    cfg = kv_study(str(tiny_llama_dir), metadata=metadata, in_distribution=False)
     (tmp_path / "s.yaml").write_text(json.dumps(cfg))
     out = tmp_path / "out"
     assert main(["study", str(tmp_path / "s.yaml"), "-o", str(out), "--dry-run"]) == 0

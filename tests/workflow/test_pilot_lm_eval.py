@@ -6,25 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from study_configs import kv_study
 
 from harness_ext.cli import main
 
 
 @pytest.mark.heavy
 def test_a_random_model_at_floor_stops_the_study_before_training(tmp_path, tiny_llama_dir, capsys):
-    cfg = {
-        "name": "s",
-        "model": str(tiny_llama_dir),
-        "reference_variant": "real",
-        "finetune": {"data": {"num_samples": 4, "num_dicts": 4, "lengths": None}, "max_steps": 1},
-        "variants": [{"name": "real"}, {"name": "synth", "finetune": {"data": {"seed": 1}}}],
-        "targets": [{"task": "kv_retrieval_simple", "metric": "value_acc"}],
-        "metadata": {"num_dicts": 4, "num_samples": 8, "lengths": None, "depths": [0.5]},
-        "gen_kwargs": "max_gen_toks=8",
-        "backend": "hf",
-        "k": 1,
-        "in_distribution": False,
-    }
+    metadata = {"num_dicts": 4, "num_samples": 8, "lengths": None, "depths": [0.5]}
+    cfg = kv_study(str(tiny_llama_dir), metadata=metadata, gen_kwargs="max_gen_toks=8", in_distribution=False)
     (tmp_path / "s.yaml").write_text(json.dumps(cfg))
     out = tmp_path / "out"
     assert main(["study", str(tmp_path / "s.yaml"), "-o", str(out)]) == 2
