@@ -49,10 +49,12 @@ def eval_argv(
     lora_rank: int | None = None,
     hf_overrides: dict | None = None,
     system_prompt: str | None = None,
+    chat_template: bool = True,
 ) -> list[str]:
     """The lm_eval command that scores the suite (the same documents for the base and the finetuned model);
     ``hf_overrides``: the RoPE of a context extension, for an adapter served on the base model; ``system_prompt``:
-    the finetune's, rendered for both models so their prompts are the ones it trained on. Prefixed with
+    the finetune's, rendered for both models so their prompts are the ones it trained on (``chat_template`` False:
+    neither the chat template nor a system prompt, for tasks scored on plain text). Prefixed with
     ``env VAR=value`` where the served model needs the environment ``needles finetune`` prints (eval_env)."""
     from harness_ext.plugin.runner import eval_env, vllm_eval_command
     from harness_ext.workflow.eval_step import with_env
@@ -68,6 +70,7 @@ def eval_argv(
         on_gpu=cfg.on_gpu,
         lora_rank=lora_rank,
         hf_overrides=hf_overrides,
+        chat_template=chat_template,
     )
     if cfg.gen_kwargs:
         argv += ["--gen_kwargs", cfg.gen_kwargs]

@@ -24,7 +24,11 @@ DEFAULT_LR = {"lora": 2e-4, "full": 5e-6}  # full: the paper's Mistral recipe (2
 BATCHING_MODES = ("grouped", "padded", "packed")
 LR_SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # shipped in the wheel with the package
-DATA_FAMILIES = ("kv", "synth_mdqa", "musique", "summhay")  # training-data generators (harness_ext.finetune.families)
+# training-data generators (harness_ext.finetune.families)
+DATA_FAMILIES = ("kv", "synth_mdqa", "musique", "summhay", "passkey")
+# answer: the assistant turn only (learn the task); all: every token of prompt and answer, a language-modelling
+# loss over the whole long document, as Position Interpolation, YaRN and LongLoRA train an extended window
+LOSS_ON = ("answer", "all")
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio")  # accelerate's trackers (harness_ext.finetune.tracking)
 
 GROUP_DATA = "training data (same generator as the kv_retrieval or synth_mdqa tasks)"
@@ -67,7 +71,7 @@ class DataOptions:
     depths: list[float] | None = option(help="gold depths in [0,1] (default: uniform)")
     # the synth_mdqa family (num_samples, seed and lengths above apply to it too)
     family: str | None = option(
-        flag="--data-family", choices=DATA_FAMILIES, help="kv (default), synth_mdqa, musique or summhay"
+        flag="--data-family", choices=DATA_FAMILIES, help="kv (default), synth_mdqa, musique, summhay or passkey"
     )
     cell: str | None = option(flag="--data-cell", help="the family's cell (see `needles data list families`)")
     num_documents: int | None = option(
@@ -192,6 +196,13 @@ class FinetuneConfig:
     pack_tokens: int | None = option(None, group=GROUP_OPTIM, ge=1)
     max_length: int | None = option(None, "refuse data longer than this (never truncates)", group=GROUP_OPTIM, ge=1)
     seed: int = option(0, "LoRA init, dropout and batch order (default 0)", group=GROUP_OPTIM, ge=0)
+    loss_on: str = option(
+        "answer",
+        "answer (default): the loss on the assistant answer only; all: on every token of the prompt and the answer, "
+        "a language-modelling loss over the whole long document (how PI, YaRN and LongLoRA train a longer window)",
+        group=GROUP_OPTIM,
+        choices=LOSS_ON,
+    )
     attn_implementation: str = option("sdpa", "sdpa (default), eager, flash_attention_2", group=GROUP_OPTIM)
     trust_remote_code: bool = option(False, group=GROUP_OPTIM)
     save_every: int = option(0, "checkpoint every N steps", group=GROUP_OUTPUTS, ge=0)
@@ -320,6 +331,8 @@ def validate_hparams(cfg: FinetuneConfig) -> None:
     if cfg.method == "lora" and not cfg.target_modules:
         raise NeedlesError("no LoRA target modules", fix="use e.g. --target-modules q_proj k_proj v_proj o_proj")
     check_bounds(cfg, skip_groups=() if cfg.method == "lora" else (GROUP_LORA,))  # LoRA options matter only for LoRA
+    if cfg.loss_on not in LOSS_ON:
+        raise NeedlesError(f"unknown loss_on {cfg.loss_on!r}", fix=f"use one of {list(LOSS_ON)}")
     if cfg.batching not in BATCHING_MODES:
         raise NeedlesError(f"unknown batching {cfg.batching!r}", fix=f"use one of {list(BATCHING_MODES)}")
     if isinstance(cfg.report_to, str) or not isinstance(cfg.report_to, (list, tuple)):

@@ -3,11 +3,12 @@
 The documents come from the same :class:`~harness_ext.tasklib.kv_generator.KVGenerator` as the
 ``kv_retrieval`` tasks, from a seed the evaluation does not use (``data: {family: kv}``, the default),
 or from the train split of a synthetic MDQA cell (``data: {family: synth_mdqa, cell: ...}``,
-:mod:`harness_ext.finetune.families`); :mod:`harness_ext.finetune.leakage` checks them against the
+:mod:`harness_ext.finetune.families`) or passkey documents (``data: {family: passkey}``,
+:mod:`harness_ext.finetune.passkey_family`); :mod:`harness_ext.finetune.leakage` checks them against the
 evaluation set. Each document becomes one chat
 turn pair (user = prompt, assistant = target) rendered with the model's chat template exactly
-the way lm-eval renders it at evaluation time (``--apply_chat_template``), and only the
-assistant turn is trained on.
+the way lm-eval renders it at evaluation time (``--apply_chat_template``); the assistant turn is
+trained on (``loss_on: answer``, the default), or every token (``loss_on: all``).
 
 Batching never truncates and never lets packed samples attend to each other:
 
@@ -41,6 +42,12 @@ from harness_ext.finetune.leakage import (  # noqa: F401 - eval_docs, docs_sha25
     expand_eval_tasks,
     expand_family_tasks,
 )
+from harness_ext.finetune.passkey_family import (
+    PASSKEY_FAMILY,
+    PasskeyTrainSpec,
+    passkey_train_docs,
+    passkey_train_spec,
+)
 
 EVAL_SEED_DEFAULT = 1000  # kv_retrieval YAML metadata
 IGNORE_INDEX = -100
@@ -54,6 +61,8 @@ def train_spec(data: dict) -> Any:
     from harness_ext.tasklib.kv_generator import KVSpec
 
     family = data_family(data)
+    if family == PASSKEY_FAMILY:
+        return passkey_train_spec(data)
     if family != "kv":
         return synth_train_spec(data)
     known = {f.name for f in fields(KVSpec)}
@@ -75,6 +84,10 @@ def prepare_docs(cfg: Any, tokenizer: Any, base: str) -> tuple[Any, list[str], l
     """(spec, eval tasks, training documents, leakage report): documents of the data family of ``cfg``
     (a FinetuneConfig), checked against its evaluation set."""
     spec = train_spec(cfg.data)
+    if isinstance(spec, PasskeyTrainSpec):
+        tasks = expand_family_tasks(cfg.eval_tasks)
+        docs = passkey_train_docs(spec, tokenizer)
+        return spec, tasks, docs, check_family_leakage(docs, spec.family, tasks, cfg.eval_metadata, base, tokenizer)
     if isinstance(spec, SynthTrainSpec):
         tasks = expand_family_tasks(cfg.eval_tasks)
         docs = synth_train_docs(spec, cfg.eval_metadata, base)
@@ -95,14 +108,21 @@ def generate_docs(spec: Any, tokenizer: Any) -> list[dict]:
 # --------------------------------------------------------------------------- chat formatting
 @dataclass
 class Example:
-    """One tokenized training sample: the chat prompt, then the trained assistant turn."""
+    """One tokenized training sample: the chat prompt, then the assistant turn; ``loss_on`` says which tokens are
+    trained on (``answer``: the assistant turn; ``all``: every token but the first, which nothing predicts)."""
 
     input_ids: list[int]
-    n_prompt: int  # tokens before the assistant answer: never trained on
+    n_prompt: int  # tokens before the assistant answer
+    loss_on: str = "answer"
+
+    @property
+    def n_unlabelled(self) -> int:
+        """Leading tokens without a label: the prompt (``answer``), or only the first token (``all``)."""
+        return self.n_prompt if self.loss_on == "answer" else 1
 
     @property
     def labels(self) -> list[int]:
-        return [IGNORE_INDEX] * self.n_prompt + self.input_ids[self.n_prompt :]
+        return [IGNORE_INDEX] * self.n_unlabelled + self.input_ids[self.n_unlabelled :]
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -124,7 +144,9 @@ def chat_messages(prompt: str, target: str | None = None, system: str | None = N
     return msgs
 
 
-def format_example(tokenizer: Any, prompt: str, target: str, system: str | None = None) -> Example:
+def format_example(
+    tokenizer: Any, prompt: str, target: str, system: str | None = None, loss_on: str = "answer"
+) -> Example:
     """Tokens exactly as lm-eval's vLLM backend sees the prompt, plus the assistant turn.
 
     The prompt is rendered with ``add_generation_prompt=True`` and encoded on its own (as lm-eval
@@ -147,11 +169,11 @@ def format_example(tokenizer: Any, prompt: str, target: str, system: str | None 
     answer_ids = tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"]
     if not answer_ids:
         raise NeedlesError("an assistant answer encodes to 0 tokens", fix="check the data's target field")
-    return Example(list(prompt_ids) + list(answer_ids), len(prompt_ids))
+    return Example(list(prompt_ids) + list(answer_ids), len(prompt_ids), loss_on)
 
 
-def format_docs(tokenizer: Any, docs: list[dict], system: str | None = None) -> list[Example]:
-    return [format_example(tokenizer, d["prompt"], d["target"], system) for d in docs]
+def format_docs(tokenizer: Any, docs: list[dict], system: str | None = None, loss_on: str = "answer") -> list[Example]:
+    return [format_example(tokenizer, d["prompt"], d["target"], system, loss_on) for d in docs]
 
 
 def check_lengths(examples: list[Example], model_max: int | None, max_length: int | None) -> int:
@@ -219,11 +241,13 @@ def _pack(order: np.ndarray, lens: np.ndarray, capacity: int) -> list[list[int]]
 
 
 def collate(examples: list[Example], mode: str, pad_id: int) -> dict:
-    """Tensors for one micro-batch plus ``logits_to_keep`` (only answer positions need logits).
+    """Tensors for one micro-batch plus ``logits_to_keep`` (only labelled positions need logits).
 
-    grouped/padded: left padding, so every answer ends at the last position and the last
-    ``A + 1`` positions hold all logits the loss needs (A = longest answer); position_ids count
-    real tokens only. packed: one row, position_ids restart per sample, no attention mask.
+    grouped/padded: left padding, so every labelled span ends at the last position and the last
+    ``A + 1`` positions hold all logits the loss needs (A = longest labelled span: the answer, or the
+    whole sample but its first token with ``loss_on: all``); position_ids count real tokens only.
+    packed: one row, position_ids restart per sample, no attention mask; a sample's first token is
+    never a label, so no sample is trained to follow the one packed before it.
     """
     import torch
 
@@ -241,15 +265,15 @@ def collate(examples: list[Example], mode: str, pad_id: int) -> dict:
             "labels": torch.tensor([[labels[t + 1] for t in keep]]),
         }
     width = max(len(e) for e in examples)
-    answer = max(len(e) - e.n_prompt for e in examples)
+    answer = max(len(e) - e.n_unlabelled for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     labels = torch.full((len(examples), answer), IGNORE_INDEX, dtype=torch.long)
     for r, e in enumerate(examples):
         ids[r, width - len(e) :] = torch.tensor(e.input_ids)
         mask[r, width - len(e) :] = 1
-        n_answer = len(e) - e.n_prompt
-        labels[r, answer - n_answer :] = torch.tensor(e.input_ids[e.n_prompt :])
+        n_answer = len(e) - e.n_unlabelled
+        labels[r, answer - n_answer :] = torch.tensor(e.input_ids[e.n_unlabelled :])
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     # logits at positions width-answer-1 .. width-2 predict the label tokens at width-answer .. width-1
     return {
@@ -266,7 +290,7 @@ def label_tokens(batch: dict) -> int:
 
 
 def loss_sum(logits: Any, batch: dict) -> Any:
-    """Summed token cross-entropy over the answer tokens of a collated batch (fp32)."""
+    """Summed token cross-entropy over the labelled tokens of a collated batch (fp32)."""
     import torch.nn.functional as F
 
     labels = batch["labels"]
@@ -287,6 +311,7 @@ def data_summary(examples: list[Example]) -> dict:
         "examples": len(examples),
         "tokens": int(lens.sum()),
         "answer_tokens": int(answers.sum()),
+        "trained_tokens": int(sum(len(e) - e.n_unlabelled for e in examples)),
         "min_len": int(lens.min()),
         "max_len": int(lens.max()),
         "mean_len": round(float(lens.mean()), 1),

@@ -85,7 +85,7 @@ class SynthTrainSpec:
 
 def manifest_fields(spec: Any) -> dict:
     """The family facts of a training spec for the manifest's ``data`` (a KVSpec: just ``family: kv``)."""
-    return spec.manifest_fields() if isinstance(spec, SynthTrainSpec) else {"family": "kv"}
+    return spec.manifest_fields() if hasattr(spec, "manifest_fields") else {"family": "kv"}
 
 
 def _int(key: str, value: Any) -> int:

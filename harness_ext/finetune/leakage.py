@@ -23,7 +23,7 @@ from harness_ext.data.dataset_cache import dataset_sha256
 # custom_dataset function -> (variant, answer_template), as in kv_tasks/kv_retrieval/utils.py
 _DATASET_FNS = {"simple": ("simple", False), "simple_template": ("simple", True), "multisubkey": ("multisubkey", True)}
 # task folders whose evaluation items the other families are checked against
-FAMILY_TASK_FOLDERS = ("kv_retrieval", "synth_mdqa", "mdqa", "niah", "musique", "summhay")
+FAMILY_TASK_FOLDERS = ("kv_retrieval", "synth_mdqa", "mdqa", "niah", "musique", "summhay", "passkey")
 
 
 def docs_sha256(docs: list[dict]) -> str:
@@ -197,6 +197,10 @@ def task_docs(task: str, eval_metadata: dict, pretrained: str) -> list[dict]:
         from harness_ext.tasklib.summhay import summhay_dataset
 
         dataset = (musique_dataset if folder == "musique" else summhay_dataset)(**metadata)
+    elif folder == "passkey":
+        from harness_ext.tasklib.passkey import passkey_dataset
+
+        dataset = passkey_dataset(task, metadata)
     else:
         from harness_ext.tasklib.niah import niah_dataset
 

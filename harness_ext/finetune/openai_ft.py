@@ -160,6 +160,11 @@ def build_rows(cfg: Any, system: str | None = SYSTEM_MESSAGE) -> tuple[list[dict
     from harness_ext.finetune.modeling import load_base
 
     validate_data(cfg.data)  # the data options, before the tokenizer is loaded
+    if getattr(cfg, "loss_on", "answer") != "answer":  # the API trains on assistant turns only
+        raise NeedlesError(
+            f"loss_on={cfg.loss_on} is a loss of the local recipe: OpenAI finetuning trains on assistant turns only",
+            fix="drop loss_on (or use loss_on: answer) with --backend openai, or train locally",
+        )
     train_spec(cfg.data)
     base, _config, tokenizer = load_base(cfg)
     spec, tasks, docs, leak = prepare_docs(cfg, tokenizer, base)

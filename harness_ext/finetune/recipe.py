@@ -13,10 +13,11 @@ Distribution, mixed precision, gradient accumulation and checkpoint state are ac
 (no home-made distribution code): ``accelerate launch --config_file examples/accelerate/fsdp.yaml
 -m harness_ext.finetune --config run.yaml`` runs the same code on many GPUs.
 
-Loss: token-level cross-entropy on the assistant answer only. Logits are computed only where
-the loss needs them (``logits_to_keep``): with left padding every answer ends at the last
-position, so a 256-token prompt with a 25-token answer projects 26 positions onto the
-vocabulary instead of 281.
+Loss: token-level cross-entropy on the assistant answer only (``loss_on: answer``, the default), or on
+every token of prompt and answer (``loss_on: all``: language modelling over the whole long document, the
+loss context-extension methods train with). Logits are computed only where the loss needs them
+(``logits_to_keep``): with left padding every answer ends at the last position, so a 256-token prompt
+with a 25-token answer projects 26 positions onto the vocabulary instead of 281.
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ class FinetuneRecipe:
         self.base, self.model_config, self.tokenizer = load_base(cfg)
         t0 = time.perf_counter()
         self.spec, self.tasks, self.docs, self.leak = prepare_docs(cfg, self.tokenizer, self.base)
-        self.examples = format_docs(self.tokenizer, self.docs, cfg.system_prompt)
+        self.examples = format_docs(self.tokenizer, self.docs, cfg.system_prompt, cfg.loss_on)
         self.window = self.context.window if self.context else model_max_length(self.model_config)
         self.seq_len = check_lengths(self.examples, self.window, cfg.max_length)
         self.checkpointing = use_gradient_checkpointing(cfg, self.seq_len)

@@ -174,6 +174,7 @@ def vllm_eval_command(
     on_gpu: bool = False,
     lora_rank: int | None = None,
     hf_overrides: dict | None = None,
+    chat_template: bool = True,
 ) -> list[str]:
     """The lm_eval argv that scores a model with vLLM: ``base``, a peft adapter on it (lora_local_path,
     max_lora_rank read from the adapter, or from ``lora_rank`` for an adapter still to be trained), or a
@@ -181,7 +182,8 @@ def vllm_eval_command(
     ``harness_ext.core.rope.vllm_overrides``) changes the served config. It travels as a second ``--model_args``
     value, ``hf_overrides={...}``: lm_eval 0.4.13 reads a first value holding ``{`` as a whole JSON object and
     refuses anything else, while later values are ``key=value`` pairs whose value it reads as a Python literal
-    (a JSON object of strings and numbers is one); vLLM applies the dict to the model's config."""
+    (a JSON object of strings and numbers is one); vLLM applies the dict to the model's config. ``chat_template``
+    False leaves out ``--apply_chat_template`` (tasks scored on plain text, such as needles_long_ppl)."""
     pretrained = str(merged) if merged else base
     extra = ""
     if adapter is not None and merged is None:
@@ -201,7 +203,8 @@ def vllm_eval_command(
     cmd = ["lm_eval", "run", "--tasks", ",".join(eval_tasks), "--model", "vllm", "--model_args", args]
     if hf_overrides:
         cmd.append("hf_overrides=" + json.dumps(hf_overrides, separators=(",", ":"), sort_keys=True))
-    cmd.append("--apply_chat_template")
+    if chat_template:
+        cmd.append("--apply_chat_template")
     if eval_metadata:
         cmd += ["--metadata", json.dumps(eval_metadata, separators=(",", ":"))]
     if output_path is not None:

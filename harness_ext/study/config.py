@@ -16,6 +16,7 @@ YAML::
     metadata: {mdqa_num_documents: 10}                                    # lm_eval --metadata
     backend: vllm                                                         # or hf (transformers, no vLLM)
     heads: {probes: [niah, kv], lengths: [512]}                           # `needles heads` options
+                                                  # heads: false: no head steps (finetune, eval, report only)
     knockout: {eval_lengths: [512]}                                       # `needles heads --knockout` options
     patching: {sets: [intersection, complement, random], site: result}    # `needles heads patch` options
     k: 10                                                                 # K of top-K / random-K
@@ -105,7 +106,7 @@ class StudyConfig:
     gen_kwargs: str | None = None  # lm_eval --gen_kwargs
     batch_size: int = 1  # lm_eval --batch_size of the hf backend (vLLM takes every request at once)
     on_gpu: bool = False  # vLLM's GPU defaults, and a GPU request for every model step under Ray
-    heads: dict = field(default_factory=dict)
+    heads: dict | bool = field(default_factory=dict)  # False: no detection, recall, knockout, patching, correlation
     knockout: dict = field(default_factory=dict)
     patching: dict = field(default_factory=dict)
     k: int = 10
@@ -116,6 +117,12 @@ class StudyConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def head_steps(self) -> bool:
+        """Whether the study detects, compares, knocks out and patches retrieval heads (``heads: false``: it
+        finetunes, scores and reports only, e.g. a diagnosis of the finetunes themselves)."""
+        return self.heads is not False
 
     @property
     def reference(self) -> Variant:
@@ -236,6 +243,17 @@ def study_from_dict(values: object, path: str = "<dict>") -> StudyConfig:
         raise _fail(path, "on_gpu is not true or false", "write on_gpu: true")
     for key in ("finetune", "metadata"):
         _mapping(path, key, values.get(key), f"write `{key}: {{...}}`")
+    heads = values.get("heads")
+    if heads is False:
+        given = [key for key in ("knockout", "patching") if values.get(key)]
+        if given:  # they act on detected heads: with none detected they would be silently ignored
+            raise _fail(
+                path,
+                f"heads: false runs no head steps, but {' and '.join(given)} options are given",
+                f"drop {', '.join(f'`{g}:`' for g in given)}, or give `heads:` its detection options",
+            )
+    else:
+        heads = _options(path, "heads", heads, HEADS_OPTIONS)
     patching = _options(path, "patching", values.get("patching"), PATCHING_OPTIONS)
     sets = patching.get("sets", list(DEFAULT_SETS))
     if not isinstance(sets, list) or not sets or not all(isinstance(s, str) and s for s in sets):
@@ -252,7 +270,7 @@ def study_from_dict(values: object, path: str = "<dict>") -> StudyConfig:
             "seeds": list(seeds),
             "finetune": dict(values.get("finetune") or {}),
             "metadata": dict(values.get("metadata") or {}),
-            "heads": _options(path, "heads", values.get("heads"), HEADS_OPTIONS),
+            "heads": heads,
             "knockout": _options(path, "knockout", values.get("knockout"), KNOCKOUT_OPTIONS),
             "patching": patching,
         }

@@ -81,6 +81,10 @@ def estimate(study: Study, niah_needles: int | None = None) -> dict:
         training[name] = {"tokens": est["training_tokens"], "epochs": est["epochs"]}
     per_eval = experiment_estimate(exp, study.finetune[name])  # the targets are the same for every run
     runs = len(study.runs)
+    head = {"runs": runs, "training": training, "evaluations": runs + 1, "eval": per_eval["eval"]}
+    head["eval_not_estimated"] = per_eval["not_estimated"]
+    if not cfg.head_steps:
+        return {**head, "heads": None, "knockout": None, "patching": None}
     probes, probe_tokens = _probes(cfg.heads, niah_needles)
     ko = {**_KNOCKOUT_DEFAULTS, **cfg.knockout}
     ko_items, ko_tokens = _items(ko["task"], ko, niah_needles)
@@ -90,11 +94,7 @@ def estimate(study: Study, niah_needles: int | None = None) -> dict:
     sets = cfg.patching.get("sets", ["intersection", "complement", "random"])
     p_passes = _PATCH_PASSES + sum(cfg.patching.get("draws", cfg.draws) if s.startswith("random") else 1 for s in sets)
     return {
-        "runs": runs,
-        "training": training,
-        "evaluations": runs + 1,
-        "eval": per_eval["eval"],
-        "eval_not_estimated": per_eval["not_estimated"],
+        **head,
         "heads": {"steps": runs, "probes": probes, "prompt_tokens": probe_tokens},
         "knockout": {"steps": runs, "items": ko_items, "prompt_tokens": ko_tokens, "passes": 2 + draws},
         "patching": {"steps": runs - len(cfg.seeds), "items": p_items, "prompt_tokens": p_tokens, "passes": p_passes},
@@ -116,6 +116,8 @@ def format_study_cost(est: dict) -> str:
     if est["eval_not_estimated"]:
         lines.append(f"  eval: not estimated (data read at run time): {', '.join(est['eval_not_estimated'])}")
     h = est["heads"]
+    if h is None:
+        return "\n".join([*lines, "  heads, knockout, patching: none (heads: false)"])
     lines.append(f"  heads x{h['steps']}: {_n(h['probes'])} probes, ~{_n(h['prompt_tokens'])} prompt tokens each step")
     for kind in ("knockout", "patching"):
         k = est[kind]

@@ -54,8 +54,11 @@ def plan_steps(study: st.Study) -> list[PlannedStep]:
         steps += [
             PlannedStep(f"finetune:{r.name}", [], f(r.name, "finetune"), keep_partial=True),
             PlannedStep(f"eval:{r.name}", [f"finetune:{r.name}"], f(r.name, "eval")),
-            PlannedStep(f"heads:{r.name}", [f"finetune:{r.name}"], f(r.name, "heads")),
         ]
+        if study.cfg.head_steps:
+            steps.append(PlannedStep(f"heads:{r.name}", [f"finetune:{r.name}"], f(r.name, "heads")))
+    if not study.cfg.head_steps:  # `heads: false`: the finetunes scored against base and the reference only
+        return [*steps, PlannedStep("report", [s.name for s in steps])]
     for r in runs:
         steps.append(PlannedStep(f"knockout:{r.name}", [f"heads:{r.name}"], study.folder(r.name, "knockout")))
         if not r.is_reference:
@@ -162,7 +165,7 @@ def _check_k(cfg: StudyConfig, base: str) -> None:
     import json
 
     config = Path(base) / "config.json"
-    if not config.is_file():
+    if not cfg.head_steps or not config.is_file():
         return
     c = json.loads(config.read_text(encoding="utf-8"))
     total = int(c.get("num_hidden_layers", 0)) * int(c.get("num_attention_heads", 0))
@@ -286,6 +289,8 @@ def qa_needs(cfg: StudyConfig) -> list[tuple[str, str, dict]]:
     from harness_ext.heads.probes_qa import PROBE_DEFAULTS, QA_PROBES
 
     tasks = {"musique": "musique", "summhay": "summhay_citation"}
+    if not cfg.head_steps:
+        return []
     out = [
         (f"heads probes {p}", tasks[p], {**PROBE_DEFAULTS[p], **cfg.heads.get("qa_metadata", {})})
         for p in QA_PROBES
@@ -310,6 +315,8 @@ def check_data(cfg: StudyConfig) -> None:
     for t in cfg.targets:
         if (problem := unavailable(t.task, cfg.metadata, {})) is not None:
             fail(f"target {t.task}", problem)
+    if not cfg.head_steps:
+        return
     probes = cfg.heads.get("probes", ["niah", "kv"])
     needs = [("heads probes mdqa", "mdqa_sweep", {**DEFAULT_MDQA, **cfg.heads.get("mdqa_metadata", {})})]
     needs = [n for n in needs if "mdqa" in probes]

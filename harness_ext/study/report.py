@@ -1,6 +1,8 @@
 """The report of ``needles study``: ``report.json`` (schema ``needles.study/1``), ``report.md`` and two plots
 (recall vs score, head-overlap heatmap), written atomically from the finished steps' markers, with the base
-model's scores and every run's paired test against them (``study_vs_base``).
+model's scores and every run's paired test against them (``study_vs_base``), each non-reference run's paired test
+against its reference run, and the form of every eval's replies (``harness_ext.reporting.reply_form``). With
+``heads: false`` the report has no head, knockout, patching, correlation or paper sections and no plots.
 
 The JSON holds numbers, run names and paths relative to the study folder only, no timings and no absolute
 paths, so two executors (or two machines) that computed the same numbers write the same bytes. The published
@@ -15,11 +17,12 @@ import json
 import sys
 from pathlib import Path
 
+from harness_ext.reporting.reply_form import markdown as reply_form_markdown
 from harness_ext.study.config import BASE
 from harness_ext.study.in_distribution import markdown as in_distribution_markdown
 from harness_ext.study.in_distribution import report_section as in_distribution_section
 from harness_ext.study.steps import Study
-from harness_ext.study.vs_base import cell, vs_base
+from harness_ext.study.vs_base import cell, relative, vs_base, vs_reference
 
 SCHEMA = "needles.study/1"
 VS_BASE = (
@@ -44,18 +47,25 @@ PAPER_FINDINGS = [  # verbatim from PAPERS.md section 4.1 (a test checks)
 def build_report(study: Study, done: dict[str, dict]) -> dict:
     cfg = study.cfg
     rows = []
-    tests = vs_base(study, done)
+    tests, against_reference = vs_base(study, done), vs_reference(study, done)
     for r in study.runs.values():
+        row = {
+            "run": r.name,
+            "variant": r.variant.name,
+            "seed": r.seed,
+            "reference": r.is_reference,
+            "finetune": r.variant.finetune,
+            "scores": done[f"eval:{r.name}"]["scores"],
+            "vs_base": tests[r.name],
+            "vs_reference": against_reference.get(r.name),
+        }
+        if not cfg.head_steps:
+            rows.append(row)
+            continue
         heads = done[f"heads:{r.name}"]
         rows.append(
             {
-                "run": r.name,
-                "variant": r.variant.name,
-                "seed": r.seed,
-                "reference": r.is_reference,
-                "finetune": r.variant.finetune,
-                "scores": done[f"eval:{r.name}"]["scores"],
-                "vs_base": tests[r.name],
+                **row,
                 "num_heads": heads["num_heads"],
                 "heads": heads["heads"],
                 "probes_retrieved": heads["probes_retrieved"],
@@ -64,8 +74,7 @@ def build_report(study: Study, done: dict[str, dict]) -> dict:
                 "patching": None if r.is_reference else _strip(done[f"patch:{r.name}"], "patch"),
             }
         )
-    correlation = {k: v for k, v in done["correlation"].items() if k != "file"}
-    return {
+    common = {
         "schema": SCHEMA,
         "name": cfg.name,
         "model": Path(study.base).name,
@@ -79,6 +88,13 @@ def build_report(study: Study, done: dict[str, dict]) -> dict:
         "base": {"scores": done[f"eval:{BASE}"]["scores"]},  # no results path: lm_eval's file name is a timestamp
         "vs_base_method": VS_BASE,
         "runs": rows,
+        "reply_form": reply_forms(study, done),
+    }
+    if not cfg.head_steps:
+        return common
+    correlation = {k: v for k, v in done["correlation"].items() if k != "file"}
+    return {
+        **common,
         "head_overlap": _overlap(rows),
         "correlation": correlation,
         "paper": [
@@ -86,6 +102,30 @@ def build_report(study: Study, done: dict[str, dict]) -> dict:
             for key, text, src in PAPER_FINDINGS
         ],  # fmt: skip
     }
+
+
+def reply_forms(study: Study, done: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """{run: {target: reply form}} of every eval (base first) whose sample log of a ``best_subspan_em`` target is
+    there (harness_ext.reporting.reply_form); a log that cannot be read is recorded with the reason."""
+    from harness_ext.core.errors import NeedlesError
+    from harness_ext.reporting.reply_form import reply_form
+    from harness_ext.reporting.results_io import load_run
+
+    targets = [t for t in study.cfg.targets if t.metric == "best_subspan_em"]
+    out: dict[str, dict[str, dict]] = {}
+    for run in (BASE, *study.runs) if targets else ():
+        try:
+            results = load_run(study.out / done[f"eval:{run}"]["results"])
+        except (NeedlesError, KeyError):
+            continue  # no results file: "vs base" already says why
+        for t in targets:
+            if (path := results.samples_path(t.task)) is None:
+                continue
+            try:
+                out.setdefault(run, {})[t.name] = reply_form(path, t.metric, t.filter)
+            except NeedlesError as exc:
+                out.setdefault(run, {})[t.name] = {"error": relative(study, exc)}
+    return out
 
 
 def _strip(outputs: dict, path_key: str) -> dict:
@@ -140,50 +180,36 @@ def _ours(key: str, rows: list[dict], correlation: dict) -> str:
 
 def to_markdown(rep: dict) -> str:
     targets = [t["name"] for t in rep["targets"]]
+    heads = "head_overlap" in rep  # absent with `heads: false`
     lines = [
         f"# Study {rep['name']}: {rep['model']}, reference variant `{rep['reference_variant']}`",
         "",
         *in_distribution_markdown(rep),
         f"Targets scored with lm_eval ({rep['backend']}): "
         + ", ".join(f"{t['name']} ({t['metric']})" for t in rep["targets"])
-        + f". K = {rep['k']}; seeds {rep['seeds']}. Recall = {rep['recall_definition']}.",
+        + (
+            f". K = {rep['k']}; seeds {rep['seeds']}. Recall = {rep['recall_definition']}."
+            if heads
+            else f"; seeds {rep['seeds']}. No head steps (heads: false)."
+        ),
         "",
-        "| run | "
-        + " | ".join(targets)
-        + " | "
-        + " | ".join(_vs_headers(targets))
-        + " | heads | recall | Jaccard | knockout top-K | knockout random-K "
-        "| patch intersection | patch complement | patch random-K |",
-        "|---" * (2 * len(targets) + 9) + "|",
-        f"| base (no finetune) | {' | '.join(_score(rep['base']['scores'][t]) for t in targets)} |"
-        + " — |" * (len(targets) + 8),
-    ]
-    for r in rep["runs"]:
-        ov, ko, pa = r["overlap"], r["knockout"], r["patching"]
-        scores = [_score(r["scores"][t]) for t in targets]
-        sets = (pa or {}).get("sets", {})
-        rnd = next((v for k, v in sets.items() if k.startswith("random")), None)
-
-        lines.append(
-            f"| {r['run']}{' (reference)' if r['reference'] else ''} | "
-            + " | ".join(scores)
-            + " | "
-            + " | ".join(cell(r["vs_base"].get(t)) for t in targets)
-            + f" | {r['num_heads']} | {'—' if ov is None else _fmt(ov['recall'], signed=False)}"
-            f" | {'—' if ov is None else _fmt(ov['jaccard'], signed=False)}"
-            f" | {_fmt(ko['top']['delta'], ko['top']['delta_ci95'])} | {_fmt(ko['random']['delta'], ko['random']['delta_ci95'])}"
-            f" | {_patched(pa, sets.get('intersection'))} | {_patched(pa, sets.get('complement'))} | {_patched(pa, rnd)} |"
-        )
-    lines += [
+        *(_heads_table(rep, targets) if heads else _scores_table(rep, targets)),
         "",
         f"vs base: {rep['vs_base_method']}.",
-        "Knockout and patching: change of the task score vs the intact / unpatched model, 95% bootstrap CI.",
+        *(
+            ["Knockout and patching: change of the task score vs the intact / unpatched model, 95% bootstrap CI."]
+            * heads
+        ),
         "",
     ]
     for r in rep["runs"]:
         for t, test in r["vs_base"].items():
             if "error" in test:
                 lines.append(f"- {r['run']}: {t} not compared with base: {test['error']}")
+    lines += _vs_reference(rep, targets)
+    lines += reply_form_markdown(rep.get("reply_form") or {})
+    if not heads:
+        return "\n".join(lines)
     for name, c in rep["correlation"]["targets"].items():
         note = f" — {c['note']}" if c["note"] else ""
         lines.append(f"- Spearman(recall, {name}) over {c['n']} runs: {_fmt(c['spearman'], c['ci95'])}{note}")
@@ -204,6 +230,76 @@ def to_markdown(rep: dict) -> str:
     return "\n".join(lines)
 
 
+def _scores_table(rep: dict, targets: list[str]) -> list[str]:
+    """The variant table without head columns (``heads: false``)."""
+    lines = [
+        "| run | " + " | ".join(targets) + " | " + " | ".join(_vs_headers(targets)) + " |",
+        "|---" * (2 * len(targets) + 1) + "|",
+        f"| base (no finetune) | {' | '.join(_score(rep['base']['scores'][t]) for t in targets)} |"
+        + " — |" * len(targets),
+    ]
+    for r in rep["runs"]:
+        lines.append(
+            f"| {r['run']}{' (reference)' if r['reference'] else ''} | "
+            + " | ".join(_score(r["scores"][t]) for t in targets)
+            + " | "
+            + " | ".join(cell(r["vs_base"].get(t)) for t in targets)
+            + " |"
+        )
+    return lines
+
+
+def _heads_table(rep: dict, targets: list[str]) -> list[str]:
+    """The variant table with the head, knockout and patching columns."""
+    lines = [
+        "| run | "
+        + " | ".join(targets)
+        + " | "
+        + " | ".join(_vs_headers(targets))
+        + " | heads | recall | Jaccard | knockout top-K | knockout random-K "
+        "| patch intersection | patch complement | patch random-K |",
+        "|---" * (2 * len(targets) + 9) + "|",
+        f"| base (no finetune) | {' | '.join(_score(rep['base']['scores'][t]) for t in targets)} |"
+        + " — |" * (len(targets) + 8),
+    ]
+    for r in rep["runs"]:
+        ov, ko, pa = r["overlap"], r["knockout"], r["patching"]
+        scores = [_score(r["scores"][t]) for t in targets]
+        sets = (pa or {}).get("sets", {})
+        rnd = next((v for k, v in sets.items() if k.startswith("random")), None)
+        lines.append(
+            f"| {r['run']}{' (reference)' if r['reference'] else ''} | "
+            + " | ".join(scores)
+            + " | "
+            + " | ".join(cell(r["vs_base"].get(t)) for t in targets)
+            + f" | {r['num_heads']} | {'—' if ov is None else _fmt(ov['recall'], signed=False)}"
+            f" | {'—' if ov is None else _fmt(ov['jaccard'], signed=False)}"
+            f" | {_fmt(ko['top']['delta'], ko['top']['delta_ci95'])} | {_fmt(ko['random']['delta'], ko['random']['delta_ci95'])}"
+            f" | {_patched(pa, sets.get('intersection'))} | {_patched(pa, sets.get('complement'))} | {_patched(pa, rnd)} |"
+        )
+    return lines
+
+
+def _vs_reference(rep: dict, targets: list[str]) -> list[str]:
+    """Each non-reference run against the reference run, paired like "vs base" (Holm across these pairs)."""
+    runs = [r for r in rep["runs"] if r.get("vs_reference") is not None]
+    if not runs:
+        return []
+    lines = [
+        "",
+        f"## vs the reference run ({rep['reference_variant']})",
+        "",
+        "| run | " + " | ".join(f"vs reference ({t})" for t in targets) + " |",
+        "|---" * (len(targets) + 1) + "|",
+    ]
+    lines += [f"| {r['run']} | " + " | ".join(cell(r["vs_reference"].get(t)) for t in targets) + " |" for r in runs]
+    for r in runs:
+        for t, test in r["vs_reference"].items():
+            if "error" in test:
+                lines.append(f"- {r['run']}: {t} not compared with the reference: {test['error']}")
+    return [*lines, ""]
+
+
 def _vs_headers(targets: list[str]) -> list[str]:
     return ["vs base"] if len(targets) == 1 else [f"vs base ({t})" for t in targets]
 
@@ -218,8 +314,10 @@ def _score(s: dict) -> str:
 
 
 def plots(rep: dict) -> dict[str, bytes]:
-    """Recall vs score (first target) and the Jaccard heatmap of the runs' head sets, as PNG bytes."""
-
+    """Recall vs score (first target) and the Jaccard heatmap of the runs' head sets, as PNG bytes (none without
+    head steps)."""
+    if "head_overlap" not in rep:
+        return {}
     import matplotlib
 
     matplotlib.use("Agg")

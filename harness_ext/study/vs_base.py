@@ -1,4 +1,5 @@
-"""``needles study``'s "vs base": every run against the base model (step ``eval:base``) on every target.
+"""``needles study``'s "vs base": every run against the base model (step ``eval:base``) on every target; and
+"vs reference": every non-reference run against its reference run, the same way.
 
 The two evals' per-sample logs are paired on (task, doc_id) by the experiment verdict's reader
 (``verdict.paired_values``: the gate's pairing, which also checks that both saw the same documents, prompts and
@@ -68,22 +69,41 @@ def rounded(test: dict) -> dict:
 
 def vs_base(study: Study, done: dict[str, dict]) -> dict[str, dict[str, dict]]:
     """{run: {target: delta, ci95, p, p_holm, ...}} from the eval markers' results files (relative paths)."""
+    return _against(study, done, dict.fromkeys(study.runs, BASE))
+
+
+def vs_reference(study: Study, done: dict[str, dict]) -> dict[str, dict[str, dict]]:
+    """Every non-reference run against its reference run (the same seed), as "vs base" pairs it with base: what
+    changing one setting of the reference's finetune did, on the same prompts; Holm across these pairs."""
+    return _against(study, done, {name: r.reference for name, r in study.runs.items() if not r.is_reference})
+
+
+def _against(study: Study, done: dict[str, dict], pairs: dict[str, str]) -> dict[str, dict[str, dict]]:
+    """{run: {target: test}} of each run (key of ``pairs``) against the eval it is paired with (value)."""
     from harness_ext.reporting.gate_pairing import load_one_run
     from harness_ext.workflow.paired import paired_values
 
-    def load(run: str):
-        return load_one_run(study.out / done[f"eval:{run}"]["results"], "baseline" if run == BASE else "candidate")
+    loaded: dict[str, object] = {}
+
+    def load(run: str, role: str):
+        if (run, role) not in loaded:
+            try:
+                results = done.get(f"eval:{run}", {}).get("results")
+                if results is None:
+                    raise NeedlesError(f"eval:{run} recorded no results file", fix=f"rerun the step eval:{run}")
+                loaded[run, role] = load_one_run(study.out / results, role)
+            except NeedlesError as exc:
+                loaded[run, role] = exc
+        if isinstance(loaded[run, role], NeedlesError):
+            raise loaded[run, role]
+        return loaded[run, role]
 
     targets = study.cfg.targets
-    try:
-        base = load(BASE)
-    except NeedlesError as exc:
-        return {name: {t.name: {"error": relative(study, exc)} for t in targets} for name in study.runs}
     tests: dict[str, dict[str, dict]] = {}
-    for name in study.runs:
+    for name, other in pairs.items():
         tests[name] = {}
         try:
-            run = load(name)
+            base, run = load(other, "baseline"), load(name, "candidate")
         except NeedlesError as exc:
             tests[name] = {t.name: {"error": relative(study, exc)} for t in targets}
             continue
@@ -96,7 +116,7 @@ def vs_base(study: Study, done: dict[str, dict]) -> dict[str, dict[str, dict]]:
                 continue
             tests[name][t.name] = paired_test(b, r, study.cfg.bootstrap_iters)
             # what this pair could detect (Holm's first step over the family, two-sided), shown beside "no significant"
-            level = (1 - LEVEL) / (2 * len(study.runs) * len(targets))
+            level = (1 - LEVEL) / (2 * max(len(pairs), 1) * len(targets))
             found = beside(b, r, level)
             tests[name][t.name] |= {"mde": found["mde"], "mde_text": found["text"]}
             if bound := both_at_bound(b, r):  # nothing could move: no test to read (workflow.informative)

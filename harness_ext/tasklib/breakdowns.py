@@ -116,6 +116,12 @@ def with_breakdowns(scores: dict[str, float], suffixes: list[str]) -> dict[str, 
     return out
 
 
+def lower_is_better(metric: str) -> bool:
+    """True for a loss (``nll``, ``ppl`` and their breakdowns such as ``nll_len8192``): a decrease is the
+    improvement. Every other metric of ours is a score, higher is better."""
+    return parse_name(metric).base in LOSS_METRICS
+
+
 def parse_name(name: str) -> Breakdown:
     """Split a metric or task name into its base name and the length / position it is restricted to."""
     if _BARE_LENGTH.match(name):  # lm-eval ruler's "4096": the score at that length

@@ -16,8 +16,12 @@ _FAMILIES = {
     # prompts at most their length target (exact fit), once per placement
     "musique": ("musique_lengths", "musique_num_questions", "musique_placements", (2048, 4096), 100, 3, 32),
     "summhay": ("summhay_lengths", "summhay_num_insights", "summhay_placements", (4096, 8192), 60, 3, 32),
+    "needles_passkey": ("passkey_lengths", "passkey_num_samples", "passkey_depths", (1024, 2048), 6, 5, 16),
+    # one loglikelihood request per (document, context length): the context plus its scored continuation
+    # (long_ppl_continuation tokens, counted with the prompt), nothing generated
+    "needles_long_ppl": ("long_ppl_contexts", "long_ppl_num_docs", None, (512, 1024, 2048, 4096), 16, 1, 0),
 }
-_GROUP_TASKS = {"kv_retrieval": 3, "niah": 1, "musique": 1, "summhay": 1}
+_GROUP_TASKS = {"kv_retrieval": 3, "niah": 1, "musique": 1, "summhay": 1, "needles_passkey": 1, "needles_long_ppl": 1}
 
 
 def _family(task: str) -> str | None:
@@ -32,6 +36,9 @@ def _training_documents(ft) -> tuple[int, list[int] | None]:
     from harness_ext.finetune.data import train_spec
 
     spec = train_spec(ft.data)
+    grid = getattr(spec, "grid", None)
+    if grid is not None:  # passkey: every sample at every length and depth, each exactly its length target
+        return spec.documents(), list(grid.lengths) * len(grid.depths)
     synth = getattr(spec, "synth", None)
     if synth is None:  # KV: num_samples documents per length target, each rendered once per depth
         if spec.lengths is None:  # sized by num_dicts: not guessed
@@ -51,7 +58,7 @@ def cells_per_sample(task: str, metadata: dict) -> int | None:
     if family is not None:
         len_key, _, d_key, d_lengths, _, d_depths, _ = _FAMILIES[family]
         lens = metadata.get(len_key) or d_lengths
-        depths = metadata.get(d_key, [0] * d_depths)
+        depths = metadata.get(d_key, [0] * d_depths) if d_key else None
     elif task.startswith("synth_mdqa"):
         lens, depths = metadata.get("synth_lengths") or [None], metadata.get("synth_positions", [1, 5, 10])
     else:
@@ -73,13 +80,14 @@ def eval_rows(tasks: list[str], metadata: dict, limit: int | None = None) -> tup
         lens = metadata.get(len_key) or d_lengths
         lens = [lens] if isinstance(lens, int) else list(lens)
         n = int(metadata.get(n_key, d_n))
-        depths = metadata.get(d_key, [0] * d_depths)
+        depths = metadata.get(d_key, [0] * d_depths) if d_key else None
         n_depths = 1 if depths is None else len(depths) if isinstance(depths, list) else 1
         subtasks = _GROUP_TASKS[family] if task == family else 1
         docs = n * len(lens) * n_depths * subtasks
         if limit:
             docs = min(docs, limit * subtasks)
-        prompt = int(docs * sum(lens) / len(lens))
+        scored = int(metadata.get("long_ppl_continuation", 128)) if family == "needles_long_ppl" else 0
+        prompt = int(docs * (sum(lens) / len(lens) + scored))
         rows.append({"task": task, "documents": docs, "prompt_tokens": prompt, "max_generated_tokens": docs * max_new})
     return rows, unknown
 

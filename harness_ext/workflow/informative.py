@@ -1,7 +1,8 @@
 """Rows that cannot say anything: a paired comparison whose two sides are both at floor or both at ceiling.
 
 A row is **uninformative** when every per-document value of both sides is 0 (both at floor) or every value of
-both sides is 1 (both at ceiling; metrics on a 0-1 scale). Such a row has no discordant document, so its test
+both sides is 1 (both at ceiling; metrics on a 0-1 scale). A loss (nll, ppl: lower is better) is never marked:
+it has no such bound, and equal values on both sides are rare and still a tested comparison. Such a row has no discordant document, so its test
 says nothing about the finetune: a guard at 0 and 0 "holds" its margin with a tiny p-value because nothing can
 drop below zero, and a target at 1 and 1 cannot improve. The rule is exact (every value, no threshold), so a row
 with a single document off the bound is tested as usual.
@@ -18,6 +19,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+
+from harness_ext.tasklib.breakdowns import lower_is_better
 
 FLOOR, CEILING = "floor", "ceiling"
 
@@ -46,7 +49,10 @@ def verdict_text(bound: str) -> str:
 
 def mark_row(row: dict, a: Sequence[float] | np.ndarray, b: Sequence[float] | np.ndarray) -> bool:
     """Mark a verdict row (``verdict``, ``pass``) uninformative when ``a`` and ``b`` sit at the same bound; drops
-    the MDE beside it (an MDE at zero discordance means nothing). True when the row was marked."""
+    the MDE beside it (an MDE at zero discordance means nothing). True when the row was marked. A loss (the row's
+    ``metric`` lower-is-better: nll, ppl) has no floor or ceiling of a score: never marked."""
+    if lower_is_better(str(row.get("metric", ""))):
+        return False
     bound = both_at_bound(a, b)
     if bound is None:
         return False

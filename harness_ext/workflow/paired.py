@@ -13,6 +13,7 @@ from harness_ext.core import stats
 from harness_ext.core.errors import NeedlesError
 from harness_ext.reporting.gate_pairing import check_task_compatible, load_pairs
 from harness_ext.reporting.results_io import Run
+from harness_ext.tasklib.breakdowns import lower_is_better
 from harness_ext.workflow.suite import ExperimentConfig, SuiteTask
 
 
@@ -49,13 +50,19 @@ def paired_values(base: Run, new: Run, entry: SuiteTask) -> tuple[np.ndarray, np
 
 
 def compare_entry(entry: SuiteTask, base: np.ndarray, new: np.ndarray, cfg: ExperimentConfig) -> dict:
-    """One task's comparison: means, delta with its (1 - 2 alpha) interval, the one-sided p-value."""
+    """One task's comparison: means, delta (finetuned - base, in the metric's units) with its (1 - 2 alpha)
+    interval, the one-sided p-value. For a loss (``lower_is_better``: nll, ppl) the improvement is a decrease and a
+    guard's margin bounds a rise; the test runs on the gain, the sign-flipped delta, and continuous values get the
+    paired bootstrap."""
     delta = new - base
-    binary = bool(np.isin(base, (0.0, 1.0)).all() and np.isin(new, (0.0, 1.0)).all())
-    # core.stats' bootstrap tests "mean < 0"; on -(delta + margin) that is H1: delta > -margin (improvement
+    sign = -1.0 if lower_is_better(entry.metric) else 1.0
+    gain = sign * delta
+    binary = sign > 0 and bool(np.isin(base, (0.0, 1.0)).all() and np.isin(new, (0.0, 1.0)).all())
+    # core.stats' bootstrap tests "mean < 0"; on -(gain + margin) that is H1: gain > -margin (improvement
     # when the margin is 0, non-inferiority otherwise)
-    boot = stats.paired_bootstrap(-(delta + entry.margin), cfg.alpha, cfg.bootstrap_iters, cfg.seed)
-    low, high = -boot.ci[1] - entry.margin, -boot.ci[0] - entry.margin
+    boot = stats.paired_bootstrap(-(gain + entry.margin), cfg.alpha, cfg.bootstrap_iters, cfg.seed)
+    gain_low, gain_high = -boot.ci[1] - entry.margin, -boot.ci[0] - entry.margin
+    low, high = sorted((sign * gain_low, sign * gain_high))
     if binary:
         both, base_only, new_only, neither = stats.paired_binary_counts(base, new)
         low, high = stats.newcombe_paired_ci(both, base_only, new_only, neither, level=1 - 2 * cfg.alpha)
@@ -63,9 +70,11 @@ def compare_entry(entry: SuiteTask, base: np.ndarray, new: np.ndarray, cfg: Expe
         method = "exact McNemar (one-sided: finetuned better)"
         p = stats.mcnemar_one_sided(losses=new_only, wins=base_only)  # "base worse than finetuned"
     elif entry.role == "target":
-        method, p = "paired bootstrap (one-sided: finetuned better)", boot.p_value
+        better = "finetuned lower" if sign < 0 else "finetuned better"
+        method, p = f"paired bootstrap (one-sided: {better})", boot.p_value
     else:
-        method, p = f"paired bootstrap non-inferiority (drop < {entry.margin:g})", boot.p_value
+        worse = "rise" if sign < 0 else "drop"
+        method, p = f"paired bootstrap non-inferiority ({worse} < {entry.margin:g})", boot.p_value
     out = {
         "task": entry.name,
         "lm_eval_task": entry.task,
@@ -80,6 +89,7 @@ def compare_entry(entry: SuiteTask, base: np.ndarray, new: np.ndarray, cfg: Expe
         "ci_level": 1 - 2 * cfg.alpha,
         "p": float(p),
         "method": method,
+        "lower_is_better": sign < 0,
     }
     if binary:
         out["discordant"] = {"only_base_right": base_only, "only_finetuned_right": new_only}

@@ -10,8 +10,8 @@ from pathlib import Path
 from harness_ext.workflow.suite import ExperimentConfig
 
 KV_TASK = re.compile(r"^kv_retrieval_(simple|simple_template|multisubkey)$")
-# tasks whose documents finetune.leakage can load (kv_retrieval, synth_mdqa, mdqa, niah, musique, summhay families)
-FAMILY_TASK = re.compile(r"^(kv_retrieval|synth_mdqa|mdqa|niah|musique|summhay_citation)(_\w+)?$")
+# tasks whose documents finetune.leakage can load (kv_retrieval, synth_mdqa, mdqa, niah, musique, summhay, passkey)
+FAMILY_TASK = re.compile(r"^(kv_retrieval|synth_mdqa|mdqa|niah|musique|summhay_citation|needles_passkey)(_\w+)?$")
 
 
 def finetune_config(cfg: ExperimentConfig, out: Path):

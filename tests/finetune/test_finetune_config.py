@@ -42,7 +42,7 @@ FINETUNE_FLAGS = [
     *("--system-prompt", "--eval-tasks", "--eval-metadata", "--lora-r", "--lora-alpha", "--lora-dropout"),
     *("--target-modules", "--epochs", "--max-steps", "--lr", "--batch-size", "--grad-accum", "--warmup-ratio"),
     *("--lr-scheduler", "--weight-decay", "--max-grad-norm", "--gradient-checkpointing"),
-    *("--no-gradient-checkpointing", "--batching", "--pack-tokens", "--max-length", "--seed"),
+    *("--no-gradient-checkpointing", "--batching", "--pack-tokens", "--max-length", "--seed", "--loss-on"),
     *("--attn-implementation", "--trust-remote-code", "--save-every", "--keep-checkpoints", "--resume"),
     *("--stop-after-steps", "--merge", "--report-to"),
     # context extension: the context section's keys, the section as JSON, the checkpointing threshold

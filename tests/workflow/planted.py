@@ -9,8 +9,13 @@ from pathlib import Path
 DATE = "2026-01-01T00-00-00.000000"
 
 
-def plant_run(folder: Path, per_task: dict[str, tuple[str, list[tuple[str, int | None, float]]]]) -> Path:
-    """{task: (metric, [(doc key, length or None, value)])} -> results_<date>.json and samples_<task>_<date>.jsonl."""
+def plant_run(
+    folder: Path,
+    per_task: dict[str, tuple[str, list[tuple[str, int | None, float]]]],
+    length_key: str = "target_tokens",
+) -> Path:
+    """{task: (metric, [(doc key, length or None, value)])} -> results_<date>.json and samples_<task>_<date>.jsonl;
+    ``length_key``: the document field holding the length (needles_long_ppl's is ``context_tokens``)."""
     folder.mkdir(parents=True, exist_ok=True)
     results, configs = {}, {}
     for task, (metric, docs) in per_task.items():
@@ -19,7 +24,7 @@ def plant_run(folder: Path, per_task: dict[str, tuple[str, list[tuple[str, int |
         configs[task] = {"task": task, "metadata": {"needles_data_sha256": "ab" * 32}}
         rows = [
             {"doc_id": i, "filter": "none", "doc_hash": f"{task}:{key}", "prompt_hash": f"p{key}",
-             "target_hash": f"t{key}", "doc": {"target_tokens": length}, metric: value}
+             "target_hash": f"t{key}", "doc": {length_key: length}, metric: value}
             for i, (key, length, value) in enumerate(docs)
         ]  # fmt: skip
         (folder / f"samples_{task}_{DATE}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -28,7 +33,7 @@ def plant_run(folder: Path, per_task: dict[str, tuple[str, list[tuple[str, int |
         "configs": configs,
         "versions": dict.fromkeys(per_task, 1.0),
         "n-shot": dict.fromkeys(per_task, 0),
-        "higher_is_better": {t: {m: True} for t, (m, _) in per_task.items()},
+        "higher_is_better": {t: {m: m not in ("nll", "ppl")} for t, (m, _) in per_task.items()},
         "n-samples": {t: {"original": len(d), "effective": len(d)} for t, (_, d) in per_task.items()},
         "config": {"model": "vllm", "model_args": "pretrained=/models/m"},
         "date": 1795240155.5,

@@ -90,7 +90,7 @@ def test_the_extension_guard_held_on_two_zeros_reads_uninformative(tmp_path):
             ],
         }
     )
-    comparison = compare_variants({k: str(v) for k, v in results.items()}, cfg, _plan(), [])
+    comparison = compare_variants({k: {"chat": str(v)} for k, v in results.items()}, cfg, _plan(), [])
     target, guard = comparison["tasks"]
     assert guard["p"] < 0.01  # what the test alone would call "held"
     assert guard["verdict"] == "uninformative (both at floor)" and target["verdict"] == "uninformative (both at floor)"

@@ -34,7 +34,16 @@ LENGTH_FAMILIES = {
     "synth_mdqa": ("synth_lengths", 100),
     "musique": ("musique_lengths", 32),
     "summhay": ("summhay_lengths", 32),
+    "needles_passkey": ("passkey_lengths", 16),
+    "needles_long_ppl": ("long_ppl_contexts", 0),  # loglikelihood: its continuation, not a reply (_room)
 }
+# families scored on plain text: their tasks refuse --apply_chat_template and --system_instruction (text before the
+# context would change it), so each variant scores them in a second lm_eval call, into OUT/eval_<variant>_plain.
+# Their documents depend on the longest context of the list (long_ppl places each continuation where the longest
+# fits), so the base model, served inside its window on fewer contexts, would score other documents: the base
+# variant does not score them, and they are targets only (tested against the training-free variant).
+PLAIN_FAMILIES = ("needles_long_ppl",)
+EVAL_KINDS = ("chat", "plain")
 # tokens a chat template adds around a prompt (SmolLM2's system turn is ~30): a length fits a window when it,
 # this and the generated tokens do, so the length guard never has to refuse a planned prompt
 CHAT_SLACK = 64
@@ -50,9 +59,18 @@ def length_family(task: str) -> str | None:
     return None
 
 
-def _max_gen_toks(cfg: ExperimentConfig, family: str) -> int:
+def is_plain(task: str) -> bool:
+    """True for a suite task scored without the chat template (:data:`PLAIN_FAMILIES`)."""
+    return length_family(task) in PLAIN_FAMILIES
+
+
+def _room(cfg: ExperimentConfig, family: str) -> int:
+    """Tokens a prompt of a given length needs besides it: the continuation of a plain family, else the reply and
+    the chat template."""
+    if family in PLAIN_FAMILIES:
+        return int(cfg.metadata.get("long_ppl_continuation", 128))
     m = re.search(r"max_gen_toks\s*=\s*(\d+)", cfg.gen_kwargs or "")
-    return int(m.group(1)) if m else LENGTH_FAMILIES[family][1]
+    return (int(m.group(1)) if m else LENGTH_FAMILIES[family][1]) + CHAT_SLACK
 
 
 @dataclass(frozen=True)
@@ -114,16 +132,26 @@ def plan_extension(cfg: ExperimentConfig, ft) -> ExtensionPlan:
                 fix=f"set metadata.{key}, e.g. [{ctx.native // 2}, {ctx.native * 3 // 4}, "
                 f"{(ctx.native + ctx.length) // 2}, {ctx.length - 512}]",
             )
-        gen = _max_gen_toks(cfg, family) + CHAT_SLACK
+        gen = _room(cfg, family)
         too_long = [x for x in lengths if x + gen > ctx.length]
         if too_long:
             raise NeedlesError(
                 f"{where}: metadata.{key} has length(s) {too_long} that do not fit the target window "
-                f"context.length={ctx.length} with {gen} tokens for the chat template and the reply",
+                f"context.length={ctx.length} with {gen} tokens for "
+                + ("the continuation" if family in PLAIN_FAMILIES else "the chat template and the reply"),
                 fix=f"keep metadata.{key} at or below {ctx.length - gen}, or raise finetune.context.length",
             )
         inside[key] = sorted(x for x in lengths if x + gen <= ctx.native)
         past[key] = sorted(x for x in lengths if x + gen > ctx.native)
+        if family in PLAIN_FAMILIES:
+            if entry.role == "guard":
+                raise NeedlesError(
+                    f"{where}: {entry.task} cannot be a guard: its documents depend on the longest context of "
+                    f"metadata.{key}, so the base model, served inside its window, would score other documents",
+                    fix=f"make {entry.task} a target (its loss past the window against the training-free variant), "
+                    "and guard inside the window with a generation task (needles_passkey, kv_retrieval_simple)",
+                )
+            continue
         if inside[key]:
             base_tasks.append(entry.name)
         elif entry.role == "guard":
@@ -140,33 +168,47 @@ def plan_extension(cfg: ExperimentConfig, ft) -> ExtensionPlan:
     return ExtensionPlan(ctx.native, ctx.length, ctx.hf_overrides() or {}, ctx.rope, inside, past, tuple(base_tasks))
 
 
-def variant_argvs(cfg: ExperimentConfig, ft, plan: ExtensionPlan, base: str, out: Path) -> dict[str, list[str]]:
-    """The lm_eval command of each variant (the same documents at the lengths two variants share)."""
+def eval_folder(out: Path, variant: str, kind: str) -> Path:
+    """Where a variant's lm_eval call of one kind writes: OUT/eval_<variant>, OUT/eval_<variant>_plain."""
+    return out / (f"eval_{variant}" if kind == "chat" else f"eval_{variant}_plain")
+
+
+def variant_argvs(
+    cfg: ExperimentConfig, ft, plan: ExtensionPlan, base: str, out: Path
+) -> dict[str, dict[str, list[str]]]:
+    """variant -> kind -> lm_eval command: ``chat`` scores the suite's tasks with the chat template (and the
+    finetune's system prompt), ``plain`` the :data:`PLAIN_FAMILIES` tasks without either; a kind without tasks
+    is left out. The same documents at the lengths two variants share."""
     adapter, merged = scored_model(ft, out)
-    base_cfg = dataclasses.replace(
-        cfg,
-        suite=[e for e in cfg.suite if e.name in plan.base_tasks],
-        metadata=plan.base_metadata(cfg.metadata),
-        max_model_len=plan.native,
-    )
-    long_cfg = dataclasses.replace(cfg, max_model_len=plan.target)
-    return {
-        "base": eval_argv(base_cfg, base, out / "eval_base", system_prompt=ft.system_prompt),
-        "training_free": eval_argv(
-            long_cfg, base, out / "eval_training_free", hf_overrides=plan.hf_overrides, system_prompt=ft.system_prompt
-        ),
+    served = {
+        "base": (dataclasses.replace(cfg, metadata=plan.base_metadata(cfg.metadata), max_model_len=plan.native), {}),
+        "training_free": (dataclasses.replace(cfg, max_model_len=plan.target), {"hf_overrides": plan.hf_overrides}),
         # an adapter is served on the base model with the RoPE it was trained with; a merged folder carries it
-        "finetuned": eval_argv(
-            long_cfg,
-            base,
-            out / "eval_finetuned",
-            adapter=adapter,
-            merged=merged,
-            lora_rank=ft.lora_r,
-            hf_overrides=plan.hf_overrides if adapter else None,
-            system_prompt=ft.system_prompt,
-        ),
+        "finetuned": (
+            dataclasses.replace(cfg, max_model_len=plan.target),
+            {
+                "adapter": adapter,
+                "merged": merged,
+                "lora_rank": ft.lora_r,
+                "hf_overrides": plan.hf_overrides if adapter else None,
+            },
+        ),  # fmt: skip
     }
+    out_argvs: dict[str, dict[str, list[str]]] = {}
+    for variant, (vcfg, model) in served.items():
+        scored = [e for e in vcfg.suite if variant != "base" or e.name in plan.base_tasks]
+        argvs = {}
+        for kind in EVAL_KINDS:
+            suite = [e for e in scored if is_plain(e.task) == (kind == "plain")]
+            if suite:
+                kcfg = dataclasses.replace(vcfg, suite=suite)
+                folder = eval_folder(out, variant, kind)
+                if kind == "chat":
+                    argvs[kind] = eval_argv(kcfg, base, folder, system_prompt=ft.system_prompt, **model)
+                else:
+                    argvs[kind] = eval_argv(kcfg, base, folder, chat_template=False, **model)
+        out_argvs[variant] = argvs
+    return out_argvs
 
 
 def extension_pilot(
@@ -177,7 +219,9 @@ def extension_pilot(
     from harness_ext.experiment.pilot import entries
 
     metadata = {**cfg.metadata, **{key: list(n) or [plan.native // 2] for key, n in plan.inside.items()}}
-    pilot_cfg = dataclasses.replace(cfg, metadata=metadata, max_model_len=plan.native)
+    # a loss has no floor or ceiling to stop at (and needs its own call without the chat template): not piloted
+    suite = [e for e in cfg.suite if not is_plain(e.task)]
+    pilot_cfg = dataclasses.replace(cfg, suite=suite, metadata=metadata, max_model_len=plan.native)
     past = set()
     for e in cfg.suite:
         family = length_family(e.task)
@@ -185,3 +229,29 @@ def extension_pilot(
             past.add(e.name)
     argv = eval_argv(pilot_cfg, base, out / "pilot", system_prompt=system_prompt)
     return argv, pilot_cfg, entries(pilot_cfg, frozenset(past))
+
+
+def extension_mde_text(cfg: ExperimentConfig, plan: ExtensionPlan) -> str:
+    """Each target's minimal detectable effect on the documents it is tested on (past the native window, against the
+    training-free variant) at Holm's first step over the suite; a loss target's n, its MDE read after the run from
+    the observed paired spread."""
+    from harness_ext.core import power
+    from harness_ext.tasklib.breakdowns import lower_is_better
+    from harness_ext.workflow.mde import plan_targets, target_n
+
+    level = cfg.alpha / max(len(cfg.suite), 1)
+    scores, losses = [], []
+    for e in (e for e in cfg.suite if e.role == "target"):
+        family = length_family(e.task)
+        key = LENGTH_FAMILIES[family][0] if family else None
+        metadata = {**cfg.metadata, key: plan.past[key]} if key and plan.past.get(key) else cfg.metadata
+        (losses if lower_is_better(e.metric) else scores).append((e, metadata))
+    planned = [plan_targets([(e.name, e.task)], m, level, cfg.limit)[0] for e, m in scores]
+    lines = [power.format_plan(planned, "", power.DEFAULT_EFFECT).lstrip()] if planned else []
+    for e, m in losses:
+        n = target_n(e.task, m, cfg.limit)
+        lines.append(
+            f"  {e.name}: {e.metric} (lower is better) on {n if n is not None else 'an unknown number of'} paired "
+            "documents past the window; paired bootstrap, its MDE read from the observed paired spread after the run"
+        )
+    return "\n".join(lines)

@@ -18,8 +18,10 @@ import numpy as np
 
 from harness_ext.core import stats
 from harness_ext.core.errors import NeedlesError
+from harness_ext.experiment.extension.plan import is_plain
 from harness_ext.reporting.effective_length import bootstrap, default_rules, effective_length
 from harness_ext.reporting.results_io import Run, as_number, iter_samples, load_run
+from harness_ext.tasklib.breakdowns import lower_is_better
 from harness_ext.workflow.informative import claim_note, mark_row
 from harness_ext.workflow.mde import beside
 from harness_ext.workflow.paired import compare_entry, leaf_tasks
@@ -43,7 +45,7 @@ def _index(run: Run, leaf: str, entry: SuiteTask) -> dict[str, dict]:
         if key in out:
             raise NeedlesError(f"{path}: document {key[:12]} appears twice", fix="score each document once")
         doc = row.get("doc") if isinstance(row.get("doc"), dict) else {}
-        length = doc.get("target_tokens")
+        length = doc.get("target_tokens", doc.get("context_tokens"))  # a prompt's length, or a loss's context
         out[key] = {
             "value": value,
             "length": int(length) if isinstance(length, int) else None,
@@ -109,16 +111,25 @@ def _effective(cells: dict[tuple[str, int], list[float]], seed: int) -> list[dic
     return out
 
 
-def compare_variants(results: dict[str, str], cfg: ExperimentConfig, plan: dict, skipped: list[dict]) -> dict:
+def compare_variants(
+    results: dict[str, dict[str, str]], cfg: ExperimentConfig, plan: dict, skipped: list[dict]
+) -> dict:
     """The comparison: per suite entry the score by length of the three variants, its paired test (targets:
     finetuned vs training-free past the native window; guards: finetuned vs base inside it), Holm across the
-    entries, each variant's effective length, and the verdict."""
-    runs = {v: load_run(Path(results[v])) for v in VARIANTS}
+    entries, each variant's effective length, and the verdict. ``results``: variant -> kind (``chat``, ``plain``:
+    the lm_eval call without the chat template, harness_ext.experiment.extension.plan.PLAIN_FAMILIES) -> results
+    file. A loss (nll) improves by decreasing (harness_ext.workflow.paired.compare_entry)."""
+    runs = {v: {kind: load_run(Path(path)) for kind, path in results[v].items()} for v in VARIANTS}
     past = {n for lengths in plan["past"].values() for n in lengths}
     rows, tables, effective, pairs = [], [], [], []
     for entry in cfg.suite:
+        kind = "plain" if is_plain(entry.task) else "chat"
         scored = [v for v in VARIANTS if v != "base" or entry.name in plan["base_tasks"]]
-        index = {v: {leaf: _index(runs[v], leaf, entry) for leaf in leaf_tasks(runs[v], entry.task)} for v in scored}
+        entry_runs = {v: runs[v][kind] for v in scored}
+        index = {
+            v: {leaf: _index(entry_runs[v], leaf, entry) for leaf in leaf_tasks(entry_runs[v], entry.task)}
+            for v in scored
+        }
         by_length: dict[int | None, dict[str, list[float]]] = {}
         for v in scored:
             for docs in index[v].values():
@@ -128,6 +139,7 @@ def compare_variants(results: dict[str, str], cfg: ExperimentConfig, plan: dict,
             {
                 "task": entry.name,
                 "metric": entry.metric,
+                "lower_is_better": lower_is_better(entry.metric),
                 "rows": [
                     {
                         "length": n,
@@ -149,7 +161,9 @@ def compare_variants(results: dict[str, str], cfg: ExperimentConfig, plan: dict,
         row["reference_mean"] = row.pop("base")
         rows.append({**row, "reference": ref_name, "documents": docs, "leaf_tasks": sorted(index["finetuned"])})
         pairs.append((ref, new))
-        per_variant = {v: _effective(c, cfg.seed) for v in scored if (c := _cells(index[v]))}
+        # a score curve's effective length (RULER's cutoff) means nothing for a loss
+        scores = not lower_is_better(entry.metric)
+        per_variant = {v: _effective(c, cfg.seed) for v in scored if scores and (c := _cells(index[v]))}
         if per_variant:
             effective.append({"task": entry.name, "metric": entry.metric, "variants": per_variant})
     for row, (ref, new), p_holm in zip(rows, pairs, stats.holm([r["p"] for r in rows]), strict=True):
@@ -182,7 +196,7 @@ def compare_variants(results: dict[str, str], cfg: ExperimentConfig, plan: dict,
         "by_length": tables,
         "effective_length": effective,
         "skipped": list(skipped),
-        "results": {v: str(runs[v].path) for v in VARIANTS},
+        "results": {v: {kind: str(run.path) for kind, run in runs[v].items()} for v in VARIANTS},
     }
 
 
@@ -220,7 +234,8 @@ def to_markdown(comparison: dict, reference: dict | None = None) -> str:
         )
     lines += ["", f"## Score by length (native window {native} tokens)", ""]
     for table in comparison["by_length"]:
-        lines += [f"### {table['task']} ({table['metric']})", "", "| length | base | training-free | finetuned |"]
+        what = table["metric"] + (", lower is better; length = context tokens" if table.get("lower_is_better") else "")
+        lines += [f"### {table['task']} ({what})", "", "| length | base | training-free | finetuned |"]
         lines.append("|---|---:|---:|---:|")
         marked = False
         for row in table["rows"]:
@@ -253,11 +268,12 @@ def to_markdown(comparison: dict, reference: dict | None = None) -> str:
         lines.append("")
     for r in comparison.get("skipped", []):
         lines.append(f"{r['task']} was not run: {r['reason']}" + (f" Fix: {r['fix']}" if r.get("fix") else ""))
-    lines += [f"{LABELS[v]}: {p}" for v, p in comparison["results"].items()]
+    for v, paths in comparison["results"].items():
+        lines += [f"{LABELS[v]}{'' if kind == 'chat' else ' (no chat template)'}: {p}" for kind, p in paths.items()]
     return "\n".join(lines) + "\n"
 
 
-def write_report(name: str, results: dict[str, str], native: int, out: Path) -> dict:
+def write_report(name: str, results: dict[str, dict[str, str]], native: int, out: Path) -> dict:
     """Leaderboard rows of the three runs (adapters NAME-training-free, NAME-finetuned) and the plots: the
     experiment's usual ones and score by length with the native window dotted and each effective length starred."""
     from harness_ext.core.output_files import write_output
@@ -270,8 +286,8 @@ def write_report(name: str, results: dict[str, str], native: int, out: Path) -> 
     adapters = {"base": None, "training_free": f"{name}-training-free", "finetuned": f"{name}-finetuned"}
     rows = []
     for v in VARIANTS:
-        export([results[v]], board, adapter=adapters[v])
-        rows += collect_rows([results[v]], adapter=adapters[v])
+        export(list(results[v].values()), board, adapter=adapters[v])
+        rows += collect_rows(list(results[v].values()), adapter=adapters[v])
     written = []
     if not available():
         print("[needles experiment] matplotlib is not installed: no plots (pip install matplotlib)", file=sys.stderr)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from harness_ext.core.atomic_io import write_atomic, write_json_atomic
 from harness_ext.experiment.extension.plan import (
     PLAN,
     VARIANTS,
+    eval_folder,
+    extension_mde_text,
     extension_pilot,
     is_extension,
     plan_extension,
@@ -58,6 +61,7 @@ def run_extension(
     ft_yaml, reproduce = out / "finetune.yaml", data_step.command
     plan = plan_extension(run_cfg, ft)  # again on the suite the data step settled on
     argvs = variant_argvs(run_cfg, ft, plan, base, out)
+    runner.log(extension_mde_text(run_cfg, plan))
     done: dict[str, dict] = {"data": data}
 
     def compare() -> dict:
@@ -68,12 +72,24 @@ def run_extension(
         return {"comparison": str(out / "comparison.json"), "claim_holds": comparison["claim_holds"]}
 
     def evaluation(variant: str) -> Step:
-        folder = out / f"eval_{variant}"
-        return Step(f"eval_{variant}", argvs[variant], lambda: lm_eval_step(argvs[variant], folder), folder)
+        calls = argvs[variant]
+
+        def run_calls() -> dict:
+            results = {}
+            for kind, argv in calls.items():
+                folder = eval_folder(out, variant, kind)
+                if folder.exists():  # the step's second folder: half-written by an interrupted run
+                    shutil.rmtree(folder)
+                results[kind] = lm_eval_step(argv, folder)["results"]
+            return {"results": results}
+
+        first = next(iter(calls))
+        return Step(f"eval_{variant}", step_command(calls), run_calls, eval_folder(out, variant, first))
 
     pilot_argv, pilot_cfg, checked = extension_pilot(run_cfg, plan, base, out, ft.system_prompt)
+    no_pilot = skip_pilot_check or not pilot_cfg.suite  # a suite of losses only: nothing at a floor to stop at
     steps = [
-        pilot.pilot_step(pilot_argv, pilot_cfg, out, runner, checked, skip_pilot_check),
+        pilot.pilot_step(pilot_argv, pilot_cfg, out, runner, checked, no_pilot),
         evaluation("base"),
         evaluation("training_free"),
         Step(
@@ -106,10 +122,17 @@ def run_extension(
     for i, step in enumerate(steps, 2):  # one at a time: later steps read earlier outputs
         done.update(runner.run([step], i, len(PLAN)))
         if step.name == "pilot":
-            pilot.after_pilot(done["pilot"], runner, skip_pilot_check)
+            pilot.after_pilot(done["pilot"], runner, no_pilot)
     return compare_variants(
         {v: done[f"eval_{v}"]["results"] for v in VARIANTS}, run_cfg, plan.to_json(), data["skipped"]
     )
+
+
+def step_command(calls: dict[str, list[str]]) -> list[str]:
+    """What reproduces a variant's evaluation by hand: its one lm_eval command, or both run one after the other."""
+    if len(calls) == 1:
+        return next(iter(calls.values()))
+    return ["sh", "-c", " && ".join(shlex.join(argv) for argv in calls.values())]
 
 
 def describe(cfg: ExperimentConfig, out: Path) -> str:
@@ -126,16 +149,18 @@ def describe(cfg: ExperimentConfig, out: Path) -> str:
     plan = plan_extension(cfg, ft)
     argvs = variant_argvs(cfg, ft, plan, resolve_model(cfg.model), out)
     pilot_argv, pilot_cfg, _ = extension_pilot(cfg, plan, resolve_model(cfg.model), out, ft.system_prompt)
+    commands = {v: [shlex.join(a) for a in argvs[v].values()] for v in VARIANTS}
     return "\n".join(
         [
             f"# context extension: native window {plan.native} -> {plan.target} ({plan.rope['rope_type']}); "
             f"base scored on {plan.inside}, the extended variants also on {plan.past}",
+            "# " + extension_mde_text(cfg, plan).replace("\n", "\n# "),
             "# data: check every suite task's data (optional tasks without it are left out)",
-            describe_pilot(pilot_argv, pilot_cfg),
-            shlex.join(argvs["base"]),
-            shlex.join(argvs["training_free"]),
+            describe_pilot(pilot_argv, pilot_cfg, skip=not pilot_cfg.suite),
+            *commands["base"],
+            *commands["training_free"],
             f"needles finetune --config {out / 'finetune.yaml'}",
-            shlex.join(argvs["finetuned"]),
+            *commands["finetuned"],
         ]
     )
 

@@ -61,7 +61,7 @@ def test_extension_experiment_scores_three_variants_by_length(small, tmp_path, c
     # what each variant was served with, as lm_eval recorded it
     served = {}
     for v in ("base", "training_free", "finetuned"):
-        res = json.loads(Path(comparison["results"][v]).read_text())
+        res = json.loads(Path(comparison["results"][v]["chat"]).read_text())
         served[v] = res["config"]["model_args"]
     assert int(served["base"]["max_model_len"]) == NATIVE and "hf_overrides" not in served["base"]
     assert served["training_free"]["hf_overrides"] == comparison["hf_overrides"]
@@ -79,7 +79,9 @@ def test_extension_experiment_scores_three_variants_by_length(small, tmp_path, c
     assert [rows[300][v]["n"] for v in ("base", "training_free", "finetuned")] == [3, 3, 3]
     assert "base" not in rows[800] and rows[800]["training_free"]["n"] == rows[800]["finetuned"]["n"] == 3
     # the prompts past the window really are past it (the extended runs' sample logs)
-    samples = next(Path(comparison["results"]["training_free"]).parent.glob("samples_kv_retrieval_simple_*.jsonl"))
+    samples = next(
+        Path(comparison["results"]["training_free"]["chat"]).parent.glob("samples_kv_retrieval_simple_*.jsonl")
+    )
     lengths = sorted(json.loads(line)["doc"]["n_tokens"] for line in samples.read_text().splitlines())
     assert len(lengths) == 6 and lengths[0] < NATIVE < lengths[-1]
 

@@ -162,16 +162,30 @@ def test_shipped_llama3_extension_prints_its_cost_first(tmp_path, capsys, monkey
     assert not (tmp_path / "out").exists()
 
 
-def test_shipped_smollm2_extension_plans_16k_on_the_cpu(tmp_path, capsys):
-    """examples/experiments/smollm2_extend_cpu.yaml: 8K -> 16K with YaRN; the base scores only what fits 8K."""
+def test_shipped_smollm2_extension_plans_passkey_and_loss_past_8k(tmp_path, capsys):
+    """examples/experiments/smollm2_extend_cpu.yaml: 8K -> 12K with YaRN; passkey and the continuation loss past the
+    window, passkey and short KV inside it; the MDE its header states is the one the dry run prints; the loss runs
+    without the chat template; training on passkey documents with the loss on every token."""
     path = Path(__file__).resolve().parents[3] / "examples" / "experiments" / "smollm2_extend_cpu.yaml"
     assert main(["experiment", str(path), "-o", str(tmp_path / "out"), "--dry-run"]) == 0
     cap = capsys.readouterr()
-    assert cap.err.startswith("[needles experiment] cost estimate: context extension 8192 -> 16384 tokens (yarn")
-    assert "training ~172,032 tokens" in cap.err  # 12 documents x (2,048 + 12,288) tokens, one epoch
-    base, free, tuned = (model_args(c) for c in cap.out.splitlines() if c.startswith("lm_eval run"))
-    assert base["max_model_len"] == "8192" and base["metadata"]["lengths"] == [4096, 7680]
-    assert free["max_model_len"] == tuned["max_model_len"] == "16384"
-    assert (
-        free["hf_overrides"]["rope_parameters"]["rope_theta"] == 100000.0 and max(free["metadata"]["lengths"]) == 15872
-    )
+    assert cap.err.startswith("[needles experiment] cost estimate: context extension 8192 -> 12288 tokens (yarn")
+    assert "training ~159,744 tokens" in cap.err  # 4 keys x 3 depths x (2,048 + 11,264) tokens, one epoch
+    mde = next(line for line in cap.out.splitlines() if "passkey_past_window: MDE" in line)
+    printed = float(mde.split("MDE ")[1].split()[0])
+    stated = float(path.read_text().split("give an MDE of\n# ")[1].split()[0])
+    assert "at n 40" in mde and abs(printed - stated) < 0.005, (printed, stated)
+    assert "loss_past_window: nll (lower is better) on 8 paired documents" in cap.out
+    lines = [c for c in cap.out.splitlines() if c.startswith("lm_eval run")]
+    assert len(lines) == 5  # base: one call; each extended variant: with and without the chat template
+    base, free, free_plain, tuned, tuned_plain = (model_args(c) for c in lines)
+    assert base["max_model_len"] == "8192" and base["metadata"]["passkey_lengths"] == [1024]
+    assert "needles_long_ppl" not in lines[0] and "--apply_chat_template" in lines[0]
+    assert free["max_model_len"] == tuned["max_model_len"] == free_plain["max_model_len"] == "12288"
+    assert free_plain["hf_overrides"] == free["hf_overrides"] and tuned_plain["pretrained"].endswith("merged")
+    for plain in (lines[2], lines[4]):
+        argv = shlex.split(plain)
+        assert argv[argv.index("--tasks") + 1] == "needles_long_ppl" and "--apply_chat_template" not in argv
+        assert argv[argv.index("--output_path") + 1].endswith("_plain")
+    ft = yaml.safe_load(path.read_text())["finetune"]
+    assert ft["loss_on"] == "all" and ft["data"]["family"] == "passkey" and "recipe" not in ft
