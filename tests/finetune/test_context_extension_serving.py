@@ -117,7 +117,8 @@ def test_vllm_serves_the_printed_command_past_the_native_window_and_the_guard_re
         assert s["doc"]["n_tokens"] > NATIVE  # prompts past the native window ...
         assert isinstance(s["resps"][0][0], str) and s["resps"][0][0]  # ... were generated for
 
-    # the same prompts on the un-extended model: refused by our guard before the engine starts
+    # the same prompts on the un-extended model: refused by our guard before the engine starts (the adapter's
+    # manifest says which RoPE it was trained with, so that is the refusal the user reads)
     plain = [a for a in argv[2:] if not a.startswith("hf_overrides=")]
     i = plain.index("--output_path")
     plain[i + 1] = str(tmp_path / "plain")
@@ -129,7 +130,7 @@ def test_vllm_serves_the_printed_command_past_the_native_window_and_the_guard_re
         timeout=300,
     )
     assert proc.returncode != 0
-    assert f"needles: error: max_model_len={TARGET} is past the RoPE window {NATIVE}" in proc.stderr
+    assert f"needles: error: the adapter {m['outputs']['adapter']} was trained with RoPE" in proc.stderr
     assert "hf_overrides=" in proc.stderr.split("fix:", 1)[1] and "Traceback" not in proc.stderr
     assert "Initializing a V1 LLM engine" not in proc.stdout + proc.stderr  # no engine was started
     assert not list((tmp_path / "plain").rglob("results_*.json"))
