@@ -175,7 +175,7 @@ def test_shipped_smollm2_extension_plans_passkey_and_loss_past_8k(tmp_path, caps
     printed = float(mde.split("MDE ")[1].split()[0])
     stated = float(path.read_text().split("give an MDE of\n# ")[1].split()[0])
     assert "at n 40" in mde and abs(printed - stated) < 0.005, (printed, stated)
-    assert "loss_past_window: nll (lower is better) on 8 paired documents" in cap.out
+    assert "loss_past_window: nll (lower is better) on 4 paired documents" in cap.out
     lines = [c for c in cap.out.splitlines() if c.startswith("lm_eval run")]
     assert len(lines) == 5  # base: one call; each extended variant: with and without the chat template
     base, free, free_plain, tuned, tuned_plain = (model_args(c) for c in lines)
