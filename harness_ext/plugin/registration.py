@@ -151,9 +151,16 @@ def check_loglikelihood_lengths(lm, requests) -> None:
     """Raise if a plugin task's context plus continuation exceeds ``max_length`` (lm-eval would cut the context
     from the left, so the loss would be measured after fewer tokens than the row says), or if the continuation
     lm-eval scores is not the row's ``continuation_tokens`` (per-token scores divide by it). The RoPE window is
-    no limit here: a loss curve past it is what a context-length sweep measures."""
+    no limit on backends that compute positions past it (a loss curve past it is what a context-length sweep
+    measures), but it is on vLLM: its rotary table ends at the served window, and past it every log-likelihood
+    comes back NaN."""
+    from harness_ext.plugin.rope_guard import vllm_window
+
     ours = plugin_task_names()
     limit = int(lm.max_length)
+    window = vllm_window(lm)
+    if window is not None and window < limit:
+        limit = window
     over: dict[str, tuple[int, int]] = {}  # task -> (count, longest request)
     miscounted: list[str] = []
     for req in requests:
@@ -168,6 +175,15 @@ def check_loglikelihood_lengths(lm, requests) -> None:
         expected = req.doc.get("continuation_tokens") if isinstance(req.doc, dict) else None
         if expected is not None and len(continuation_enc) != expected and len(miscounted) < 3:
             miscounted.append(f"task {task}: lm-eval scores {len(continuation_enc)} tokens, the row says {expected}")
+    if over and limit == window:
+        lines = [f"task {t}: {c} request(s) past vLLM's RoPE window; longest {n} tokens > {window}" for t, (c, n) in
+                 sorted(over.items())]  # fmt: skip
+        raise NeedlesError(
+            "requests past the RoPE window vLLM serves (its log-likelihoods there are NaN, not a loss):\n  "
+            + "\n  ".join(lines),
+            fix="score the unextended model past its window with --model hf (transformers computes every position), "
+            "or serve it extended (hf_overrides), or keep the context lengths inside the window",
+        )
     if over:
         lines = [f"task {t}: {c} request(s) do not fit; longest {n} tokens > model limit {limit}" for t, (c, n) in
                  sorted(over.items())]  # fmt: skip

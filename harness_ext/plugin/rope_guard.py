@@ -28,7 +28,7 @@ from typing import Any
 from harness_ext.core import rope as ropelib
 from harness_ext.core.errors import NeedlesError
 
-_WINDOW = "_needles_rope_window"
+WINDOW_ATTR = "_needles_rope_window"  # the served RoPE window, on a started vLLM model (patch_vllm_init)
 _CONFIG = "_needles_served_config"
 ESCAPE = "NEEDLES_ALLOW_PAST_ROPE_WINDOW"
 
@@ -122,17 +122,22 @@ def patch_vllm_init(cls: type) -> None:
         refuse_unscaled_adapter(config, kwargs.get("lora_local_path"), pretrained, requested)
         window = refuse_past_window(config, requested, pretrained)
         original(self, *args, **kwargs)
-        setattr(self, _WINDOW, window)
+        setattr(self, WINDOW_ATTR, window)
         setattr(self, _CONFIG, config)
 
     __init__._needles_patched = True
     cls.__init__ = __init__
 
 
+def vllm_window(lm: Any) -> int | None:
+    """The RoPE window a vLLM model was started with (recorded by :func:`patch_vllm_init`); None for other backends."""
+    return getattr(lm, WINDOW_ATTR, None)
+
+
 def served_window(lm: Any) -> tuple[int | None, dict | None]:
     """(RoPE window, served config) of an lm-eval model: recorded at vLLM start, or the HF model's config."""
-    if hasattr(lm, _WINDOW):
-        return getattr(lm, _WINDOW), getattr(lm, _CONFIG, None)
+    if hasattr(lm, WINDOW_ATTR):
+        return getattr(lm, WINDOW_ATTR), getattr(lm, _CONFIG, None)
     config = getattr(getattr(lm, "_model", None) or getattr(lm, "model", None), "config", None)
     if config is None or not hasattr(config, "to_dict"):
         return None, None

@@ -77,3 +77,25 @@ def test_guard_refuses_requests_that_lm_eval_would_cut_or_miscount(tiny_llama_di
     with pytest.raises(NeedlesError, match="lm-eval scores 32 tokens, the row says 31"):
         lm.loglikelihood(requests([{**short[0], "continuation_tokens": 31}]))
     assert len(lm.loglikelihood(requests(short))) == 2  # fitting, correctly counted requests are scored
+
+
+def test_guard_refuses_loss_past_the_window_vllm_serves(tiny_llama_dir, meta):
+    """vLLM's rotary table ends at the served RoPE window: past it every log-likelihood is NaN (SmolLM2 at 11,264
+    tokens on its 8K window), so a vLLM model (which records its window at start) is refused there; transformers
+    computes every position, so the same requests stay scoreable with --model hf."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+
+    from harness_ext.plugin.rope_guard import WINDOW_ATTR
+
+    rows = long_ppl_dataset("needles_long_ppl", {**meta, "pretrained": str(tiny_llama_dir)})["test"].to_list()
+    lm = HFLM(pretrained=str(tiny_llama_dir), dtype="float32", max_length=512, device="cpu")
+    reqs = [
+        Instance("loglikelihood", d, (d["context"], d["continuation"]), i, ("needles_long_ppl", i, 1))
+        for i, d in enumerate(rows)
+    ]
+    assert len(lm.loglikelihood(reqs)) == len(rows)  # hf: past the window is a loss like any other
+    setattr(lm, WINDOW_ATTR, 200)  # what patch_vllm_init records for a vLLM model served with a 200-token window
+    with pytest.raises(NeedlesError, match=r"past vLLM's RoPE window; longest 288 tokens > 200") as err:
+        lm.loglikelihood(reqs)
+    assert "--model hf" in err.value.fix
