@@ -36,7 +36,7 @@ def test_readme_is_a_front_page_whose_links_resolve():
     assert not missing, f"README links to missing files: {missing}"
 
 
-# A numbered work period ("session 12"), an issue number, or a dated check log: how the project was made, not what
+# A numbered work period, an issue number, or a dated check log: how the project was made, not what
 # it is. History a user needs is in CHANGELOG.md, by version.
 HISTORY = re.compile(r"\b(sessions? \d+|issues? #?\d+|(latest|earlier) check\b|what changed in\b)", re.IGNORECASE)
 
