@@ -63,7 +63,9 @@ def passkey_train_spec(data: dict) -> PasskeyTrainSpec:
 
 
 def passkey_train_docs(spec: PasskeyTrainSpec, tokenizer: Any) -> list[dict]:
-    """The training rows: the task's rows of this grid, each with ``prompt``, ``target`` and ``doc_sha256``."""
+    """The training rows: the task's rows of this grid, each with ``prompt`` (the user turn), ``target`` (the
+    assistant turn: the task's ``gen_prefix`` then the key, as lm-eval joins them) and ``doc_sha256``."""
     from harness_ext.tasklib.passkey import PasskeyGenerator, filler_stream
 
-    return PasskeyGenerator(spec.grid, filler_stream(tokenizer), tokenizer).generate()
+    rows = PasskeyGenerator(spec.grid, filler_stream(tokenizer), tokenizer).generate()
+    return [{**row, "target": f"{row['answer_prefix']} {row['target']}"} for row in rows]

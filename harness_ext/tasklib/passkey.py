@@ -2,7 +2,11 @@
 
 The test of Landmark Attention, later used by Position Interpolation, YaRN and LongLoRA to show that an
 extended model still reads every position: the task description, filler sentences with the line "The pass key
-is K. Remember it. K is the pass key." somewhere inside, and "What is the pass key? The pass key is".
+is K. Remember it. K is the pass key." somewhere inside, and "What is the pass key? The pass key is". The last
+words, "The pass key is", begin the reply: the row's ``prompt`` ends at the question and the task passes the
+cue as lm-eval's ``gen_prefix``, so with ``--apply_chat_template`` they open the assistant turn (in the user turn
+a chat model reads them as a sentence to complete about pass keys in general), and without a chat template the
+prompt is ``prompt + " " + cue``, the text of the reference, whose token count is the row's exact length.
 
 Rows are built by the NIAH machinery (:class:`~harness_ext.tasklib.niah_generator.NiahGenerator`): the filler
 is a cyclic piece stream, a sample's window grows from the same start at every length, the prompt fits each
@@ -34,11 +38,12 @@ from harness_ext.tasklib.niah import grid_from_metadata
 from harness_ext.tasklib.niah_generator import NiahGenerator
 from harness_ext.tasklib.niah_haystack import GridSpec, Needle, NiahSpec, PieceStream, piece_stream
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 TEMPLATE = "passkey/passkey.jinja"
 # Mohtashami & Jaggi's filler, question and key line (github.com/epfml/landmark-attention, run_test.py).
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
-QUESTION = "What is the pass key? The pass key is"
+ANSWER_PREFIX = "The pass key is"  # lm-eval's gen_prefix (kv_tasks/passkey/needles_passkey.yaml)
+QUESTION = "What is the pass key? " + ANSWER_PREFIX  # as the reference renders it; the fit counts all of it
 KEY_RANGE = (10000, 100000)  # 5-digit keys, as InfiniteBench's passkey task
 METRIC = "passkey_acc"
 _FIRST_NUMBER = re.compile(r"[0-9]+")
@@ -84,11 +89,25 @@ class PasskeyGenerator(NiahGenerator):
             "n_tokens": n_tokens,
             "window_start": start,
             "window_pieces": k,
-            "prompt": prompt,
+            "prompt": user_turn(prompt),
+            "answer_prefix": ANSWER_PREFIX,
             "target": needle.real_needle,
         }
         doc["doc_sha256"] = hashlib.sha256(base["doc_sha256"].encode()).hexdigest()
         return doc
+
+
+def user_turn(prompt: str) -> str:
+    """The fitted prompt without the reply's cue: what lm-eval puts before ``gen_prefix``."""
+    cue = " " + ANSWER_PREFIX
+    if not prompt.endswith(cue):
+        raise ValueError(f"a passkey prompt must end with {cue!r}: the template and QUESTION disagree")
+    return prompt[: -len(cue)]
+
+
+def plain_prompt(doc: dict) -> str:
+    """The text a model without a chat template is given (lm-eval: ``prompt``, target_delimiter, ``gen_prefix``)."""
+    return f"{doc['prompt']} {doc['answer_prefix']}"
 
 
 def filler_stream(tokenizer: object) -> PieceStream:

@@ -26,6 +26,8 @@ from harness_ext.finetune.config import FinetuneConfig
 from harness_ext.finetune.data import format_docs, generate_docs, train_spec
 from harness_ext.finetune.families import SynthTrainSpec, describe_families, synth_train_docs
 from harness_ext.finetune.outputs import record_outputs
+from harness_ext.finetune.passkey_family import passkey_train_docs
+from harness_ext.tasklib.passkey import plain_prompt
 
 SYSTEM = "Answer from the documents only."
 SYNTH = {"num_samples": 1, "num_documents": 4, "positions": [2]}
@@ -286,3 +288,34 @@ def test_the_eval_command_renders_the_training_system_prompt(world, tok, smollm2
         (example,) = format_docs(tok, [doc], cfg.system_prompt)
         diff = first_difference(example.input_ids[: example.n_prompt], eval_ids(lm, context), tok)
         assert diff is None, f"system prompt {system!r}: the eval command renders another prompt, at {diff}"
+
+
+@pytest.mark.parametrize("backend", ["vllm", "hf"])
+def test_passkey_training_renders_the_cue_in_the_assistant_turn_as_lm_eval(backend, tok, smollm2_dir, tmp_path):
+    """needles_passkey's reply begins with its ``gen_prefix`` ("The pass key is"): lm-eval opens the assistant turn
+    with it and the model continues; the passkey training family trains the same turn, cue then key. The user turn
+    ending in the cue (the reference's plain text as one chat message) is another prompt and is caught."""
+    from lm_eval.tasks import TaskManager
+
+    from harness_ext.plugin.registration import tasks_dir
+
+    data = {"family": "passkey", "lengths": [256], "depths": [0.0, 1.0], "num_samples": 1}
+    meta = {"passkey_lengths": [256], "passkey_depths": [0.5], "passkey_num_samples": 1, "pretrained": str(smollm2_dir)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NEEDLES_CACHE_DIR", str(tmp_path / "cache"))
+        docs = passkey_train_docs(train_spec(data), tok)
+        manager = TaskManager(include_path=str(tasks_dir()), include_defaults=False, metadata=meta)
+        task = manager.load(["needles_passkey"])["tasks"]["needles_passkey"]
+    lm = lm_eval_model(backend, tok)
+    contexts = eval_contexts(task, docs, lm, None)
+    assert len(docs) == 2
+    for doc, example, context in zip(docs, format_docs(tok, docs), contexts, strict=True):
+        assert context.endswith(doc["prompt"] + "<|im_end|>\n<|im_start|>assistant\nThe pass key is")
+        evaluated = eval_ids(lm, context)
+        diff = first_difference(example.input_ids[: len(evaluated)], evaluated, tok)
+        assert diff is None, f"passkey: the training prompt differs from lm-eval's at {diff}"
+        key = doc["passkey"]
+        assert tok.decode(example.input_ids[len(evaluated) :]) == f" {key}" + tok.eos_token + "\n"
+        assert task.process_results({**doc, "target": key}, [f" {key}."])["passkey_acc"] == 1.0  # the reply scores
+        cue_in_user_turn = format_docs(tok, [{"prompt": plain_prompt(doc), "target": key}])[0]
+        assert first_difference(cue_in_user_turn.input_ids[: len(evaluated)], evaluated, tok) is not None

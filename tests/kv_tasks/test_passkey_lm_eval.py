@@ -12,7 +12,7 @@ from harness_ext.reporting.leaderboard import collect_rows
 from harness_ext.reporting.length_curves import curves
 from harness_ext.reporting.plots import kv_cells
 from harness_ext.tasklib.breakdowns import PASSKEY_METRIC, PASSKEY_TASK
-from harness_ext.tasklib.passkey import passkey_dataset, passkey_match
+from harness_ext.tasklib.passkey import passkey_dataset, passkey_match, plain_prompt
 
 SMALL = {"passkey_lengths": [256], "passkey_depths": [0.0, 1.0], "passkey_num_samples": 2}
 CELLS = ("", "_len256", "_depth0.00", "_depth1.00", "_len256_depth0.00", "_len256_depth1.00")
@@ -36,7 +36,9 @@ def test_passkey_via_cli(lm_eval_run, tiny_llama_dir, tmp_path, monkeypatch):
     for s in samples:
         prompt = s["arguments"]["gen_args_0"]["arg_0"]
         assert prompt.startswith("There is an important info hidden inside a lot of irrelevant text.")
-        assert prompt.endswith("\nWhat is the pass key? The pass key is") and s["doc"]["n_tokens"] <= 256
+        # no chat template: the user turn, a space, the cue (gen_prefix); the exact length is of this text
+        assert prompt == plain_prompt(s["doc"]) and prompt.endswith("\nWhat is the pass key? The pass key is")
+        assert s["doc"]["n_tokens"] <= 256
         assert s["target"] == s["doc"]["passkey"] and f"The pass key is {s['target']}." in prompt
         assert s["passkey_acc"] == passkey_match(s["target"], s["filtered_resps"][0])
 
@@ -64,7 +66,7 @@ def test_length_guard_refuses_a_passkey_prompt_past_max_length(tiny_llama_dir, t
     rows = passkey_dataset("needles_passkey", {**SMALL, "pretrained": str(tiny_llama_dir)})["test"].to_list()
     lm = HFLM(pretrained=str(tiny_llama_dir), dtype="float32", max_length=200, device="cpu")
     requests = [
-        Instance("generate_until", r, (r["prompt"], {"max_gen_toks": 16}), i, ("needles_passkey", i, 1))
+        Instance("generate_until", r, (plain_prompt(r), {"max_gen_toks": 16}), i, ("needles_passkey", i, 1))
         for i, r in enumerate(rows)
     ]
     with pytest.raises(NeedlesError, match=r"task needles_passkey: 4 prompt\(s\) do not fit; longest 256 tokens"):

@@ -51,7 +51,10 @@ class KVServer:
         request = json.loads(body)
         if request.get("model") != MODEL:
             return error(404, f"The model `{request.get('model')}` does not exist.", "model_not_found", "model")
-        prompt = request["messages"][-1]["content"]
+        # the user turn; passkey's reply cue (lm-eval's gen_prefix) comes as a last, assistant message
+        prompt = [m["content"] for m in request["messages"] if m["role"] == "user"][-1]
+        if request["messages"][-1]["role"] == "assistant":
+            assert request["messages"][-1]["content"] == "The pass key is" and "What is the pass key?" in prompt
         tokens = len(self.tokenizer.encode(prompt, add_special_tokens=False).ids)
         (self.passkey_counts if "What is the pass key?" in prompt else self.counts).append(tokens)
         return 200, chat_completion(MODEL, self.answer(prompt, tokens), tokens, 20)
@@ -101,9 +104,10 @@ def test_scorecard_of_an_endpoint(endpoint, smollm2_dir, tmp_path, capsys):
     assert all(r.headers.get("Authorization") == f"Bearer {KEY}" for r in server.requests)
     for r in chats:
         body = r.json()
-        passkey = "What is the pass key?" in body["messages"][-1]["content"]
+        passkey = "What is the pass key?" in body["messages"][0]["content"]
         assert body["model"] == MODEL and body["max_tokens"] == (16 if passkey else 64) and body["temperature"] == 0
-        assert [m["role"] for m in body["messages"]] == ["user"]  # the server applies the chat template
+        # the server applies the chat template; passkey's reply begins with its cue, an assistant message
+        assert [m["role"] for m in body["messages"]] == (["user", "assistant"] if passkey else ["user"])
     # prompts sized to the ladder with the given tokenizer (whole dictionaries up to the length): half just under 256
     # tokens, half just under 512, none above
     short = sorted(c for c in state.counts if c < RIGHT_BELOW)

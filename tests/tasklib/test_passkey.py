@@ -17,6 +17,7 @@ from harness_ext.tasklib.passkey import (
     passkey,
     passkey_dataset,
     passkey_match,
+    plain_prompt,
     process_results,
 )
 from harness_ext.tasklib.token_budget import count_tokens
@@ -76,14 +77,16 @@ def test_process_results_keys_and_breakdowns():
 def test_prompts_have_exact_lengths_and_the_reference_text(rows, smollm2_dir):
     tok = load_tokenizer(str(smollm2_dir))
     assert len(rows) == 2 * 2 * 3
-    assert count_tokens(tok, [r["prompt"] for r in rows]) == [r["n_tokens"] for r in rows]
+    # the exact length is the plain rendering's: the user turn, a space, the reply's cue (lm-eval's gen_prefix)
+    assert count_tokens(tok, [plain_prompt(r) for r in rows]) == [r["n_tokens"] for r in rows]
     for r in rows:
+        assert r["prompt"].endswith("\nWhat is the pass key?") and r["answer_prefix"] == "The pass key is"
         assert r["target_tokens"] - 12 <= r["n_tokens"] <= r["target_tokens"], r["n_tokens"]  # within a few words
         key = r["target"]
         assert len(key) == 5 and key.isdigit() and key == r["passkey"] == str(passkey(0, r["sample"]))
         line = f"The pass key is {key}. Remember it. {key} is the pass key."
-        assert r["prompt"].startswith(INTRO) and r["prompt"].endswith("\n" + QUESTION)
-        context = r["prompt"][len(INTRO) : -len(QUESTION) - 1]
+        assert plain_prompt(r).startswith(INTRO) and plain_prompt(r).endswith("\n" + QUESTION)
+        context = plain_prompt(r)[len(INTRO) : -len(QUESTION) - 1]
         assert context.count(line) == 1 and context.count(key) == 2
         filler = context.replace(line, " ").split()
         assert " ".join(filler) in " ".join([FILLER] * 200)  # the rest is the repeated filler, in order
@@ -97,7 +100,7 @@ def test_key_sits_at_the_requested_depth_and_depths_are_paired(rows):
         assert len({(r["window_start"], r["window_pieces"], r["passkey"]) for r in cell}) == 1
         for r in cell:
             assert abs(r["needle_depth"] - r["depth"]) < 0.1, (r["depth"], r["needle_depth"])
-            context = r["prompt"][len(INTRO) : -len(QUESTION) - 1]
+            context = plain_prompt(r)[len(INTRO) : -len(QUESTION) - 1]
             at = context.index("The pass key is")
             if r["depth"] == 0.0:
                 assert at == 0
