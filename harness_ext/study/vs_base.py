@@ -61,8 +61,9 @@ def with_holm(tests: dict[str, dict[str, dict]]) -> dict[str, dict[str, dict]]:
 
 
 def rounded(test: dict) -> dict:
+    # six significant digits, not decimals: an exact McNemar p of 3.5e-07 must not be written as 0.0
     def r(x: object) -> object:
-        return round(x, 6) if isinstance(x, float) else x
+        return float(f"{x:.6g}") if isinstance(x, float) else x
 
     return {k: [r(x) for x in v] if isinstance(v, list) else r(v) for k, v in test.items()}
 

@@ -15,7 +15,7 @@ from harness_ext.core.stats import holm
 from harness_ext.study.config import study_from_dict
 from harness_ext.study.report import build_report, to_markdown
 from harness_ext.study.steps import Study, make_runs
-from harness_ext.study.vs_base import cell, paired_test, vs_base, with_holm
+from harness_ext.study.vs_base import cell, paired_test, rounded, vs_base, with_holm
 
 TASK, DATE = "kv_retrieval_simple", "2026-01-01T00-00-00"
 BASE_OK = [1] * 10 + [0] * 30
@@ -77,6 +77,16 @@ def test_mcnemar_two_sided_matches_scipys_binomial_test():
     # one discordant pair each way: scipy's two-sided p is 1, ours must not exceed 1
     tie = paired_test(np.array([1.0, 0.0, 1.0]), np.array([0.0, 1.0, 1.0]), iters=200)
     assert tie["p"] == pytest.approx(binomtest(1, 2, 0.5).pvalue) == 1.0
+
+
+def test_a_tiny_p_keeps_its_digits():
+    """71 prompts down and 22 up out of 384: exact McNemar p 3.5e-07, which is neither 0 in report.json nor p=0."""
+    base, run = np.zeros(384), np.zeros(384)
+    base[:71], run[71:93] = 1, 1
+    test = rounded(paired_test(base, run, iters=100))
+    assert test["p"] == pytest.approx(binomtest(22, 93, 0.5).pvalue, rel=1e-5) and test["p"] > 0
+    assert test["delta"] == pytest.approx((22 - 71) / 384, abs=1e-6)
+    assert "p=3.48e-07" in cell({**test, "p_holm": test["p"]})
 
 
 def test_continuous_metric_uses_the_paired_bootstrap():
