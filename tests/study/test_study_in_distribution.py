@@ -125,9 +125,10 @@ def test_report_leads_with_each_runs_check_against_base(tmp_path):
     got = rep["in_distribution"]
     assert [got[n]["status"] for n in (*AFTER, "chains")] == ["learned", "not_learned", "not_shown", "unavailable"]
     raw = [binomtest(30, 30, 0.5).pvalue, binomtest(0, 9, 0.5).pvalue, binomtest(0, 1, 0.5).pvalue]
-    assert [got[n]["p"] for n in AFTER] == [round(p, 6) for p in raw]  # exact McNemar, two-sided
-    assert [got[n]["p_holm"] for n in AFTER] == [round(p, 6) for p in holm(raw)]  # Holm across the checks only
-    assert got["worse"]["delta"] == round(-9 / 60, 6) and "mde" in got["flat"] and "mde" not in got["learned"]
+    # exact McNemar, two-sided, to six significant digits (30 of 30: p 1.9e-09, not 0)
+    assert [got[n]["p"] for n in AFTER] == [float(f"{p:.6g}") for p in raw] and got["learned"]["p"] > 0
+    assert [got[n]["p_holm"] for n in AFTER] == [float(f"{p:.6g}") for p in holm(raw)]  # Holm across the checks only
+    assert got["worse"]["delta"] == float(f"{-9 / 60:.6g}") and "mde" in got["flat"] and "mde" not in got["learned"]
     assert rep["runs"][1]["vs_base"][TARGET]["p_holm"] == 1.0  # the targets' family is unchanged
     md = to_markdown(rep)
     sentence = f"**worse: {NOT_LEARNED}.**"

@@ -116,12 +116,12 @@ def test_report_pairs_every_run_with_base_from_planted_sample_logs(tmp_path):
         done[f"eval:{name}"] = _eval(tmp_path, name, values)
     tests = vs_base(study, done)
     better, same = tests["better"][TASK], tests["same"][TASK]
-    assert better["n"] == 40 and better["delta"] == round((14 - 2) / 40, 6)
-    assert better["p"] == round(binomtest(14, 16, 0.5).pvalue, 6)
+    assert better["n"] == 40 and better["delta"] == float(f"{(14 - 2) / 40:.6g}")
+    assert better["p"] == float(f"{binomtest(14, 16, 0.5).pvalue:.6g}")  # six significant digits
     assert same["delta"] == 0 and same["p"] == 1.0
     raw_p = [1.0, binomtest(14, 16, 0.5).pvalue, 1.0]  # real, better, same
-    assert [tests[r][TASK]["p_holm"] for r in ("real", "better", "same")] == [round(p, 6) for p in holm(raw_p)]
-    assert better["p_holm"] == round(3 * binomtest(14, 16, 0.5).pvalue, 6)
+    assert [tests[r][TASK]["p_holm"] for r in ("real", "better", "same")] == [float(f"{p:.6g}") for p in holm(raw_p)]
+    assert better["p_holm"] == float(f"{3 * binomtest(14, 16, 0.5).pvalue:.6g}")
 
     # the report around it: the base row, the vs-base column and the same numbers in report.json
     for run in study.runs.values():
