@@ -2,8 +2,8 @@
 before the base evaluation and the finetune; the run stops when a row's comparison cannot move.
 
 The plain experiment pilots its base evaluation's command; the context extension pilots the base model inside its
-native window (its guards and in-window targets where they are scored, an extension target at its lengths inside the
-window, or at half the window when it has none: an extension carries a skill the model has inside it). Once the
+native window (its guards and in-window targets at their lengths inside it, an extension target at the window's edge:
+an extension carries past the window a skill the model has up to its end). Once the
 finetune has finished, the check has nothing left to save and no longer stops a resumed run; the report's
 uninformative marks (harness_ext.workflow.informative) take over.
 """
@@ -28,13 +28,25 @@ from harness_ext.workflow.steps import Step, StepRunner
 from harness_ext.workflow.suite import ExperimentConfig
 
 
-def entries(cfg: ExperimentConfig, extension_targets: frozenset[str] = frozenset()) -> list[PilotTask]:
+def entries(
+    cfg: ExperimentConfig,
+    extension_targets: frozenset[str] = frozenset(),
+    lengths: dict[str, tuple[int, ...]] | None = None,
+) -> list[PilotTask]:
     """The suite's targets and guards as the pilot checks them (the in-distribution check is not one: a base model
     at floor on the trained family is what a finetune is for); ``extension_targets``: names of targets with lengths
-    past the window."""
+    past the window; ``lengths``: name -> the lengths whose documents an entry reads (all when absent)."""
     kinds = {"guard": GUARD, "target": TARGET}
+    lengths = lengths or {}
     return [
-        PilotTask(e.name, e.task, e.metric, e.filter, EXTENSION if e.name in extension_targets else kinds[e.role])
+        PilotTask(
+            e.name,
+            e.task,
+            e.metric,
+            e.filter,
+            EXTENSION if e.name in extension_targets else kinds[e.role],
+            lengths.get(e.name, ()),
+        )  # fmt: skip
         for e in cfg.suite
         if e.role in kinds
     ]

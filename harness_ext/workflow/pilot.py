@@ -16,8 +16,9 @@ at least 4 in every cell; tasks read from data files score their first L documen
   and at floor the comparison usually ends as two floors (a finetune can lift a task from zero, but a model that
   fails every pilot document of a task rarely learns it from a short finetune);
 - a guard is at floor: nothing to lose, so "held" would be an empty pass;
-- a context extension's target (lengths past the native window) is at floor inside the window: there is no skill
-  to extend (its pilot scores it at its lengths inside the window, or at half the window when it has none).
+- a context extension's target (lengths past the native window) is at floor at the edge of the window: there is no
+  skill to extend (its pilot scores it at the longest multiple of 64 tokens that fits the native window with the
+  reply; a skill the model has at 1K and loses by 8K has nothing to carry past 8K).
 
 A base mean near but above the bound (one right answer in 20) passes: the check stops only what cannot move.
 The stop is a NeedlesError (exit 2) naming every such task, the reason and the fix; ``--skip-pilot-check`` runs
@@ -56,6 +57,7 @@ class PilotTask:
     metric: str
     filter: str = "none"
     kind: str = TARGET  # TARGET, GUARD or EXTENSION
+    lengths: tuple[int, ...] = ()  # the lengths whose documents it reads (a task piloted in two roles); () all
 
 
 def pilot_limit(tasks: Sequence[str], metadata: dict, limit: int | None = None) -> int:
@@ -79,6 +81,7 @@ def pilot_argv(argv: list[str], out: Path, limit: int) -> list[str]:
 
 def _values(results: Path, entry: PilotTask) -> np.ndarray:
     from harness_ext.reporting.results_io import as_number, iter_samples, load_run
+    from harness_ext.tasklib.breakdowns import key_suffix
     from harness_ext.workflow.paired import leaf_tasks
 
     run = load_run(Path(results))
@@ -90,7 +93,9 @@ def _values(results: Path, entry: PilotTask) -> np.ndarray:
                 f"pilot: {leaf} has no per-sample log in {results}", fix="run lm_eval with --log_samples"
             )
         for row in iter_samples(path):
-            value = as_number(row.get(entry.metric))
+            # a document of one length carries the metric's per-length key (passkey_acc_len1024) only for its own
+            keys = [entry.metric + key_suffix("length", n) for n in entry.lengths] or [entry.metric]
+            value = next((v for k in keys if (v := as_number(row.get(k))) is not None), None)
             if row.get("filter", "none") == entry.filter and value is not None:
                 values.append(value)
     return np.asarray(values, dtype=float)
@@ -136,7 +141,8 @@ def check(results: Path, entries: Sequence[PilotTask], limit: int) -> dict:
         v = _values(results, entry)
         bound = at_bound(v)
         problem = _problem(entry, bound, len(v)) if len(v) else None
-        rows.append({"task": entry.name, "kind": entry.kind, "metric": entry.metric, "n": int(len(v)),
+        rows.append({"task": entry.name, "kind": entry.kind, "metric": entry.metric, "lengths": list(entry.lengths),
+                     "n": int(len(v)),
                      "mean": float(v.mean()) if len(v) else math.nan, "bound": bound,
                      "problem": problem[0] if problem else None, "fix": problem[1] if problem else None})  # fmt: skip
     return {"results": str(results), "limit": limit, "tasks": rows, "stops": any(r["problem"] for r in rows)}
@@ -147,7 +153,8 @@ def format_pilot(record: dict) -> str:
     lines = [f"pilot check: the base model on {record['limit']} documents per task at most"]
     for r in record["tasks"]:
         verdict = "STOP: " + r["problem"] if r["problem"] else ("ok" if r["bound"] is None else f"at {r['bound']}")
-        lines.append(f"  {r['task']} ({r['kind']}, {r['metric']}): mean {r['mean']:.3f} at n {r['n']} - {verdict}")
+        at = f" at {', '.join(map(str, r['lengths']))} tokens" if r.get("lengths") else ""
+        lines.append(f"  {r['task']} ({r['kind']}, {r['metric']}{at}): mean {r['mean']:.3f} at n {r['n']} - {verdict}")
     return "\n".join(lines)
 
 

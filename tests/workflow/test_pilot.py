@@ -64,6 +64,25 @@ def test_the_rule_stops_only_what_cannot_move(tmp_path, vals, kind, stops, words
     assert "going on (--skip-pilot-check)" in logged[-1]
 
 
+def test_an_entry_reads_only_its_lengths(tmp_path):
+    """A task piloted in two roles (a context extension's target at the window's edge, its guard at 300 tokens)
+    scores both lengths in one call; each entry reads the documents of its own lengths (their per-length keys)."""
+    docs = [(str(i), n, float(n == 300)) for i, n in enumerate([300, 384] * 10)]
+    path = plant_run(tmp_path / "p", {KV: ("value_acc", docs)})
+    samples = next((tmp_path / "p").glob("samples_*.jsonl"))
+    rows = [json.loads(line) for line in samples.read_text().splitlines()]
+    for row in rows:  # what lm-eval logs beside the metric: its value under the document's length key
+        row[f"value_acc_len{row['doc']['target_tokens']}"] = row["value_acc"]
+    samples.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    entries = [PilotTask("kv_past", KV, "value_acc", kind=EXTENSION, lengths=(384,)),
+               PilotTask("kv_in", KV, "value_acc", kind=GUARD, lengths=(300,)),
+               PilotTask("kv_all", KV, "value_acc", kind=GUARD)]  # fmt: skip
+    past, inside, both = check(path, entries, 20)["tasks"]
+    assert (past["n"], past["mean"], past["lengths"]) == (10, 0.0, [384]) and "no skill to extend" in past["problem"]
+    assert (inside["n"], inside["mean"], inside["problem"]) == (10, 1.0, None)
+    assert (both["n"], both["mean"], both["problem"]) == (20, 0.5, None)
+
+
 def _fake_eval(calls: list, kv_values: list[float], stop_after: int = 1):
     """run_eval stand-in: the pilot's evaluation writes planted all-zero KV results; a later one raises (it is
     how far the run got)."""

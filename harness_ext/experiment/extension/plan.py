@@ -211,24 +211,42 @@ def variant_argvs(
     return out_argvs
 
 
+def pilot_edge(cfg: ExperimentConfig, plan: ExtensionPlan, family: str) -> int:
+    """The length at which an extension target is piloted: the longest multiple of 64 that fits the native window
+    with the family's room (the reply and the chat template). A skill the model has at half its window and loses
+    before its edge has nothing to carry past the window."""
+    return (plan.native - _room(cfg, family)) // 64 * 64
+
+
 def extension_pilot(
-    cfg: ExperimentConfig, plan, base: str, out: Path, system_prompt: str | None = None
+    cfg: ExperimentConfig, plan: ExtensionPlan, base: str, out: Path, system_prompt: str | None = None
 ) -> tuple[list[str], ExperimentConfig, list]:
-    """(the base-model command, its config, the checked entries) of a context extension's pilot: every suite task
-    inside the native window (plan: harness_ext.experiment.extension.plan.ExtensionPlan)."""
+    """(the base-model command, its config, the checked entries) of a context extension's pilot, served inside the
+    native window: a guard or an in-window target at its lengths inside the window, an extension target (lengths
+    past the window) at the window's edge (:func:`pilot_edge`). A task checked in both roles scores both lengths in
+    one call; each entry reads only its own lengths' documents."""
     from harness_ext.experiment.pilot import entries
 
-    metadata = {**cfg.metadata, **{key: list(n) or [plan.native // 2] for key, n in plan.inside.items()}}
     # a loss has no floor or ceiling to stop at (and needs its own call without the chat template): not piloted
     suite = [e for e in cfg.suite if not is_plain(e.task)]
-    pilot_cfg = dataclasses.replace(cfg, suite=suite, metadata=metadata, max_model_len=plan.native)
+    checked_at: dict[str, tuple[int, ...]] = {}
+    by_key: dict[str, set[int]] = {}
     past = set()
-    for e in cfg.suite:
+    for e in suite:
         family = length_family(e.task)
-        if e.role == "target" and family and plan.past.get(LENGTH_FAMILIES[family][0]):
+        if family is None:
+            continue
+        key = LENGTH_FAMILIES[family][0]
+        if e.role == "target" and plan.past.get(key):
             past.add(e.name)
+            checked_at[e.name] = (pilot_edge(cfg, plan, family),)
+        else:
+            checked_at[e.name] = tuple(plan.inside[key])
+        by_key.setdefault(key, set()).update(checked_at[e.name])
+    metadata = {**cfg.metadata, **{key: sorted(lengths) for key, lengths in by_key.items()}}
+    pilot_cfg = dataclasses.replace(cfg, suite=suite, metadata=metadata, max_model_len=plan.native)
     argv = eval_argv(pilot_cfg, base, out / "pilot", system_prompt=system_prompt)
-    return argv, pilot_cfg, entries(pilot_cfg, frozenset(past))
+    return argv, pilot_cfg, entries(pilot_cfg, frozenset(past), checked_at)
 
 
 def extension_mde_text(cfg: ExperimentConfig, plan: ExtensionPlan) -> str:

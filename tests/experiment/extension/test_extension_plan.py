@@ -162,24 +162,25 @@ def test_shipped_llama3_extension_prints_its_cost_first(tmp_path, capsys, monkey
     assert not (tmp_path / "out").exists()
 
 
-def test_shipped_smollm2_extension_plans_passkey_and_loss_past_8k(tmp_path, capsys):
-    """examples/experiments/smollm2_extend_cpu.yaml: 8K -> 12K with YaRN; passkey and the continuation loss past the
+def test_shipped_smollm2_extension_plans_niah_and_loss_past_8k(tmp_path, capsys):
+    """examples/experiments/smollm2_extend_cpu.yaml: 8K -> 12K with YaRN; NIAH and the continuation loss past the
     window, passkey and short KV inside it; the MDE its header states is the one the dry run prints; the loss runs
     without the chat template; training on passkey documents with the loss on every token."""
     path = Path(__file__).resolve().parents[3] / "examples" / "experiments" / "smollm2_extend_cpu.yaml"
     assert main(["experiment", str(path), "-o", str(tmp_path / "out"), "--dry-run"]) == 0
     cap = capsys.readouterr()
     assert cap.err.startswith("[needles experiment] cost estimate: context extension 8192 -> 12288 tokens (yarn")
-    assert "training ~159,744 tokens" in cap.err  # 4 keys x 3 depths x (2,048 + 11,264) tokens, one epoch
-    mde = next(line for line in cap.out.splitlines() if "passkey_past_window: MDE" in line)
+    assert "training ~119,808 tokens" in cap.err  # 3 keys x 3 depths x (2,048 + 11,264) tokens, one epoch
+    mde = next(line for line in cap.out.splitlines() if "niah_past_window: MDE" in line)
     printed = float(mde.split("MDE ")[1].split()[0])
     stated = float(path.read_text().split("give an MDE of\n# ")[1].split()[0])
-    assert "at n 40" in mde and abs(printed - stated) < 0.005, (printed, stated)
+    assert "at n 18" in mde and abs(printed - stated) < 0.0005, (printed, stated)
     assert "loss_past_window: nll (lower is better) on 4 paired documents" in cap.out
     lines = [c for c in cap.out.splitlines() if c.startswith("lm_eval run")]
     assert len(lines) == 5  # base: one call; each extended variant: with and without the chat template
     base, free, free_plain, tuned, tuned_plain = (model_args(c) for c in lines)
     assert base["max_model_len"] == "8192" and base["metadata"]["passkey_lengths"] == [1024]
+    assert "niah_single" not in lines[0] and free["metadata"]["niah_lengths"] == [9216]  # past the window only
     assert "needles_long_ppl" not in lines[0] and "--apply_chat_template" in lines[0]
     assert free["max_model_len"] == tuned["max_model_len"] == free_plain["max_model_len"] == "12288"
     assert free_plain["hf_overrides"] == free["hf_overrides"] and tuned_plain["pretrained"].endswith("merged")
@@ -189,3 +190,22 @@ def test_shipped_smollm2_extension_plans_passkey_and_loss_past_8k(tmp_path, caps
         assert argv[argv.index("--output_path") + 1].endswith("_plain")
     ft = yaml.safe_load(path.read_text())["finetune"]
     assert ft["loss_on"] == "all" and ft["data"]["family"] == "passkey" and "recipe" not in ft
+
+
+def test_the_pilot_reads_an_extension_target_at_the_edge_of_the_window(tmp_path, model):
+    """A target past the window is piloted at the window's edge (a skill the model has at 300 tokens and loses by
+    512 has nothing to carry past 512), the guard of the same task at its own length, each reading its own documents
+    (tests/workflow/test_pilot.py::test_an_entry_reads_only_its_lengths)."""
+    from harness_ext.experiment.config import load_experiment
+    from harness_ext.experiment.extension.plan import extension_pilot, plan_extension
+    from harness_ext.workflow.pilot import EXTENSION, GUARD
+    from harness_ext.workflow.training import finetune_config
+
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump(config(model)))
+    cfg = load_experiment(tmp_path / "exp.yaml")
+    plan = plan_extension(cfg, finetune_config(cfg, tmp_path / "out"))
+    argv, pilot_cfg, checked = extension_pilot(cfg, plan, str(model), tmp_path / "out")
+    edge = (NATIVE - 64 - 64) // 64 * 64  # the reply (max_gen_toks 64) and the chat template's slack: 384
+    assert pilot_cfg.max_model_len == NATIVE and pilot_cfg.metadata["lengths"] == [300, edge]
+    assert model_args(shlex.join(argv))["metadata"]["lengths"] == [300, edge]
+    assert [(c.kind, c.lengths) for c in checked] == [(EXTENSION, (edge,)), (GUARD, (300,))]
