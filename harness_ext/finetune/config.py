@@ -82,6 +82,11 @@ class DataOptions:
         help="synth_mdqa: facts per record/entity (default 3)", ge=1, label="data.facts_per_document", fix="use 1..6"
     )
     reference_needles: bool | None = option(negatable=True, help="synth_mdqa natural_in_prose: add Wu et al.'s needles")
+    target: str | None = option(
+        flag="--data-target",
+        choices=("answer", "sentence"),
+        help="synth_mdqa: the trained reply: the first answer (default) or the gold document's sentence holding it",
+    )
 
 
 def _positive(key: str, example: str) -> dict:

@@ -15,6 +15,7 @@ exact lengths, multi-hop chains or facts to cite, or the real-data baseline from
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +29,10 @@ TRAIN_NUM_SAMPLES = 350  # as the KV family's default documents per length
 _LIST_KEYS = ("positions", "lengths")
 _BOOL_KEYS = ("reference_needles",)
 _QA_LIST_KEYS = {"lengths": int, "placements": str, "hops": int, "haystacks": str}
+# the trained reply of a synth_mdqa row: its first answer (what the metric looks for), or the sentence of the gold
+# document that holds an answer (the restating reply form the base model writes; docs/study.md "Diagnosis")
+TARGET_FORMS = ("answer", "sentence")
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
 def data_family(data: dict) -> str:
@@ -42,10 +47,11 @@ def data_family(data: dict) -> str:
 
 
 def synth_keys() -> list[str]:
-    """The ``data`` keys of the synth_mdqa family (besides ``family``): SynthSpec's fields but the split."""
+    """The ``data`` keys of the synth_mdqa family (besides ``family``): SynthSpec's fields but the split, and the
+    trained reply's form (``target``)."""
     from harness_ext.tasklib.synth_mdqa import SynthSpec
 
-    return [f.name for f in dataclasses.fields(SynthSpec) if f.name != "split"]
+    return [f.name for f in dataclasses.fields(SynthSpec) if f.name != "split"] + ["target"]
 
 
 def kv_keys_fix(unknown: list[str], known: list[str]) -> str:
@@ -63,13 +69,16 @@ class SynthTrainSpec:
     synth: Any  # harness_ext.tasklib.synth_mdqa.SynthSpec, split "train"
     family: str = SYNTH_FAMILY
     info: dict = field(default_factory=dict)  # dataset SHA-256 and data files, filled by synth_train_docs
+    target: str = "answer"  # TARGET_FORMS (synth_mdqa only)
 
     @property
     def seed(self) -> int:
         return self.synth.seed
 
     def to_json(self) -> dict:
-        return {"family": self.family, **dataclasses.asdict(self.synth)}
+        # the default form is left out, so specs written before the option keep their JSON (and run folders resume)
+        form = {"target": self.target} if self.target != "answer" else {}
+        return {"family": self.family, **form, **dataclasses.asdict(self.synth)}
 
     def manifest_fields(self) -> dict:
         """What the finetune manifest records besides the spec: family, cell, split and the data's hashes."""
@@ -80,6 +89,11 @@ class SynthTrainSpec:
             "dataset_sha256": self.info.get("needles_data_sha256"),
             "data_files": self.info.get("needles_data_files"),
             "data_official": self.info.get("needles_data_official"),
+            **(
+                {"target": self.target, "answer_fallbacks": self.info.get("answer_fallbacks")}
+                if self.target != "answer"
+                else {}
+            ),
         }
 
 
@@ -152,9 +166,15 @@ def synth_train_spec(data: dict) -> SynthTrainSpec:
         return qa_train_spec(data)
 
     cell = _checked_cell(data, SYNTH_FAMILY, synth_keys(), CELLS, " (drop the kv family's keys, e.g. variant)")
+    target = data.get("target") or "answer"
+    if target not in TARGET_FORMS:
+        raise NeedlesError(
+            f"data.target={target!r} is not a target form of the {SYNTH_FAMILY} family (--data-target)",
+            fix=f"use one of {', '.join(TARGET_FORMS)}",
+        )
     kwargs: dict = {"cell": cell, "num_samples": TRAIN_NUM_SAMPLES}
     for key, value in data.items():
-        if key in ("family", "cell") or value is None:
+        if key in ("family", "cell", "target") or value is None:
             continue
         if key in _BOOL_KEYS:
             kwargs[key] = bool(value)
@@ -165,7 +185,7 @@ def synth_train_spec(data: dict) -> SynthTrainSpec:
             kwargs[key] = _int(key, value)
     spec = SynthSpec(**kwargs, split=TRAIN_SPLIT)
     spec.validate()
-    return SynthTrainSpec(spec)
+    return SynthTrainSpec(spec, target=target)
 
 
 def data_metadata(eval_metadata: dict, pretrained: str) -> dict:
@@ -173,8 +193,29 @@ def data_metadata(eval_metadata: dict, pretrained: str) -> dict:
     return {**{k: v for k, v in eval_metadata.items() if not k.startswith("synth_")}, "pretrained": pretrained}
 
 
+def answer_sentence(gold_span: str, answers: list[str]) -> str | None:
+    """The first sentence of the gold document's text that holds an answer (as the metric matches it: normalised,
+    so a reply that copies it is credited), on one line; None when no sentence does (an answer cut by a split)."""
+    from harness_ext.tasklib.metrics import best_subspan_em
+
+    for sentence in _SENTENCE.split(" ".join(gold_span.split())):
+        if best_subspan_em(sentence, answers):
+            return sentence
+    return None
+
+
+def _targets(rows: list[dict], form: str, info: dict) -> list[dict]:
+    """Rows with their trained reply: the first answer, or (``sentence``) the gold document's answer sentence, the
+    first answer where none holds one (counted in ``info["answer_fallbacks"]``)."""
+    if form == "answer":
+        return [{**r, "target": r["answers"][0]} for r in rows]
+    sentences = [answer_sentence(r["gold_span"], r["answers"]) for r in rows]
+    info["answer_fallbacks"] = sum(s is None for s in sentences)
+    return [{**r, "target": s or r["answers"][0]} for r, s in zip(rows, sentences, strict=True)]
+
+
 def synth_train_docs(spec: SynthTrainSpec, eval_metadata: dict, pretrained: str) -> list[dict]:
-    """The training rows of ``spec`` (cached like the tasks' rows), each with ``target`` = the first answer."""
+    """The training rows of ``spec`` (cached like the tasks' rows), each with its ``target`` (:func:`_targets`)."""
     if spec.family in QA_FAMILIES:  # their rows carry the trained reply (SummHay: the bracketed IDs)
         from harness_ext.tasklib.qa_cells import generate as generate_qa
 
@@ -184,7 +225,7 @@ def synth_train_docs(spec: SynthTrainSpec, eval_metadata: dict, pretrained: str)
 
     rows, info = generate(spec.synth, data_metadata(eval_metadata, pretrained))
     spec.info = info
-    return [{**r, "target": r["answers"][0]} for r in rows]
+    return _targets(rows, spec.target, spec.info)
 
 
 # ---------------------------------------------------------------------------------- the table of families

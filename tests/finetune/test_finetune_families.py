@@ -91,6 +91,9 @@ def test_a_family_on_the_command_line_starts_from_its_own_defaults(tmp_path):
         ({"family": "synth_mdqa", "cell": "real", "num_documents": 2, "positions": [3]}, "positions=[3] with 2"),
         ({"family": "images"}, "unknown data family 'images'"),
         ({"num_documents": 4}, "are keys of --data-family synth_mdqa"),
+        ({"family": "synth_mdqa", "cell": "real", "target": "essay"}, "data.target='essay' is not a target form"),
+        ({"family": "musique", "cell": "real", "target": "sentence"}, "['target'] do not apply"),
+        ({"target": "sentence"}, "are keys of --data-family synth_mdqa"),
     ],
 )
 def test_bad_family_data_is_refused(data, message):
@@ -119,6 +122,27 @@ def test_synth_training_docs_come_from_the_train_split_and_fit_the_tokenizer(cel
     assert {question_hash(d["question"]) for d in docs}.isdisjoint(question_hash(d["question"]) for d in evaluated)
     assert leak.family == "synth_mdqa" and leak.overlap == 0 and leak.eval_docs == len(evaluated) == 3 * 2
     assert leak.eval_questions == 3 and leak.eval_data_sha256[tasks[0]] == docs_sha256(evaluated)
+
+
+@pytest.mark.parametrize("cell", ["templated_entities", "real"])
+def test_a_sentence_target_is_the_gold_documents_answer_sentence(cell, tok, smollm2_dir, mirror):
+    """data.target: sentence trains the gold document's sentence that holds the answer (the restating reply form)
+    on the same prompts as the answer target; the metric credits it, and it is one line of the gold document."""
+    from harness_ext.tasklib.metrics import best_subspan_em
+
+    answer_cfg = synth_cfg(cell, mirror, [f"synth_mdqa_{cell}"])
+    spec, _, answer_docs, _ = prepare_docs(answer_cfg, tok, str(smollm2_dir))
+    cfg = synth_cfg(cell, mirror, [f"synth_mdqa_{cell}"], target="sentence")
+    spec, _, docs, _ = prepare_docs(cfg, tok, str(smollm2_dir))
+    assert [d["prompt"] for d in docs] == [d["prompt"] for d in answer_docs]
+    assert spec.to_json()["target"] == "sentence" and "target" not in train_spec(answer_cfg.data).to_json()
+    assert spec.manifest_fields()["target"] == "sentence" and spec.info["answer_fallbacks"] == 0
+    for d in docs:
+        gold = " ".join(d["ctxs"][d["gold_position"] - 1]["text"].split())
+        assert d["target"] != d["answers"][0] and d["target"] in gold and "\n" not in d["target"]
+        assert best_subspan_em(d["target"], d["answers"]) == 1.0 and len(d["target"]) < len(gold)
+    examples = format_docs(tok, docs)
+    assert tok.decode(examples[0].input_ids[examples[0].n_prompt :]).startswith(docs[0]["target"])
 
 
 def test_synth_training_docs_are_deterministic_across_processes(tok, smollm2_dir, mirror, tmp_path):
