@@ -99,6 +99,34 @@ def test_passkey_training_documents_are_not_the_scored_ones(smollm2_dir):
         prepare_docs(same, tok, str(smollm2_dir))
 
 
+def test_passkey_training_beside_a_niah_target_compares_documents_not_questions(smollm2_dir, shared_data, tmp_path):
+    """A passkey finetune checked against NIAH (the extension experiment's target): NIAH documents carry a question,
+    passkey training documents none, so only document hashes are compared (not a refusal for a missing question)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from harness_ext.data.sources import RETRIEVAL_HEAD, RETRIEVAL_HEAD_NEEDLES
+    from harness_ext.finetune.data import prepare_docs
+
+    mirror = tmp_path / "mirror"
+    for rel in RETRIEVAL_HEAD.files:
+        (mirror / rel).parent.mkdir(parents=True, exist_ok=True)
+        src = shared_data / "retrieval-head" / ("needles.jsonl" if rel == RETRIEVAL_HEAD_NEEDLES else rel)
+        shutil.copyfile(src, mirror / rel)
+    cfg = FinetuneConfig(
+        model=str(smollm2_dir),
+        data={"family": "passkey", "lengths": [256], "depths": [0.5], "num_samples": 2},
+        eval_tasks=["needles_passkey", "niah_single"],
+        eval_metadata={"passkey_lengths": [256], "passkey_depths": [0.5], "passkey_num_samples": 2,
+                       "niah_lengths": [300], "niah_depths": [0.5], "niah_num_samples": 2, "niah_mirror": str(mirror)},
+    )  # fmt: skip
+    tok = AutoTokenizer.from_pretrained(smollm2_dir)
+    _, tasks, docs, leak = prepare_docs(cfg, tok, str(smollm2_dir))
+    assert tasks == ["needles_passkey", "niah_single"] and len(docs) == 2
+    assert leak.eval_docs == 4 and leak.overlap == 0 and set(leak.eval_data_sha256) == set(tasks)
+
+
 @pytest.mark.heavy
 def test_a_tiny_run_trains_every_token_of_passkey_documents(tiny_llama_dir, tmp_path):
     """Two LoRA steps of the tiny random Llama on passkey documents with ``loss_on: all``: every step's labels are
