@@ -194,19 +194,32 @@ def open_folder(
     write_atomic(out / "experiment.yaml", yaml.safe_dump(_plain(cfg), sort_keys=False))
     runner = StepRunner(out, log)
     reproduce = ["needles", "experiment", config_path or str(out / "experiment.yaml"), "-o", str(out)]
-    data_step = Step(
-        "data", reproduce, lambda: prepare_data(cfg, out / "fixtures", runner.log), out / "fixtures", same_command=False
-    )
-    data = runner.run([data_step], 1, steps)["data"]
-    settled = sorted(data["suite"] + [s["task"] for s in data["skipped"]])
+
+    def data() -> dict:
+        return {**prepare_data(cfg, out / "fixtures", runner.log), "training": check_training_data(ft)}
+
+    data_step = Step("data", reproduce, data, out / "fixtures", same_command=False)
+    done = runner.run([data_step], 1, steps)["data"]
+    settled = sorted(done["suite"] + [s["task"] for s in done["skipped"]])
     if settled != sorted(e.name for e in cfg.suite):
         raise NeedlesError(
             f"{out} holds an experiment over another suite ({', '.join(settled)})",
             fix=f"use a new output folder, or delete {out / 'steps'} to start this one over",
         )
-    kept = set(data["suite"])
-    run_cfg = dataclasses.replace(cfg, suite=[e for e in cfg.suite if e.name in kept], metadata=data["metadata"])
-    return runner, data_step, data, run_cfg
+    kept = set(done["suite"])
+    run_cfg = dataclasses.replace(cfg, suite=[e for e in cfg.suite if e.name in kept], metadata=done["metadata"])
+    return runner, data_step, done, run_cfg
+
+
+def check_training_data(ft) -> dict:
+    """The finetune's training documents generated and checked against its evaluation sets (the leakage check)
+    in the data step, so a refusal costs seconds there, not the evaluations that run before the finetune."""
+    from harness_ext.finetune.data import prepare_docs
+    from harness_ext.finetune.modeling import load_base
+
+    base, _, tokenizer = load_base(ft)
+    _, tasks, docs, leak = prepare_docs(ft, tokenizer, base)
+    return {"documents": len(docs), "eval_tasks": tasks, "eval_docs": leak.eval_docs}
 
 
 def _plain(cfg: ExperimentConfig) -> dict:

@@ -18,6 +18,8 @@ multisubkey                             ``..._simple_template`` /        tasks' 
                                                                          question hashes checked
 ``summhay`` real                        ``summhay_citation``,            the haystacks the evaluation scores (training
                                         citation_f1                      reads the others), insights checked
+``passkey``                             ``needles_passkey``,             a generator seed training does not use (the
+                                        passkey_acc                      task's 0; training 1), document hashes checked
 ``musique`` / ``summhay`` symbolic,     none: no lm-eval task scores     (reported as unavailable)
 templated                               the cells' eval-split rows
 ======================================  ===============================  ==============================================
@@ -107,8 +109,11 @@ def held_out_for(data: dict, documents: int = DEFAULT_DOCUMENTS) -> HeldOut:
     """The held-out task of the training data ``data`` (a FinetuneConfig's ``data``, recipe merged)."""
     from harness_ext.finetune.data import train_spec
     from harness_ext.finetune.families import SynthTrainSpec
+    from harness_ext.finetune.passkey_family import PasskeyTrainSpec
 
     spec = train_spec(data)
+    if isinstance(spec, PasskeyTrainSpec):
+        return _passkey(spec, documents)
     if not isinstance(spec, SynthTrainSpec):
         return _kv(spec, documents)
     s = spec.synth
@@ -155,6 +160,20 @@ def held_out_for(data: dict, documents: int = DEFAULT_DOCUMENTS) -> HeldOut:
     return HeldOut(family, task, metric, shape, size, how)
 
 
+def _passkey(spec, documents: int) -> HeldOut:
+    g = spec.grid
+    shape = {"passkey_lengths": list(g.lengths), "passkey_depths": list(g.depths)}
+    return HeldOut(
+        "passkey",
+        "needles_passkey",
+        "passkey_acc",
+        shape,
+        {"passkey_num_samples": _per(documents, len(g.lengths), len(g.depths))},
+        f"a generator seed training does not use (the task's seed, 0 by default; training {g.seed}); document "
+        "hashes checked by the finetune's leakage check",
+    )
+
+
 def _kv(spec, documents: int) -> HeldOut:
     from harness_ext.tasklib.kv_generator import KVSpec
 
@@ -185,6 +204,7 @@ def metadata_family(task: str) -> str | None:
         ("synth_mdqa", "synth_mdqa"),
         ("musique", "musique"),
         ("summhay", "summhay"),
+        ("needles_passkey", "passkey"),
     ):
         if task == prefix or task.startswith(prefix + "_"):
             return family

@@ -180,3 +180,38 @@ def test_the_packaged_demo_experiment_is_the_example(tmp_path):
     offline_ready = [e.task for e in demo.suite if not e.optional]
     assert all(not data_needs(t, demo.metadata) or t.startswith("flenqa") for t in offline_ready)
     assert "flenqa" in demo.fixtures  # FLenQA's only offline form is the fixture
+
+
+def test_training_data_that_leaks_stops_in_the_data_step(tmp_path, tiny_llama_dir, monkeypatch, capsys):
+    """The finetune's training documents are generated and checked against the scored ones in the data step: a
+    leak (passkey training documents drawn with the task's own seed) stops the run before any evaluation."""
+    import yaml
+
+    from harness_ext.cli import main
+    from harness_ext.workflow import eval_step
+
+    calls: list = []
+    monkeypatch.setattr(eval_step, "run_eval", lambda argv, out, **kw: calls.append(argv))
+    meta = {"passkey_lengths": [256], "passkey_depths": [0.5], "passkey_num_samples": 2}
+    passkey = {"task": "needles_passkey", "role": "target", "metric": "passkey_acc"}
+    data = {"family": "passkey", "lengths": [256], "depths": [0.5], "num_samples": 2, "seed": 0}
+    experiment = {"name": "leak", "model": str(tiny_llama_dir), "metadata": meta, "suite": [passkey],
+                  "finetune": {"data": data, "max_steps": 1}}  # fmt: skip
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(experiment))
+    out = tmp_path / "out"
+    assert main(["experiment", str(tmp_path / "e.yaml"), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "1/7 data" in err and "also appear in the evaluation set needles_passkey" in err and "fix:" in err
+    assert not calls and not (out / "steps" / "data.json").exists() and not (out / "pilot").exists()
+    # without the leak, the data step's marker records what was checked; the run goes on to the evaluations
+    experiment["finetune"]["data"]["seed"] = 1
+    (tmp_path / "e.yaml").write_text(yaml.safe_dump(experiment))
+    monkeypatch.setattr(eval_step, "run_eval", _stop_at_first_eval)
+    assert main(["experiment", str(tmp_path / "e.yaml"), "-o", str(out), "--skip-pilot-check"]) == 2
+    assert "reached eval_base" in capsys.readouterr().err
+    training = json.loads((out / "steps" / "data.json").read_text())["outputs"]["training"]
+    assert training == {"documents": 2, "eval_tasks": ["needles_passkey"], "eval_docs": 2}
+
+
+def _stop_at_first_eval(argv, out, **kw):
+    raise NeedlesError(f"reached {Path(out).name}", fix="-")

@@ -49,6 +49,11 @@ FAMILIES = [
         {"musique_num_questions": 30, "musique_lengths": [512], "musique_placements": ["early", "late"]},
     ),
     ({"family": "summhay", "cell": "real"}, "summhay_citation", {"summhay_num_insights": 20, "summhay_num_gold": 2}),
+    (
+        {"family": "passkey", "lengths": [512, 1024], "depths": [0.25, 0.75]},
+        "needles_passkey",
+        {"passkey_num_samples": 15, "passkey_lengths": [512, 1024], "passkey_depths": [0.25, 0.75]},
+    ),
 ]
 
 
