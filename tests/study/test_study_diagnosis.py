@@ -125,3 +125,4 @@ def test_the_diagnosis_changes_one_setting_of_the_reference_per_variant():
     assert changed("lr_quarter") == {"learning_rate": ref["learning_rate"] / 4}
     assert changed("steps48") == {"data.num_samples": 4 * ref["data"]["num_samples"]}  # 4 x the optimizer steps
     assert changed("paper") == {"method": "full", "learning_rate": 5.0e-6, "epochs": 2.0, "grad_accum": 4}
+    assert changed("sentence") == {"data.target": "sentence"}  # the reply form the training target asks for
