@@ -46,7 +46,7 @@ def entries(
             e.filter,
             EXTENSION if e.name in extension_targets else kinds[e.role],
             lengths.get(e.name, ()),
-        )  # fmt: skip
+        )
         for e in cfg.suite
         if e.role in kinds
     ]

@@ -15,7 +15,6 @@ exact lengths, multi-hop chains or facts to cite, or the real-data baseline from
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +31,6 @@ _QA_LIST_KEYS = {"lengths": int, "placements": str, "hops": int, "haystacks": st
 # the trained reply of a synth_mdqa row: its first answer (what the metric looks for), or the sentence of the gold
 # document that holds an answer (the restating reply form the base model writes; docs/study.md "Diagnosis")
 TARGET_FORMS = ("answer", "sentence")
-_SENTENCE = re.compile(r"(?<=[.!?])\s+")
 
 
 def data_family(data: dict) -> str:
@@ -197,8 +195,9 @@ def answer_sentence(gold_span: str, answers: list[str]) -> str | None:
     """The first sentence of the gold document's text that holds an answer (as the metric matches it: normalised,
     so a reply that copies it is credited), on one line; None when no sentence does (an answer cut by a split)."""
     from harness_ext.tasklib.metrics import best_subspan_em
+    from harness_ext.tasklib.synth_corpus import sentences
 
-    for sentence in _SENTENCE.split(" ".join(gold_span.split())):
+    for sentence in sentences(gold_span):
         if best_subspan_em(sentence, answers):
             return sentence
     return None

@@ -229,6 +229,7 @@ def check_family_leakage(
     train: list[dict], family: str, tasks: list[str], eval_metadata: dict, pretrained: str, tokenizer: Any = None
 ) -> FamilyLeakageReport:
     """Refuse training documents that share a document hash, or a question hash, with an evaluation item."""
+    from harness_ext.finetune.passkey_family import PASSKEY_FAMILY
     from harness_ext.tasklib.real_baseline import check_no_leakage as check_questions
     from harness_ext.tasklib.real_baseline import question_hash
 
@@ -251,7 +252,7 @@ def check_family_leakage(
         asked = [d for d in docs if isinstance(d.get("question"), str)]
         # passkey training documents all ask "What is the pass key?": no question of theirs can be an evaluation
         # item's, so only their document hashes are compared (a NIAH or MDQA target beside a passkey finetune)
-        if asked and family != "passkey":
+        if asked and family != PASSKEY_FAMILY:
             try:
                 check_questions(train, asked)
             except NeedlesError as exc:  # name the evaluation set: one run may be checked against several

@@ -32,6 +32,12 @@ SPLITS = ("train", "eval")
 _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _MAX_REDRAWS = 200
 
+
+def sentences(text: str) -> list[str]:
+    """``text`` cut at its sentence boundaries (the ones passages are inserted at), whitespace runs made one space."""
+    return _SENTENCE.split(" ".join(text.split()))
+
+
 # Syllables of invented names. Collisions with real text are checked, not assumed away.
 _ONSETS = (
     "b",
