@@ -105,6 +105,17 @@ def report_section(study, done: dict[str, dict]) -> dict:
     return {name: rounded(t) for name, t in out.items()}
 
 
+STATUS_WORD = {"learned": "learned", "not_learned": "worse", "not_shown": "n.s."}
+
+
+def table_cell(rep: dict, run: str) -> str:
+    """The run's in-distribution result for the transfer table, beside its targets: score (delta vs base, verdict)."""
+    t = (rep.get("in_distribution") or {}).get(run) or {}
+    if "delta" not in t:
+        return "—"
+    return f"{t['run']:.3f} ({t['delta']:+.3f}, {STATUS_WORD[t['status']]})"
+
+
 def markdown(rep: dict) -> list[str]:
     """The report's first section: one row per run and, under it, every run whose finetune did not learn."""
     checks = rep.get("in_distribution") or {}

@@ -21,6 +21,7 @@ from harness_ext.reporting.reply_form import markdown as reply_form_markdown
 from harness_ext.study.config import BASE
 from harness_ext.study.in_distribution import markdown as in_distribution_markdown
 from harness_ext.study.in_distribution import report_section as in_distribution_section
+from harness_ext.study.in_distribution import table_cell as own_task_cell
 from harness_ext.study.steps import Study
 from harness_ext.study.vs_base import cell, relative, vs_base, vs_reference
 
@@ -232,11 +233,12 @@ def to_markdown(rep: dict) -> str:
 
 def _scores_table(rep: dict, targets: list[str]) -> list[str]:
     """The variant table without head columns (``heads: false``)."""
+    own, own_head = _own_task(rep)
     lines = [
-        "| run | " + " | ".join(targets) + " | " + " | ".join(_vs_headers(targets)) + " |",
-        "|---" * (2 * len(targets) + 1) + "|",
+        "| run | " + " | ".join(targets) + " | " + " | ".join(_vs_headers(targets)) + own_head + " |",
+        "|---" * (2 * len(targets) + 1 + bool(own_head)) + "|",
         f"| base (no finetune) | {' | '.join(_score(rep['base']['scores'][t]) for t in targets)} |"
-        + " — |" * len(targets),
+        + " — |" * (len(targets) + bool(own_head)),
     ]
     for r in rep["runs"]:
         lines.append(
@@ -244,23 +246,34 @@ def _scores_table(rep: dict, targets: list[str]) -> list[str]:
             + " | ".join(_score(r["scores"][t]) for t in targets)
             + " | "
             + " | ".join(cell(r["vs_base"].get(t)) for t in targets)
+            + own(r["run"])
             + " |"
         )
     return lines
 
 
+def _own_task(rep: dict):
+    """(run -> its in-distribution cell, the column's header): beside the transfer columns, so a transfer result
+    is read with whether the run learned its own task; no column without the check."""
+    if not rep.get("in_distribution"):
+        return (lambda run: ""), ""
+    return (lambda run: f" | {own_task_cell(rep, run)}"), " | own task (vs base)"
+
+
 def _heads_table(rep: dict, targets: list[str]) -> list[str]:
     """The variant table with the head, knockout and patching columns."""
+    own, own_head = _own_task(rep)
     lines = [
         "| run | "
         + " | ".join(targets)
         + " | "
         + " | ".join(_vs_headers(targets))
+        + own_head
         + " | heads | recall | Jaccard | knockout top-K | knockout random-K "
         "| patch intersection | patch complement | patch random-K |",
-        "|---" * (2 * len(targets) + 9) + "|",
+        "|---" * (2 * len(targets) + 9 + bool(own_head)) + "|",
         f"| base (no finetune) | {' | '.join(_score(rep['base']['scores'][t]) for t in targets)} |"
-        + " — |" * (len(targets) + 8),
+        + " — |" * (len(targets) + 8 + bool(own_head)),
     ]
     for r in rep["runs"]:
         ov, ko, pa = r["overlap"], r["knockout"], r["patching"]
@@ -272,6 +285,7 @@ def _heads_table(rep: dict, targets: list[str]) -> list[str]:
             + " | ".join(scores)
             + " | "
             + " | ".join(cell(r["vs_base"].get(t)) for t in targets)
+            + own(r["run"])
             + f" | {r['num_heads']} | {'—' if ov is None else _fmt(ov['recall'], signed=False)}"
             f" | {'—' if ov is None else _fmt(ov['jaccard'], signed=False)}"
             f" | {_fmt(ko['top']['delta'], ko['top']['delta_ci95'])} | {_fmt(ko['random']['delta'], ko['random']['delta_ci95'])}"

@@ -135,6 +135,12 @@ def test_report_leads_with_each_runs_check_against_base(tmp_path):
     assert md.index("## In-distribution check") < md.index(sentence) < md.index(f"| run | {TARGET} |")
     assert "the finetune was not shown to learn its own task (MDE " in md.split("| flat |")[1].splitlines()[0]
     assert "| chains | musique:symbolic | — |" in md and "no lm-eval task scores it" in md
+    # beside the transfer columns: each run's own-task score, its delta against base and the verdict's word
+    table = md.split(f"| run | {TARGET} |")[1]
+    assert table.splitlines()[0].startswith(" vs base | own task (vs base) | heads |")
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[3] for line in table.splitlines()[2:8] if line}
+    assert rows["worse"] == "0.017 (-0.150, worse)" and rows["learned (reference)"] == "0.667 (+0.500, learned)"
+    assert rows["flat"] == "0.150 (-0.017, n.s.)" and rows["chains"] == "—" and rows["base (no finetune)"] == "—"
     assert json.dumps(rep).count(str(tmp_path)) == 0
 
 
