@@ -13,9 +13,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness_ext.core.atomic_io import write_json_atomic
+from harness_ext.workflow.in_distribution import ROLE as IN_DISTRIBUTION_ROLE
 from harness_ext.workflow.pilot import (
     EXTENSION,
     GUARD,
+    IN_DISTRIBUTION,
     SKIP_FLAG,
     TARGET,
     PilotTask,
@@ -33,10 +35,10 @@ def entries(
     extension_targets: frozenset[str] = frozenset(),
     lengths: dict[str, tuple[int, ...]] | None = None,
 ) -> list[PilotTask]:
-    """The suite's targets and guards as the pilot checks them (the in-distribution check is not one: a base model
-    at floor on the trained family is what a finetune is for); ``extension_targets``: names of targets with lengths
-    past the window; ``lengths``: name -> the lengths whose documents an entry reads (all when absent)."""
-    kinds = {"guard": GUARD, "target": TARGET}
+    """The suite's targets, guards and in-distribution check as the pilot checks them; ``extension_targets``: names
+    of targets with lengths past the window; ``lengths``: name -> the lengths whose documents an entry reads (all
+    when absent)."""
+    kinds = {"guard": GUARD, "target": TARGET, IN_DISTRIBUTION_ROLE: IN_DISTRIBUTION}
     lengths = lengths or {}
     return [
         PilotTask(
@@ -89,5 +91,5 @@ def describe(argv: list[str], cfg: ExperimentConfig, skip: bool = False) -> str:
     folder = Path(argv[argv.index("--output_path") + 1]).parent / "pilot"
     return (
         f"# pilot check: the base model on the first {limit} documents of each task ({', '.join(cfg.tasks)}; "
-        f"max_model_len {cfg.max_model_len}) into {folder}; stops on a target at floor or ceiling, a guard at floor"
+        f"max_model_len {cfg.max_model_len}) into {folder}; stops on a target at floor or ceiling, a guard at floor, the in-distribution check at ceiling"
     )

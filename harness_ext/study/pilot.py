@@ -1,6 +1,7 @@
 """``needles study``'s pilot check (harness_ext.workflow.pilot): before the first finetune, the base model scores the
 pilot's few documents of every target with the study's own ``eval:base`` command, and the study stops when a target
-is at floor or at ceiling (every study target is compared with the base model where it works natively).
+is at floor or at ceiling (every study target is compared with the base model where it works natively) or a run's
+in-distribution check is at ceiling (the finetune could not show that it learned its own task).
 
 It runs in the process that drives the study (local or Ray), as the step ``pilot`` (marker ``OUT/steps/pilot.json``,
 outputs ``OUT/pilot/`` and ``OUT/pilot.json``) ahead of the plan's steps; once any finetune has finished it has
@@ -12,7 +13,16 @@ from __future__ import annotations
 from harness_ext.core.atomic_io import write_json_atomic
 from harness_ext.study import steps as st
 from harness_ext.study.config import BASE
-from harness_ext.workflow.pilot import SKIP_FLAG, TARGET, PilotTask, check, enforce, pilot_argv, pilot_limit
+from harness_ext.workflow.pilot import (
+    IN_DISTRIBUTION,
+    SKIP_FLAG,
+    TARGET,
+    PilotTask,
+    check,
+    enforce,
+    pilot_argv,
+    pilot_limit,
+)
 from harness_ext.workflow.steps import Step, StepRunner
 
 
@@ -31,6 +41,8 @@ def run_pilot(study: st.Study, skip: bool, total: int) -> None:
         return
     argv, limit = command(study)
     entries = [PilotTask(t.name, t.task, t.metric, t.filter, TARGET) for t in study.cfg.targets]
+    checks = {c["task"]: c["metric"] for c in study.in_distribution.values() if c.get("task")}
+    entries += [PilotTask(f"in_distribution:{task}", task, m, kind=IN_DISTRIBUTION) for task, m in checks.items()]
 
     def run() -> dict:
         from harness_ext.workflow.eval_step import run_eval

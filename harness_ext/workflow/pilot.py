@@ -19,6 +19,9 @@ at least 4 in every cell; tasks read from data files score their first L documen
 - a context extension's target (lengths past the native window) is at floor at the edge of the window: there is no
   skill to extend (its pilot scores it at the longest multiple of 64 tokens that fits the native window with the
   reply; a skill the model has at 1K and loses by 8K has nothing to carry past 8K).
+- the in-distribution check (held-out documents of the training family) is at ceiling: the finetune could not show
+  that it learned its own task. At floor it goes on: a base model that cannot do the trained task is what a
+  finetune is for.
 
 A base mean near but above the bound (one right answer in 20) passes: the check stops only what cannot move.
 The stop is a NeedlesError (exit 2) naming every such task, the reason and the fix; ``--skip-pilot-check`` runs
@@ -42,10 +45,11 @@ MIN_DOCS = 20  # and at least this many per task
 SKIP_FLAG = "--skip-pilot-check"
 SKIP_HELP = (
     "run without the pilot check (by default the base model first scores a few documents of every suite task, "
-    "and the run stops, exit 2, when a target is at floor or ceiling or a guard at floor: docs/experiment.md)"
+    "and the run stops, exit 2, when a target is at floor or ceiling, a guard at floor or the in-distribution check at "
+    "ceiling: docs/experiment.md)"
 )
 # what each kind of row is checked for
-TARGET, GUARD, EXTENSION = "target", "guard", "extension target"
+TARGET, GUARD, EXTENSION, IN_DISTRIBUTION = "target", "guard", "extension target", "in-distribution check"
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,11 @@ _PROBLEMS = {
     (EXTENSION, FLOOR): (
         "extension target {where} inside the native window ({rate}): there is no skill to extend past it",
         "choose a task or lengths the model solves inside its window (the extension carries a skill past it)",
+    ),
+    (IN_DISTRIBUTION, CEILING): (
+        "in-distribution check {where} ({rate}): the finetune could not show that it learned its own task",
+        "make the held-out documents harder (more documents or longer lengths in the training data, which the check "
+        "follows) or leave the check out (in_distribution: false)",
     ),
     (TARGET, CEILING): (
         "target {where} ({rate}): no room to improve",

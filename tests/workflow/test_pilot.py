@@ -15,7 +15,17 @@ from study_configs import kv_study
 from harness_ext.cli import main
 from harness_ext.core.errors import NeedlesError
 from harness_ext.workflow import eval_step
-from harness_ext.workflow.pilot import EXTENSION, GUARD, TARGET, PilotTask, check, enforce, pilot_argv, pilot_limit
+from harness_ext.workflow.pilot import (
+    EXTENSION,
+    GUARD,
+    IN_DISTRIBUTION,
+    TARGET,
+    PilotTask,
+    check,
+    enforce,
+    pilot_argv,
+    pilot_limit,
+)
 
 KV = "kv_retrieval_simple"
 
@@ -44,6 +54,8 @@ def _record(tmp_path: Path, vals: list[float], kind: str) -> dict:
         ([1.0] * 20, GUARD, False, ""),  # a guard at ceiling can still drop
         ([0.0] * 20, EXTENSION, True, "no skill to extend"),
         ([1.0] * 20, EXTENSION, False, ""),  # what an extension target wants inside the window
+        ([1.0] * 20, IN_DISTRIBUTION, True, "could not show that it learned its own task"),
+        ([0.0] * 20, IN_DISTRIBUTION, False, ""),  # what the finetune is for
         ([1.0] + [0.0] * 19, TARGET, False, ""),  # one right answer: off the floor
         ([0.9] * 20, TARGET, False, ""),
     ],
@@ -138,3 +150,21 @@ def test_study_stops_after_its_pilot(tmp_path, tiny_llama_dir, monkeypatch, caps
     assert "no room to improve" in err and "0/" in err and (out / "pilot.json").is_file()
     assert calls[0][:2] == ["lm_eval", "run"] and "--limit" in calls[0]
     assert not (out / "steps" / "eval:base.json").exists() and not (out / "runs" / "real" / "finetune").exists()
+
+
+def test_a_study_pilots_the_in_distribution_check(tmp_path, tiny_llama_dir, monkeypatch, capsys):
+    """Each run's held-out task is a row of the study's pilot: at ceiling it stops the study (no finetune could show
+    it learned), named apart from the target that reads the same task."""
+    calls: list = []
+    monkeypatch.setattr(eval_step, "run_eval", _fake_eval(calls, [1.0] * 20))
+    metadata = {"num_dicts": 4, "num_samples": 30, "lengths": None}
+    cfg = kv_study(str(tiny_llama_dir), metadata=metadata, in_distribution={"documents": 20})
+    (tmp_path / "s.yaml").write_text(json.dumps(cfg))
+    out = tmp_path / "out"
+    assert main(["study", str(tmp_path / "s.yaml"), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "in-distribution check in_distribution:kv_retrieval_simple: the base model scored 1 on all" in err
+    assert "no room to improve" in err and "in_distribution: false" in err
+    rows = {r["task"]: r for r in json.loads((out / "pilot.json").read_text())["tasks"]}
+    assert rows[f"in_distribution:{KV}"]["kind"] == IN_DISTRIBUTION and rows[KV]["kind"] == TARGET
+    assert len(rows) == 2  # one row per held-out task, not one per run

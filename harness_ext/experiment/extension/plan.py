@@ -226,6 +226,7 @@ def extension_pilot(
     past the window) at the window's edge (:func:`pilot_edge`). A task checked in both roles scores both lengths in
     one call; each entry reads only its own lengths' documents."""
     from harness_ext.experiment.pilot import entries
+    from harness_ext.workflow.pilot import IN_DISTRIBUTION
 
     # a loss has no floor or ceiling to stop at (and needs its own call without the chat template): not piloted
     suite = [e for e in cfg.suite if not is_plain(e.task)]
@@ -246,7 +247,10 @@ def extension_pilot(
     metadata = {**cfg.metadata, **{key: sorted(lengths) for key, lengths in by_key.items()}}
     pilot_cfg = dataclasses.replace(cfg, suite=suite, metadata=metadata, max_model_len=plan.native)
     argv = eval_argv(pilot_cfg, base, out / "pilot", system_prompt=system_prompt)
-    return argv, pilot_cfg, entries(pilot_cfg, frozenset(past), checked_at)
+    # the in-distribution check is scored at the training lengths, past the window: inside it, a base at ceiling
+    # says nothing about what the finetune can show there
+    checked = [e for e in entries(pilot_cfg, frozenset(past), checked_at) if e.kind != IN_DISTRIBUTION]
+    return argv, pilot_cfg, checked
 
 
 def extension_mde_text(cfg: ExperimentConfig, plan: ExtensionPlan) -> str:
