@@ -140,18 +140,19 @@ def plan(
     return Planned(name, n, alpha, power, mde, f"independent errors, base rate {why}", effect, note)
 
 
-def format_plan(rows: list[Planned], prefix: str, effect: float | None) -> str:
-    """The block printed before a run: one line per target, those that cannot detect ``effect`` marked."""
+def format_plan(rows: list[Planned], prefix: str, effect: float | None, what: str = "target") -> str:
+    """The block printed before a run: one line per ``what`` (a target), those that cannot detect ``effect``
+    marked."""
     if not rows:
-        return f"{prefix} minimal detectable effect: no 0/1 target to plan for"
+        return f"{prefix} minimal detectable effect: no 0/1 {what} to plan for"
     ask = f"; asked effect {effect:g}" if effect is not None else ""
-    lines = [f"{prefix} minimal detectable effect per target (paired McNemar design, Connor 1987{ask}):"]
+    lines = [f"{prefix} minimal detectable effect per {what} (paired McNemar design, Connor 1987{ask}):"]
     for r in rows:
         mark = {True: "ok", False: "CANNOT DETECT the asked effect", None: "?"}[r.can_detect]
         lines.append(f"  {r.name}: {r.text()}  [{mark}]")
     if any(r.can_detect is False for r in rows):
         lines.append(
-            "  targets marked CANNOT DETECT would most likely read 'no significant' even if the asked effect is real:"
+            f"  {what}s marked CANNOT DETECT would most likely read 'no significant' even if the asked effect is real:"
             " raise their n (more documents, lengths or seeds) or ask for a larger effect"
         )
     return "\n".join(lines)

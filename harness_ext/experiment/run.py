@@ -21,7 +21,7 @@ from harness_ext.experiment.in_distribution import plain as without_check
 from harness_ext.experiment.in_distribution import with_in_distribution
 from harness_ext.experiment.verdict import compare_runs, to_markdown
 from harness_ext.workflow.data_step import prepare_data
-from harness_ext.workflow.mde import experiment_plan_text
+from harness_ext.workflow.mde import experiment_plan_blocks
 from harness_ext.workflow.steps import Step, StepRunner
 from harness_ext.workflow.suite import ExperimentConfig
 
@@ -124,7 +124,8 @@ def run_experiment(
     runner, data_step, data, run_cfg = open_folder(cfg, ft, out, log, config_path, len(PLAN))
     ft_yaml, reproduce, skipped = out / "finetune.yaml", data_step.command, data["skipped"]
     # what each target can detect at its n, before the evaluations (a resumed run plans from its base scores)
-    runner.log(experiment_plan_text(run_cfg, (runner.done("eval_base") or {}).get("outputs", {}).get("results")))
+    for block in experiment_plan_blocks(run_cfg, (runner.done("eval_base") or {}).get("outputs", {}).get("results")):
+        runner.log(block)
 
     adapter, merged = scored_model(ft, out)
     base_argv = eval_argv(run_cfg, base, out / "eval_base", system_prompt=ft.system_prompt)
@@ -286,7 +287,7 @@ def describe_plan(cfg: ExperimentConfig, out: Path) -> str:
     base_argv = eval_argv(cfg, cfg.model, out / "eval_base", system_prompt=ft.system_prompt)
     return "\n".join(
         [
-            "# " + experiment_plan_text(cfg).replace("\n", "\n# "),
+            *("# " + block.replace("\n", "\n# ") for block in experiment_plan_blocks(cfg)),
             f"# data: {fixtures}check every suite task's data (optional tasks without it are left out)",
             describe(base_argv, cfg),
             shlex.join(base_argv),

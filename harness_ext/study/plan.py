@@ -224,10 +224,12 @@ def run_step(study: st.Study, steps: list[PlannedStep], name: str) -> dict:
 
 
 def log_mde(study: st.Study) -> None:
-    """Before a whole study runs: what each target's "vs base" test can detect at its n."""
-    from harness_ext.workflow.mde import study_plan_text
+    """Before a whole study runs: what each target's "vs base" test, and each in-distribution check, can detect at
+    its n."""
+    from harness_ext.workflow.mde import study_plan_blocks
 
-    study.log(study_plan_text(study.cfg, len(study.runs)))
+    for block in study_plan_blocks(study.cfg, len(study.runs), study.in_distribution):
+        study.log(block)
 
 
 def run_local(study: st.Study, steps: list[PlannedStep]) -> None:

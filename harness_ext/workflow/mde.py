@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from harness_ext.core import power
+from harness_ext.workflow.in_distribution import ROLE as IN_DISTRIBUTION
 
 
 def target_n(task: str, metadata: dict, limit: int | None = None) -> int | None:
@@ -69,10 +70,10 @@ def beside(base: np.ndarray, new: np.ndarray, level: float) -> dict:
     }
 
 
-def experiment_plan_text(cfg, base_results: str | None = None) -> str:
-    """The block ``needles experiment`` prints before its evaluations: each target's MDE at one-sided alpha / m
-    (Holm's first step over the m suite tasks); base rates from the base model's results when a resumed run has
-    them (the pilot), else 0.5."""
+def experiment_plan_blocks(cfg, base_results: str | None = None) -> list[str]:
+    """The blocks ``needles experiment`` prints before its evaluations: each target's MDE at one-sided alpha / m
+    (Holm's first step over the m suite tasks; base rates from the base model's results when a resumed run has
+    them, else 0.5), then the in-distribution check's."""
     targets = [e for e in cfg.suite if e.role == "target"]
     rates: dict[str, float] = {}
     if base_results:
@@ -85,15 +86,33 @@ def experiment_plan_text(cfg, base_results: str | None = None) -> str:
             if isinstance(value, (int, float)) and 0 <= value <= 1:
                 rates[e.name] = float(value)
     # Holm's family: the claim's tasks (the in-distribution check is tested on its own)
-    level = cfg.alpha / max(len([e for e in cfg.suite if e.role != "in_distribution"]), 1)
+    level = cfg.alpha / max(len([e for e in cfg.suite if e.role != IN_DISTRIBUTION]), 1)
     planned = plan_targets([(e.name, e.task) for e in targets], cfg.metadata, level, cfg.limit, base_rates=rates)
-    return power.format_plan(planned, "", power.DEFAULT_EFFECT).lstrip()
+    # the check is two-sided at alpha
+    checks = [(e.name, e.task) for e in cfg.suite if e.role == IN_DISTRIBUTION]
+    own = in_distribution_plan_text(checks, cfg.metadata, cfg.alpha / 2, cfg.limit)
+    return [power.format_plan(planned, "", power.DEFAULT_EFFECT).lstrip(), *own]
 
 
-def study_plan_text(cfg, runs: int) -> str:
-    """The block ``needles study`` prints before its steps: each target's MDE against the base model at Holm's first
-    step over the runs x targets two-sided tests of "vs base" (one-sided alpha 0.05 / 2m)."""
+def study_plan_blocks(cfg, runs: int, checks: dict | None = None) -> list[str]:
+    """The blocks ``needles study`` prints before its steps: each target's MDE against the base model at Holm's first
+    step over the runs x targets two-sided tests of "vs base" (one-sided alpha 0.05 / 2m), then each held-out task
+    of the in-distribution checks (``checks``: run -> check) at Holm's first step over the runs' checks."""
     level = 0.05 / (2 * max(runs * len(cfg.targets), 1))
     psis = {t.name: t.discordance for t in cfg.targets if t.discordance is not None}
     planned = plan_targets([(t.name, t.task) for t in cfg.targets], cfg.metadata, level, cfg.limit, discordances=psis)
-    return power.format_plan(planned, "", power.DEFAULT_EFFECT).lstrip()
+    tested = [c["task"] for c in (checks or {}).values() if c.get("task")]
+    tasks = [(f"{IN_DISTRIBUTION}:{task}", task) for task in dict.fromkeys(tested)]
+    own = in_distribution_plan_text(tasks, cfg.metadata, 0.05 / (2 * max(len(tested), 1)), cfg.limit)
+    return [power.format_plan(planned, "", power.DEFAULT_EFFECT).lstrip(), *own]
+
+
+def in_distribution_plan_text(
+    checks: Sequence[tuple[str, str]], metadata: dict, level: float, limit: int | None = None
+) -> list[str]:
+    """The block planning the in-distribution check (name, held-out task) at one-sided ``level``: none without one.
+    A check that cannot detect a change reads "not shown" whatever the finetune did to its own task."""
+    if not checks:
+        return []
+    planned = plan_targets(checks, metadata, level, limit)
+    return [power.format_plan(planned, "", power.DEFAULT_EFFECT, what="in-distribution check").lstrip()]

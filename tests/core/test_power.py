@@ -78,7 +78,7 @@ def test_mde_beside_no_significant_in_the_experiment_report(tmp_path):
     from runs_fixture import write_run
 
     from harness_ext.experiment.verdict import compare_runs, to_markdown
-    from harness_ext.workflow.mde import experiment_plan_text
+    from harness_ext.workflow.mde import experiment_plan_blocks
     from harness_ext.workflow.suite import ExperimentConfig, SuiteTask
 
     base = [1.0] * 10 + [0.0] * 14
@@ -89,7 +89,7 @@ def test_mde_beside_no_significant_in_the_experiment_report(tmp_path):
     assert row["verdict"] == "no significant improvement" and row["mde"] > 0.2 and "at n 24" in row["mde_text"]
     assert f"no significant improvement ({row['mde_text']})" in to_markdown(compare_runs(b, n, cfg))
     # before the run: n from the metadata (3 KV subtasks x 8 samples x 2 lengths x 5 depths), marked
-    text = experiment_plan_text(cfg)
+    text = "\n".join(experiment_plan_blocks(cfg))
     assert "kv_retrieval: MDE 0.1" in text and "at n 240" in text and "CANNOT DETECT" in text  # 0.5 assumed: ~13 points
 
 
@@ -99,3 +99,33 @@ def test_mde_beside_no_significant_in_the_study_report():
     test = paired_test(np.array([1.0] * 10 + [0.0] * 14), np.array([1.0] * 11 + [0.0] * 13), iters=100)
     found = with_holm({"run": {"mdqa": {**test, "mde": 0.41, "mde_text": "MDE 0.410 at n 24"}}})["run"]["mdqa"]
     assert found["note"] == "no significant change; MDE 0.410 at n 24" and cell(found).endswith("n.s.: MDE 0.410")
+
+
+def test_the_in_distribution_check_is_planned_apart_from_the_targets():
+    """The check's MDE is printed before the run, at its own level: two-sided alpha in an experiment (not in the
+    claim's Holm family), Holm over the runs' checks in a study, one line per held-out task."""
+    from harness_ext.study.config import study_from_dict
+    from harness_ext.workflow.mde import experiment_plan_blocks, study_plan_blocks
+    from harness_ext.workflow.suite import ExperimentConfig, SuiteTask
+
+    own = SuiteTask("synth_mdqa_real", "in_distribution", "best_subspan_em", label="in_distribution:synth_mdqa_real")
+    target = SuiteTask("kv_retrieval", "target", "value_acc")
+    cfg = ExperimentConfig("x", "m", [own, target], metadata={"num_samples": 8, "synth_num_samples": 20})
+    targets, check = experiment_plan_blocks(cfg)
+    assert "kv_retrieval: MDE" in targets and "one-sided alpha 0.05;" in targets and "synth_mdqa" not in targets
+    assert check.startswith("minimal detectable effect per in-distribution check")
+    assert "in_distribution:synth_mdqa_real: MDE 0.2" in check and "at n 60 (power 80%, one-sided alpha 0.025;" in check
+    assert len(experiment_plan_blocks(ExperimentConfig("x", "m", [target], metadata={"num_samples": 8}))) == 1
+
+    study = study_from_dict(
+        {"name": "s", "model": "smollm2", "reference_variant": "a", "variants": [{"name": n} for n in "abc"],
+         "targets": [{"task": "kv_retrieval", "metric": "value_acc"}], "metadata": {"synth_num_samples": 40}}
+    )  # fmt: skip
+    checks = {"a": {"task": "synth_mdqa_real"}, "b": {"task": "synth_mdqa_real"}, "c": {"task": None}}
+    targets, check = study_plan_blocks(study, 3, checks)
+    assert "one-sided alpha 0.00833;" in targets  # 0.05 / (2 x 3 runs x 1 target)
+    assert (
+        check.count("in_distribution:synth_mdqa_real: MDE") == 1
+        and "at n 120 (power 80%, one-sided alpha 0.0125;" in check
+    )
+    assert len(study_plan_blocks(study, 3, {})) == 1
