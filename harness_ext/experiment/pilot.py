@@ -91,5 +91,6 @@ def describe(argv: list[str], cfg: ExperimentConfig, skip: bool = False) -> str:
     folder = Path(argv[argv.index("--output_path") + 1]).parent / "pilot"
     return (
         f"# pilot check: the base model on the first {limit} documents of each task ({', '.join(cfg.tasks)}; "
-        f"max_model_len {cfg.max_model_len}) into {folder}; stops on a target at floor or ceiling, a guard at floor, the in-distribution check at ceiling"
+        f"max_model_len {cfg.max_model_len}) into {folder}; stops on a target at floor or ceiling, a guard at floor, "
+        "the in-distribution check at ceiling"
     )

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from harness_ext.core.errors import NeedlesError
 from harness_ext.study.config import BASE, StudyConfig
-from harness_ext.workflow.in_distribution import held_out_for, merged_metadata, options, verdict
+from harness_ext.workflow.in_distribution import held_out_for, label, merged_metadata, options, verdict
 
 LEVEL = 0.95
 
@@ -44,7 +44,7 @@ def plan_checks(cfg: StudyConfig, runs: dict, fts: dict, out: Path) -> tuple[Stu
     out_fts = {}
     for name, r in runs.items():
         c = checks[name]
-        extra = [SuiteTask(c["task"], "target", c["metric"], label=f"in_distribution:{c['task']}")] if c["task"] else []
+        extra = [SuiteTask(c["task"], "target", c["metric"], label=label(c["task"]))] if c["task"] else []
         if c["task"] and (problem := unavailable(c["task"], metadata, {})) is not None:
             raise NeedlesError(
                 f"study config: variant {r.variant.name} (in-distribution check {c['task']}): {problem.problem}",

@@ -13,6 +13,7 @@ from __future__ import annotations
 from harness_ext.core.atomic_io import write_json_atomic
 from harness_ext.study import steps as st
 from harness_ext.study.config import BASE
+from harness_ext.workflow.in_distribution import label
 from harness_ext.workflow.pilot import (
     IN_DISTRIBUTION,
     SKIP_FLAG,
@@ -42,7 +43,7 @@ def run_pilot(study: st.Study, skip: bool, total: int) -> None:
     argv, limit = command(study)
     entries = [PilotTask(t.name, t.task, t.metric, t.filter, TARGET) for t in study.cfg.targets]
     checks = {c["task"]: c["metric"] for c in study.in_distribution.values() if c.get("task")}
-    entries += [PilotTask(f"in_distribution:{task}", task, m, kind=IN_DISTRIBUTION) for task, m in checks.items()]
+    entries += [PilotTask(label(task), task, m, kind=IN_DISTRIBUTION) for task, m in checks.items()]
 
     def run() -> dict:
         from harness_ext.workflow.eval_step import run_eval

@@ -72,7 +72,12 @@ class HeldOut:
 
     @property
     def label(self) -> str:
-        return f"{ROLE}:{self.task}"
+        return label(self.task)
+
+
+def label(task: str) -> str:
+    """How tables, the pilot and the plan name the check of a held-out task."""
+    return f"{ROLE}:{task}"
 
 
 def options(raw: object, where: str) -> dict:

@@ -15,6 +15,7 @@ import numpy as np
 
 from harness_ext.core import power
 from harness_ext.workflow.in_distribution import ROLE as IN_DISTRIBUTION
+from harness_ext.workflow.in_distribution import label
 
 
 def target_n(task: str, metadata: dict, limit: int | None = None) -> int | None:
@@ -90,7 +91,7 @@ def experiment_plan_blocks(cfg, base_results: str | None = None) -> list[str]:
     planned = plan_targets([(e.name, e.task) for e in targets], cfg.metadata, level, cfg.limit, base_rates=rates)
     # the check is two-sided at alpha
     checks = [(e.name, e.task) for e in cfg.suite if e.role == IN_DISTRIBUTION]
-    own = in_distribution_plan_text(checks, cfg.metadata, cfg.alpha / 2, cfg.limit)
+    own = in_distribution_plan_block(checks, cfg.metadata, cfg.alpha / 2, cfg.limit)
     return [power.format_plan(planned, "", power.DEFAULT_EFFECT).lstrip(), *own]
 
 
@@ -102,12 +103,12 @@ def study_plan_blocks(cfg, runs: int, checks: dict | None = None) -> list[str]:
     psis = {t.name: t.discordance for t in cfg.targets if t.discordance is not None}
     planned = plan_targets([(t.name, t.task) for t in cfg.targets], cfg.metadata, level, cfg.limit, discordances=psis)
     tested = [c["task"] for c in (checks or {}).values() if c.get("task")]
-    tasks = [(f"{IN_DISTRIBUTION}:{task}", task) for task in dict.fromkeys(tested)]
-    own = in_distribution_plan_text(tasks, cfg.metadata, 0.05 / (2 * max(len(tested), 1)), cfg.limit)
+    tasks = [(label(task), task) for task in dict.fromkeys(tested)]
+    own = in_distribution_plan_block(tasks, cfg.metadata, 0.05 / (2 * max(len(tested), 1)), cfg.limit)
     return [power.format_plan(planned, "", power.DEFAULT_EFFECT).lstrip(), *own]
 
 
-def in_distribution_plan_text(
+def in_distribution_plan_block(
     checks: Sequence[tuple[str, str]], metadata: dict, level: float, limit: int | None = None
 ) -> list[str]:
     """The block planning the in-distribution check (name, held-out task) at one-sided ``level``: none without one.
