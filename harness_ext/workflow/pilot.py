@@ -23,14 +23,15 @@ at least 4 in every cell; tasks read from data files score their first L documen
   that it learned its own task. At floor it goes on: a base model that cannot do the trained task is what a
   finetune is for.
 
-A base mean near but above the bound (one right answer in 20) passes: the check stops only what cannot move.
+A base mean near but above the bound (one right answer in 20) passes: the check stops only what cannot move. A
+row whose documents carry no value of its metric (a misspelt metric name) is an error that names the metrics the
+task reports.
 The stop is a NeedlesError (exit 2) naming every such task, the reason and the fix; ``--skip-pilot-check`` runs
 without it. Results: ``OUT/pilot.json`` (and the step's marker), printed as a table.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +90,7 @@ def _values(results: Path, entry: PilotTask) -> np.ndarray:
     from harness_ext.workflow.paired import leaf_tasks
 
     run = load_run(Path(results))
-    values = []
+    values, reported = [], {}
     for leaf in leaf_tasks(run, entry.task):
         path = run.samples_path(leaf)
         if path is None:
@@ -97,11 +98,20 @@ def _values(results: Path, entry: PilotTask) -> np.ndarray:
                 f"pilot: {leaf} has no per-sample log in {results}", fix="run lm_eval with --log_samples"
             )
         for row in iter_samples(path):
+            reported.update(dict.fromkeys(row.get("metrics") or ()))
             # a document of one length carries the metric's per-length key (passkey_acc_len1024) only for its own
             keys = [entry.metric + key_suffix("length", n) for n in entry.lengths] or [entry.metric]
             value = next((v for k in keys if (v := as_number(row.get(k))) is not None), None)
             if row.get("filter", "none") == entry.filter and value is not None:
                 values.append(value)
+    if not values:  # a misspelt metric would otherwise surface only when the report pairs the runs, hours later
+        # the metrics themselves, not their breakdowns (answer_f1, not answer_f1_len1024)
+        names = ", ".join(m for m in reported if not any(m.startswith(r + "_") for r in reported)) or "none"
+        raise NeedlesError(
+            f"pilot: no {entry.task} document carries metric {entry.metric!r} (filter {entry.filter!r}) in {results};"
+            f" the task reports: {names}",
+            fix=f"name one of the task's per-sample metrics for {entry.name} in the config",
+        )
     return np.asarray(values, dtype=float)
 
 
@@ -149,10 +159,10 @@ def check(results: Path, entries: Sequence[PilotTask], limit: int) -> dict:
     for entry in entries:
         v = _values(results, entry)
         bound = at_bound(v)
-        problem = _problem(entry, bound, len(v)) if len(v) else None
+        problem = _problem(entry, bound, len(v))
         rows.append({"task": entry.name, "kind": entry.kind, "metric": entry.metric, "lengths": list(entry.lengths),
                      "n": int(len(v)),
-                     "mean": float(v.mean()) if len(v) else math.nan, "bound": bound,
+                     "mean": float(v.mean()), "bound": bound,
                      "problem": problem[0] if problem else None, "fix": problem[1] if problem else None})  # fmt: skip
     return {"results": str(results), "limit": limit, "tasks": rows, "stops": any(r["problem"] for r in rows)}
 

@@ -24,7 +24,7 @@ def plant_run(
         configs[task] = {"task": task, "metadata": {"needles_data_sha256": "ab" * 32}}
         rows = [
             {"doc_id": i, "filter": "none", "doc_hash": f"{task}:{key}", "prompt_hash": f"p{key}",
-             "target_hash": f"t{key}", "doc": {length_key: length}, metric: value}
+             "target_hash": f"t{key}", "doc": {length_key: length}, "metrics": [metric], metric: value}
             for i, (key, length, value) in enumerate(docs)
         ]  # fmt: skip
         (folder / f"samples_{task}_{DATE}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

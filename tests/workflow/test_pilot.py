@@ -76,6 +76,16 @@ def test_the_rule_stops_only_what_cannot_move(tmp_path, vals, kind, stops, words
     assert "going on (--skip-pilot-check)" in logged[-1]
 
 
+def test_a_metric_the_task_does_not_report_is_named_with_those_it_does(tmp_path):
+    """A misspelt metric (musique_f1 for MuSiQue's answer_f1) stops at the pilot, not when the report pairs the
+    runs hours later."""
+    path = plant_run(tmp_path / "p", values(KV, "value_acc", [0.0, 1.0] * 10))
+    with pytest.raises(NeedlesError) as exc:
+        check(path, [PilotTask("kv", KV, "value_accuracy")], 20)
+    assert "no kv_retrieval_simple document carries metric 'value_accuracy'" in exc.value.problem
+    assert exc.value.problem.endswith("the task reports: value_acc") and "kv" in exc.value.fix
+
+
 def test_an_entry_reads_only_its_lengths(tmp_path):
     """A task piloted in two roles (a context extension's target at the window's edge, its guard at 300 tokens)
     scores both lengths in one call; each entry reads the documents of its own lengths (their per-length keys)."""
