@@ -155,10 +155,19 @@ def write_musique_fixture(out: Path, num_questions: int = 24, seed: int = 0) -> 
     """Write the dev and train files (``num_questions`` each, hops cycling 2, 3, 4) and the marker to ``out``."""
     if num_questions < 1 or seed < 0:
         raise NeedlesError(f"num_questions {num_questions}, seed {seed}", fix="use at least 1 question and seed >= 0")
+    from harness_ext.tasklib.real_baseline import question_hash
+
     out = Path(out)
+    asked: set[str] = set()  # invented names can repeat a question: a train row that asks a dev question is a leak
     for split, rel in (("dev", MUSIQUE_DEV), ("train", MUSIQUE_TRAIN)):
         rng = random.Random(f"musique-fixture:{seed}:{split}")
-        rows = [musique_row(rng, n + (0 if split == "dev" else 100_000), 2 + n % 3) for n in range(num_questions)]
+        rows: list[dict] = []
+        while len(rows) < num_questions:
+            n = len(rows)
+            row = musique_row(rng, n + (0 if split == "dev" else 100_000), 2 + n % 3)
+            if split == "dev" or question_hash(row["question"]) not in asked:
+                rows.append(row)
+            asked.add(question_hash(row["question"]))
         write_atomic(out / rel, "".join(json.dumps(r) + "\n" for r in rows))
     return _marker(
         out,

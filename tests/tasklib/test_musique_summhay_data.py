@@ -58,6 +58,20 @@ def test_fixtures_are_deterministic_marked_and_in_the_official_schema(fixtures, 
     assert all(set(d["insights_included"]) <= ids for d in topic["documents"])
 
 
+def test_musique_fixture_never_trains_on_a_dev_question(tmp_path):
+    """Invented names repeat: at 100 questions (seed 0) a train row drew a dev row's question, and the finetune's
+    leakage check refused the real cell's training set. Train rows skip a question already asked."""
+    from harness_ext.tasklib.real_baseline import question_hash
+
+    write_musique_fixture(tmp_path, num_questions=100)
+    asked = {
+        split: [question_hash(json.loads(line)["question"]) for line in (tmp_path / rel).read_text().splitlines()]
+        for split, rel in (("dev", "musique_ans_v1.0_dev.jsonl"), ("train", "musique_ans_v1.0_train.jsonl"))
+    }
+    assert len(asked["dev"]) == len(asked["train"]) == 100
+    assert not set(asked["dev"]) & set(asked["train"]) and len(set(asked["train"])) == 100
+
+
 def test_musique_rows_exact_lengths_paired_placements(meta, smollm2_dir):
     meta.update(musique_lengths=[768, 1024], musique_num_questions=3)
     ds = musique_dataset(**meta)
