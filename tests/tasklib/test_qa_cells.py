@@ -119,6 +119,15 @@ def test_the_leakage_check_passes_held_out_data_and_refuses_a_leak(meta, smollm2
         )
 
 
+def test_a_summhay_finetune_is_checked_against_a_musique_target(meta, smollm2_dir):
+    """SummHay rows ask no question: beside a MuSiQue target (a study scoring both) only their document hashes are
+    compared with its questions' documents, not refused for having no question."""
+    tasks_meta = {**meta, "musique_lengths": [768], "musique_num_questions": 2, "musique_placements": ["early"]}
+    rows, _ = generate(QASpec("summhay", "real", num_samples=2, lengths=(1024,), placements=("early",)), meta)
+    report = check_family_leakage(rows, "summhay", ["musique"], tasks_meta, str(smollm2_dir))
+    assert report.eval_docs == 2 and report.eval_questions == 0 and report.overlap == 0
+
+
 def test_finetune_data_keys_of_the_families():
     spec = train_spec({"family": "musique", "cell": "symbolic", "hops": [2, 4], "lengths": 512})
     assert spec.family == "musique" and spec.synth.hops == (2, 4) and spec.synth.lengths == (512,)
