@@ -14,7 +14,7 @@ from pathlib import Path
 
 from harness_ext.core.errors import NeedlesError
 from harness_ext.reporting.results_io import Run
-from harness_ext.workflow.in_distribution import ROLE, held_out_for, merged_metadata, options, verdict
+from harness_ext.workflow.in_distribution import ROLE, held_out_for, merged_metadata, modal_reply, options, verdict
 from harness_ext.workflow.suite import ExperimentConfig, SuiteTask
 
 
@@ -73,7 +73,7 @@ def in_distribution_result(base: Run, new: Run, cfg: ExperimentConfig, skipped: 
     better, worse = compare_entry(target, b, n, half), compare_entry(target, n, b, half)
     p = min(1.0, 2 * min(better["p"], worse["p"]))
     found = beside(b, n, cfg.alpha / 2)
-    status, sentence = verdict(better["delta"], p, cfg.alpha, found["text"])
+    status, sentence = verdict(better["delta"], p, cfg.alpha, found["text"], modal_reply(new, entry.task, entry.filter))
     row = {k: better[k] for k in ("metric", "n", "base", "finetuned", "delta", "ci", "ci_level")}
     row |= {"p": p, "method": better["method"].replace("one-sided: finetuned better", "two-sided")}
     if "discordant" in better:
@@ -99,7 +99,7 @@ def markdown(comparison: dict) -> list[str]:
         f"| {r['task']} | {r['family']} | {r['metric']} | {r['n']} | {r['base']:.3f} | {r['finetuned']:.3f} | "
         f"{r['delta']:+.3f} | [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}] | {r['p']:.3g} | {r['status']} |",
         "",
-        f"**{sentence}**" if r["status"] == "not_learned" else sentence,
+        f"**{sentence}**" if r["status"] in ("not_learned", "constant") else sentence,
         "",
         f"Held-out documents: {r['disjoint']}. Not part of the claim's Holm family; CI = {r['ci_level']:.0%} paired "
         "interval of finetuned - base.",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from harness_ext.core.errors import NeedlesError
 from harness_ext.study.config import BASE, StudyConfig
-from harness_ext.workflow.in_distribution import held_out_for, label, merged_metadata, options, verdict
+from harness_ext.workflow.in_distribution import held_out_for, label, merged_metadata, modal_reply, options, verdict
 
 LEVEL = 0.95
 
@@ -95,17 +95,18 @@ def report_section(study, done: dict[str, dict]) -> dict:
         found = beside(b, r, level)
         out[name] = {**head, **paired_test(b, r, study.cfg.bootstrap_iters), "mde": found["mde"]}
         out[name] |= {"mde_text": found["text"], "differs": c.get("differs") or {}}
+        out[name]["modal"] = modal_reply(load(name), c["task"])
     family = [n for n in out if "p" in out[n]]
     for name, p_holm in zip(family, stats.holm([out[n]["p"] for n in family]), strict=True):
         t = out[name]
         t["p_holm"] = p_holm
-        t["status"], t["verdict"] = verdict(t["delta"], p_holm, 1 - LEVEL, t["mde_text"])
+        t["status"], t["verdict"] = verdict(t["delta"], p_holm, 1 - LEVEL, t["mde_text"], t.pop("modal"))
         if t["status"] != "not_shown":
             del t["mde"], t["mde_text"]
     return {name: rounded(t) for name, t in out.items()}
 
 
-STATUS_WORD = {"learned": "learned", "not_learned": "worse", "not_shown": "n.s."}
+STATUS_WORD = {"learned": "learned", "not_learned": "worse", "not_shown": "n.s.", "constant": "one reply"}
 
 
 def table_cell(rep: dict, run: str) -> str:
@@ -141,7 +142,7 @@ def markdown(rep: dict) -> list[str]:
         )
     lines.append("")
     for run, t in checks.items():
-        if t["status"] == "not_learned":
+        if t["status"] in ("not_learned", "constant"):
             lines.append(f"**{run}: {t['verdict']}.**")
         for key, d in (t.get("differs") or {}).items():
             lines.append(f"- {run}: {key} trained {d['trained']}, scored {d['scored']}.")

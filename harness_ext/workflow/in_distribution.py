@@ -48,6 +48,13 @@ DEFAULT_DOCUMENTS = 60
 NOT_LEARNED = "the finetune did not learn its own task: transfer results below are not interpretable"
 NOT_SHOWN = "the finetune was not shown to learn its own task"
 LEARNED = "the finetune learned its own task"
+CONSTANT = (
+    "the finetune gives one reply to most held-out documents: its score is what the metric gives that reply, not "
+    "evidence that it learned its own task"
+)
+# a reply given to half the documents answers the task's format, not each document (a SummHay fixture's gold IDs
+# follow the placement, so one reply, "[2][4]", scores citation F1 0.667 on every document)
+CONSTANT_SHARE = 0.5
 # (variant, answer_template) of the KV training data -> the kv_retrieval task that draws the same documents
 _KV_TASKS = {
     ("simple", False): "kv_retrieval_simple",
@@ -235,9 +242,39 @@ def merged_metadata(metadata: dict, check: HeldOut, other_tasks: list[str]) -> t
     return out, differs
 
 
-def verdict(delta: float, p: float, alpha: float, mde_text: str | None) -> tuple[str, str]:
-    """(status, sentence) of a paired two-sided test of finetuned - base on the held-out documents."""
+def modal_reply(run, task: str, filter_: str = "none") -> dict | None:
+    """The run's most common reply to the task's documents, ``{"reply", "count", "n"}`` (stripped text), from its
+    sample logs; None when it has none or the task generates no text."""
+    from collections import Counter
+
+    from harness_ext.reporting.results_io import iter_samples
+    from harness_ext.workflow.paired import leaf_tasks
+
+    replies: Counter = Counter()
+    for leaf in leaf_tasks(run, task):
+        path = run.samples_path(leaf)
+        if path is None:
+            return None
+        for row in iter_samples(path):
+            reply = row.get("resps")
+            while isinstance(reply, list) and reply:  # generate_until logs [[text]]
+                reply = reply[0]
+            if row.get("filter", "none") == filter_ and isinstance(reply, str):
+                replies[reply.strip()] += 1
+    if not replies:
+        return None
+    reply, count = replies.most_common(1)[0]
+    return {"reply": reply, "count": count, "n": sum(replies.values())}
+
+
+def verdict(delta: float, p: float, alpha: float, mde_text: str | None, modal: dict | None = None) -> tuple[str, str]:
+    """(status, sentence) of a paired two-sided test of finetuned - base on the held-out documents; ``modal``: the
+    finetuned run's most common reply (:func:`modal_reply`), which turns a significant gain given by one reply to
+    most documents into "constant"."""
     if p < alpha and delta > 0:
+        if modal and modal["count"] >= CONSTANT_SHARE * modal["n"]:
+            quoted = modal["reply"] if len(modal["reply"]) <= 40 else modal["reply"][:40] + "..."
+            return "constant", f"{CONSTANT} ({modal['count']} of {modal['n']} replies are {quoted!r})"
         return "learned", LEARNED
     if p < alpha and delta < 0:
         return "not_learned", NOT_LEARNED
