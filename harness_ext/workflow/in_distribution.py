@@ -247,6 +247,7 @@ def modal_reply(run, task: str, filter_: str = "none") -> dict | None:
     sample logs; None when it has none or the task generates no text."""
     from collections import Counter
 
+    from harness_ext.reporting.reply_form import reply_text
     from harness_ext.reporting.results_io import iter_samples
     from harness_ext.workflow.paired import leaf_tasks
 
@@ -256,11 +257,8 @@ def modal_reply(run, task: str, filter_: str = "none") -> dict | None:
         if path is None:
             return None
         for row in iter_samples(path):
-            reply = row.get("resps")
-            while isinstance(reply, list) and reply:  # generate_until logs [[text]]
-                reply = reply[0]
-            if row.get("filter", "none") == filter_ and isinstance(reply, str):
-                replies[reply.strip()] += 1
+            if row.get("filter", "none") == filter_ and ("resps" in row or "filtered_resps" in row):
+                replies[reply_text(row).strip()] += 1
     if not replies:
         return None
     reply, count = replies.most_common(1)[0]
