@@ -44,7 +44,7 @@ from harness_ext.tasklib.qa_cells_draw import (
 )
 from harness_ext.tasklib.real_baseline import question_hash
 
-GENERATOR_VERSION = 1  # part of the cache key: bump whenever a cell's rows change for the same spec
+GENERATOR_VERSION = 2  # part of the cache key: bump whenever a cell's rows change for the same spec
 FAMILIES = ("musique", "summhay")
 TASKS = {"musique": "musique", "summhay": "summhay_citation"}  # the lm-eval task each family's rows look like
 SPLITS = ("train", "eval")
@@ -151,7 +151,8 @@ def _synthetic_rows(spec: QASpec, tokenizer) -> list[dict]:
         if spec.family == "musique":
             render = functools.partial(musique.render, draw.question)
         else:
-            render = functools.partial(summhay.render, draw.question, draw.kind)
+            salt = f"{spec.cell}:{spec.split}:{spec.seed}:{i}"
+            render = functools.partial(summhay.render, draw.question, draw.kind, salt)
         what = f"{spec.family} {spec.cell} sample {i}"
         for length in spec.lengths:
             got = fit_haystack(draw.keys, draw.pool, spec.placements, length, render, tokenizer, what)
@@ -168,8 +169,10 @@ def _synthetic_rows(spec: QASpec, tokenizer) -> list[dict]:
                     doc["doc_sha256"] = _sha(doc["prompt"], doc["answers"])
                 else:
                     doc |= {"haystack": None, "insight_id": f"{spec.cell}-{spec.split}-{spec.seed}-{i}"}
-                    doc |= {"insight": draw.question, "gold_ids": keys, "num_documents": len(units)}
-                    doc["target"] = "".join(f"[{n}]" for n in keys)
+                    ids = summhay.document_ids(units, salt)
+                    gold = [ids[u.uid] for u in units if u.key]
+                    doc |= {"insight": draw.question, "gold_ids": gold, "gold_positions": keys}
+                    doc |= {"num_documents": len(units), "target": "".join(f"[{n}]" for n in gold)}
                     doc["doc_sha256"] = _sha(doc["prompt"], doc["gold_ids"])
                 out.append(doc)
     return out

@@ -11,9 +11,10 @@ gold documents (``early`` / ``spread`` / ``late``) by :mod:`harness_ext.tasklib.
 documents at every placement of a length, at most the target, one more word of filler over it. Documents that
 state the insight but are not gold never appear, so the gold set is exactly the documents that hold it.
 
-Prompt (``templates/summhay/citation.jinja``, fixed): the documents numbered 1..N in prompt order, introduced as
-the reference's summarisation prompts introduce them (``Article N:`` for news, ``Conversation N:`` for
-conversations), the insight, and the instruction to answer with the supporting IDs in brackets (``[3][7]``,
+Prompt (``templates/summhay/citation.jinja``, fixed): the documents with the IDs 1..N in a seeded order of the
+documents (:func:`document_ids`; not their prompt order, which would give the gold IDs away with the placement),
+introduced as the reference's summarisation prompts introduce them (``Article N:`` for news, ``Conversation N:``
+for conversations), the insight, and the instruction to answer with the supporting IDs in brackets (``[3][7]``,
 the reference's citation format). Scores: the reference's citation precision / recall / F1
 (:func:`harness_ext.tasklib.metrics.citation_scores`) of the IDs read from the reply by its
 ``extract_citations``, with ``_len<L>``, ``_place_<P>`` and combined breakdowns. No LLM judge: the insight is
@@ -42,7 +43,7 @@ from harness_ext.tasklib.haystack_fit import PLACEMENTS, Unit, fit_haystack, pla
 from harness_ext.tasklib.metadata_keys import check_family_metadata
 from harness_ext.tasklib.metrics import citation_scores, summhay_citations
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # part of the cache key: bump whenever rows change for the same inputs
 TEMPLATE = "summhay/citation.jinja"
 MIN_LENGTH = 128
 _FIX = "use the official SummHay haystacks (`needles data fetch summhay`) or a fixture in their schema"
@@ -122,8 +123,19 @@ def insight_order(topics: dict[str, dict], seed: int, limit: int) -> list[tuple[
     return pairs[:limit]
 
 
-def render(insight: str, kind: str, units: list[Unit]) -> str:
-    docs = "\n\n".join(f"{kind} {i}:\n{u.text}" for i, u in enumerate(units, start=1))
+def document_ids(units: list[Unit], salt: str) -> dict[str, int]:
+    """The IDs 1..N of one prompt's documents, in a seeded order of the documents (not their prompt order).
+
+    Numbered in prompt order, the gold IDs would follow from the placement and the document count alone (the
+    placements put the gold documents at fixed slots), and one reply would score at every length without reading
+    a document. The order depends on the set of documents, so every placement of a length carries the same IDs."""
+    order = sorted(units, key=lambda u: hashlib.sha256(f"{salt}:{u.uid}".encode()).hexdigest())
+    return {u.uid: i for i, u in enumerate(order, start=1)}
+
+
+def render(insight: str, kind: str, salt: str, units: list[Unit]) -> str:
+    ids = document_ids(units, salt)
+    docs = "\n\n".join(f"{kind} {ids[u.uid]}:\n{u.text}" for u in units)
     return load_template(TEMPLATE).render(documents=docs, insight=insight, kind=kind, n=len(units))
 
 
@@ -142,24 +154,27 @@ def build_rows(spec: SummhaySpec, topics: dict[str, dict], tokenizer) -> list[di
             for d in sorted(docs, key=lambda d: _key(spec.seed, "pool", iid, d["document_id"]))
             if iid not in d["insights_included"]
         ]
+        salt = f"{spec.seed}:{name}:{iid}"
         for length in spec.lengths:
             got = fit_haystack(
                 keys,
                 pool,
                 spec.placements,
                 length,
-                functools.partial(render, ins["insight"], kind),
+                functools.partial(render, ins["insight"], kind, salt),
                 tokenizer,
                 f"SummHay insight {iid} ({name})",
             )
             for placement in spec.placements:
                 layout = got.layouts[placement]
+                ids = document_ids(layout, salt)
                 doc = {
                     "sample": sample,
                     "haystack": name,
                     "insight_id": iid,
                     "insight": ins["insight"],
-                    "gold_ids": [i for i, u in enumerate(layout, start=1) if u.key],
+                    "gold_ids": [ids[u.uid] for u in layout if u.key],
+                    "gold_positions": [i for i, u in enumerate(layout, start=1) if u.key],
                     "num_documents": len(layout),
                     "holders_in_haystack": len(holders),
                     "target_tokens": length,

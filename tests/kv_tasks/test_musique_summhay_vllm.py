@@ -59,7 +59,7 @@ def test_both_families_through_lm_eval_vllm(lm_eval_run, tiny_llama_dir, tmp_pat
             assert [d["placement"] for d in docs] == ["early", "spread", "late"]
             assert len({tuple(sorted(x.rstrip("*") for x in d["layout"])) for d in docs}) == 1  # paired
             for d in docs:
-                keys = d["supporting_positions"] if task == "musique" else d["gold_ids"]
+                keys = d["supporting_positions"] if task == "musique" else d["gold_positions"]
                 n = d["num_paragraphs"] if task == "musique" else d["num_documents"]
                 assert keys == [s + 1 for s in key_slots(d["placement"], len(keys), n)]
     assert any(k.startswith("answer_em_hops") for k in res["results"]["musique"])

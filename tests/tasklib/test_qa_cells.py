@@ -81,15 +81,18 @@ def test_summhay_cells_cite_exactly_the_documents_that_state_the_fact(meta):
     rows, _ = generate(QASpec("summhay", "symbolic", num_samples=2, lengths=(768,), num_gold=3), meta)
     for r in rows:
         key, value = re.fullmatch(r"key (\w+) has value (\w+)", r["insight"]).groups()
-        docs = re.split(r"\n\nArticle \d+:\n|\nArticle 1:\n", r["prompt"].split("\n\nInsight:")[0])[1:]
-        holders = [i for i, d in enumerate(docs, start=1) if f"key {key}: value {value}." in d]
-        lures = [i for i, d in enumerate(docs, start=1) if f"key {key}: value" in d and i not in holders]
+        parts = re.split(r"\nArticle (\d+):\n", r["prompt"].split("\n\nInsight:")[0])[1:]
+        docs = list(zip(map(int, parts[::2]), parts[1::2]))  # (ID, text) in prompt order
+        assert sorted(i for i, _ in docs) == list(range(1, r["num_documents"] + 1))
+        holders = [i for i, d in docs if f"key {key}: value {value}." in d]
+        lures = [i for i, d in docs if f"key {key}: value" in d and i not in holders]
         assert holders == r["gold_ids"] and len(holders) == 3 and lures  # lures share the key, not the value
+        assert [n for n, (i, _) in enumerate(docs, start=1) if i in holders] == r["gold_positions"]
         assert r["target"] == "".join(f"[{i}]" for i in holders) and r["n_tokens"] <= 768
     rows, _ = generate(QASpec("summhay", "templated", num_samples=1, lengths=(512,)), meta)
     r = rows[0]
-    docs = r["prompt"].split("\n\nInsight:")[0].split("\n\nArticle ")
-    assert [i for i, d in enumerate(docs) if r["insight"] + "." in d] == r["gold_ids"]  # docs[0]: the preamble
+    docs = r["prompt"].split("\n\nInsight:")[0].split("\n\nArticle ")[1:]
+    assert [int(d.split(":")[0]) for d in docs if r["insight"] + "." in d] == r["gold_ids"]
 
 
 def test_summhay_real_trains_only_on_haystacks_the_evaluation_does_not_score(meta):
