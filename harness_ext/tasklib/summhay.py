@@ -130,7 +130,10 @@ def document_ids(units: list[Unit], salt: str) -> dict[str, int]:
     placements put the gold documents at fixed slots), and one reply would score at every length without reading
     a document. The order depends on the set of documents, so every placement of a length carries the same IDs."""
     order = sorted(units, key=lambda u: hashlib.sha256(f"{salt}:{u.uid}".encode()).hexdigest())
-    return {u.uid: i for i, u in enumerate(order, start=1)}
+    ids = {u.uid: i for i, u in enumerate(order, start=1)}
+    if len(ids) != len(units):
+        raise NeedlesError(f"two documents of one prompt share an id ({salt})", fix="report this bug")
+    return ids
 
 
 def render(insight: str, kind: str, salt: str, units: list[Unit]) -> str:

@@ -153,7 +153,7 @@ def test_summhay_rows_cite_exactly_the_documents_that_hold_the_insight(meta, fix
 
 def test_summhay_gold_ids_do_not_follow_from_the_placement(meta):
     """The placements put the gold documents at fixed slots; the IDs must not say which, or one reply per
-    (length, placement) would score without reading (documents numbered in prompt order did exactly that)."""
+    (length, placement) would score without reading (as it would with the documents numbered in prompt order)."""
     meta.update(summhay_lengths=[1024], summhay_num_insights=12, summhay_haystacks=["news2", "conv1"])
     rows = list(summhay_dataset(**meta)["test"])
     for placement in ("early", "spread", "late"):
