@@ -9,7 +9,6 @@ Outputs under OUT: ``plan.json`` (every step and its command), ``steps/*.json`` 
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
 import sys
 from collections.abc import Callable
@@ -91,13 +90,14 @@ def lm_eval_step(argv: list[str], out: Path) -> dict:
 
 
 def finetune_step(ft) -> dict:
-    """The finetune step: train (resuming from checkpoints), or find the finished run whose marker was lost."""
+    """The finetune step: train (resuming from checkpoints), or find the finished run whose marker was lost (the
+    same options and data only: harness_ext.finetune.finished)."""
+    from harness_ext.finetune.finished import finished_run
     from harness_ext.finetune.recipe import finetune
     from harness_ext.finetune.rundir import list_checkpoints
 
     done_manifest = Path(ft.output_dir) / "manifest.json"
-    if done_manifest.is_file():  # written atomically, last: the run finished before its marker was
-        manifest = json.loads(done_manifest.read_text(encoding="utf-8"))
+    if (manifest := finished_run(ft)) is not None:  # written atomically, last: the run finished before its marker
         return {"manifest": str(done_manifest), "final_loss": manifest["final_loss"]}
     resume = bool(list_checkpoints(Path(ft.output_dir)))
     manifest = finetune(dataclasses.replace(ft, resume=resume))

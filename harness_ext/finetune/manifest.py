@@ -31,6 +31,14 @@ def versions() -> dict:
     return out
 
 
+def hyperparameters(cfg: Any) -> dict:
+    """The options a run records as its hyperparameters (everything but its data, which the manifest records with
+    its hash, and its output folder)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in {"data", "output_dir"}} | {
+        "learning_rate": cfg.lr()
+    }
+
+
 def eval_max_model_len(seq_len: int, leak_docs_max: int, model_max: int | None) -> int:
     """vLLM's max_model_len for scoring: the longest training or evaluation prompt plus room for the
     chat template and the answer, rounded up to 512 and capped at the model's context."""
@@ -72,8 +80,7 @@ def build_manifest(
             "system_prompt": cfg.system_prompt,
         },
         "leakage_check": dataclasses.asdict(leak) | {"train_seed": spec.seed, "eval_metadata": cfg.eval_metadata},
-        "hyperparameters": {k: v for k, v in dataclasses.asdict(cfg).items() if k not in {"data", "output_dir"}}
-        | {"learning_rate": cfg.lr()},
+        "hyperparameters": hyperparameters(cfg),
         "parameters": {"trainable": n_trainable, "total": n_total},
         "training": {
             "steps": history[-1]["step"] if history else 0,

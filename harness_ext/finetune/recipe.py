@@ -37,6 +37,7 @@ from harness_ext.finetune.context import context_manifest, extended_config, plan
 from harness_ext.finetune.data import (
     check_lengths,
     data_summary,
+    docs_sha256,
     format_docs,
     label_tokens,
     loss_sum,
@@ -201,9 +202,10 @@ class FinetuneRecipe:
 
     def _resume(self) -> None:
         self.fingerprint = rundir.config_fingerprint(self.cfg)
+        self.data_sha256 = docs_sha256(self.docs)
         if not self.cfg.resume:
             return
-        path, state = rundir.latest_state(self.out, self.fingerprint, self.accelerator.num_processes)
+        path, state = rundir.latest_state(self.out, self.fingerprint, self.accelerator.num_processes, self.data_sha256)
         self.accelerator.load_state(str(path), strict=False)  # LoRA checkpoints hold only the adapter
         rundir.check_restored(path, self.accelerator.unwrap_model(self.model))  # saved names lack DDP's "module."
         self.start_step, self.history = state["step"], state["history"]
@@ -288,7 +290,7 @@ class FinetuneRecipe:
             periodic = cfg.save_every and step % cfg.save_every == 0
             if (periodic or step == last_stop) and step < total_steps:
                 rundir.save_checkpoint(
-                    accelerator, self.out, step, self.history, self.fingerprint, cfg.keep_checkpoints
+                    accelerator, self.out, step, self.history, self.fingerprint, cfg.keep_checkpoints, self.data_sha256
                 )
         bar.close()
         accelerator.wait_for_everyone()

@@ -105,9 +105,10 @@ def config_fingerprint(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def latest_state(out: Path, fingerprint: str, processes: int = 1) -> tuple[Path, dict]:
-    """The newest checkpoint and its state, refused when missing, written with another configuration
-    or by another number of processes (the micro-batch plan and the per-process states depend on it)."""
+def latest_state(out: Path, fingerprint: str, processes: int = 1, data_sha256: str | None = None) -> tuple[Path, dict]:
+    """The newest checkpoint and its state, refused when missing, written with another configuration, on other
+    training data (the same options can make other documents once a data family's generator or files change) or
+    by another number of processes (the micro-batch plan and the per-process states depend on it)."""
     found = list_checkpoints(out)
     if not found:
         raise NeedlesError(
@@ -120,6 +121,13 @@ def latest_state(out: Path, fingerprint: str, processes: int = 1) -> tuple[Path,
             f"--resume: {found[-1]} was written with another configuration",
             fix="resume with the same options (only output/checkpoint options may change)",
         )
+    trained_on = state.get("data_sha256")  # checkpoints from before this key was written do not say
+    if data_sha256 and trained_on and trained_on != data_sha256:
+        raise NeedlesError(
+            f"--resume: {found[-1]} was trained on other documents (data_sha256 {trained_on[:12]}; the same options "
+            f"make {data_sha256[:12]} now: the data family's generator or its files changed)",
+            fix="start again without --resume in a new --output-dir (or delete this run's checkpoints)",
+        )
     saved = state.get("processes", 1)  # checkpoints from before this key was written came from one process
     if saved != processes:
         raise NeedlesError(
@@ -129,7 +137,9 @@ def latest_state(out: Path, fingerprint: str, processes: int = 1) -> tuple[Path,
     return found[-1], state
 
 
-def save_checkpoint(accelerator: Any, out: Path, step: int, history: list[dict], fingerprint: str, keep: int) -> None:
+def save_checkpoint(
+    accelerator: Any, out: Path, step: int, history: list[dict], fingerprint: str, keep: int, data_sha256: str
+) -> None:
     """accelerate's full training state plus our step/history; only the newest ``keep`` are kept.
 
     The state file marks a checkpoint complete, so rank 0 writes it only once every process has
@@ -138,7 +148,7 @@ def save_checkpoint(accelerator: Any, out: Path, step: int, history: list[dict],
     accelerator.save_state(str(path))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {"step": step, "history": history, "config_fingerprint": fingerprint}
+        state = {"step": step, "history": history, "config_fingerprint": fingerprint, "data_sha256": data_sha256}
         write_json_atomic(path / STATE_FILE, {**state, "processes": accelerator.num_processes})
         for old in list_checkpoints(out)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

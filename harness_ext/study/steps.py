@@ -124,16 +124,17 @@ def call_needles(study: Study, argv: list[str], log_file: Path) -> None:
 
 # ----------------------------------------------------------------------------------- finetune and lm_eval
 def finetune_run(study: Study, run: str) -> dict:
-    """Train the run (resuming its checkpoints); a finished manifest means it is done."""
+    """Train the run (resuming its checkpoints); a finished run of the same options and data means it is done."""
+    from harness_ext.finetune.finished import finished_run
     from harness_ext.finetune.recipe import finetune
     from harness_ext.finetune.rundir import list_checkpoints
 
     ft = study.finetune[run]
     done = Path(ft.output_dir) / "manifest.json"
-    if not done.is_file():  # the manifest is written atomically, last
+    manifest = finished_run(ft)  # the manifest is written atomically, last
+    if manifest is None:
         resume = bool(list_checkpoints(Path(ft.output_dir)))
-        finetune(dataclasses.replace(ft, resume=resume))
-    manifest = json.loads(done.read_text(encoding="utf-8"))
+        manifest = finetune(dataclasses.replace(ft, resume=resume))
     return {"manifest": study.rel(done), "final_loss": manifest.get("final_loss")}
 
 

@@ -45,6 +45,14 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(tiny
     # without --resume the folder's checkpoints are protected; with it the run continues from the newest complete one
     refused = subprocess.run(_argv(tiny_llama_dir, killed), capture_output=True, text=True, timeout=600)
     assert refused.returncode == 2 and "--resume" in refused.stderr
+    # ... unless the newest checkpoint was trained on other documents than the same options make now
+    state_file = max((killed / "checkpoints").glob("step-*/needles_state.json"), key=lambda p: int(p.parent.name[5:]))
+    state = json.loads(state_file.read_text())
+    assert len(state["data_sha256"]) == 64
+    state_file.write_text(json.dumps({**state, "data_sha256": "0" * 64}))
+    other = subprocess.run(_argv(tiny_llama_dir, killed, "--resume"), capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2 and "trained on other documents" in other.stderr and "Traceback" not in other.stderr
+    state_file.write_text(json.dumps(state))
     resumed = subprocess.run(_argv(tiny_llama_dir, killed, "--resume"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stderr
@@ -54,3 +62,33 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(tiny
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
     history = [json.loads((d / "train_log.json").read_text()) for d in (straight, killed)]
     assert [r["loss"] for r in history[0]] == [r["loss"] for r in history[1]] and len(history[0]) == 12
+
+
+@pytest.mark.heavy
+def test_a_finished_run_is_reused_only_with_its_own_options_and_documents(tiny_llama_dir, tmp_path):
+    """What `needles experiment` / `needles study` do when a finetune step's marker is missing but its folder holds
+    a finished run: reuse it only when the config would train the same thing now."""
+    from harness_ext.core.errors import NeedlesError
+    from harness_ext.finetune.args import finetune_parser, overrides_from_args
+    from harness_ext.finetune.config import load_config
+    from harness_ext.finetune.finished import finished_run
+
+    out = tmp_path / "run"
+
+    def config(*extra: str):
+        argv = _argv(tiny_llama_dir, out, *extra)[3:]  # the flags after `python -m harness_ext.finetune`
+        return load_config(None, overrides_from_args(finetune_parser().parse_args(argv)))
+
+    cfg = config()
+    assert finished_run(cfg) is None  # nothing there: train
+    subprocess.run(_argv(tiny_llama_dir, out, "--epochs", "0.25"), check=True, capture_output=True, timeout=600)
+    with pytest.raises(NeedlesError, match=r"trained with other options \(epochs\)"):
+        finished_run(cfg)
+    cfg = config("--epochs", "0.25", "--save-every", "3")  # where checkpoints go is not what is trained
+    assert finished_run(cfg)["data"]["documents"] == 24
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["data"]["data_sha256"] = "0" * 64  # what a change of the data family's generator looks like
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(NeedlesError, match="trained on other documents") as exc:
+        finished_run(cfg)
+    assert f"delete {out}" in exc.value.fix
