@@ -52,8 +52,8 @@ CONSTANT = (
     "the finetune gives one reply to most held-out documents: its score is what the metric gives that reply, not "
     "evidence that it learned its own task"
 )
-# a reply given to half the documents answers the task's format, not each document (a SummHay fixture's gold IDs
-# follow the placement, so one reply, "[2][4]", scores citation F1 0.667 on every document)
+# a reply given to half the documents answers the task's format, not each document (where a task has few possible
+# answers a guess scores: on SummHay haystacks of four or five documents a fixed pair of IDs scores citation F1 ~0.5)
 CONSTANT_SHARE = 0.5
 # (variant, answer_template) of the KV training data -> the kv_retrieval task that draws the same documents
 _KV_TASKS = {

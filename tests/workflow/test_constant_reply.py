@@ -1,5 +1,5 @@
-"""A significant in-distribution gain given by one reply to most held-out documents is not called "learned": a
-SummHay fixture's gold IDs follow the placement, so the reply "[2][4]" to every document scores citation F1 0.667."""
+"""A significant in-distribution gain given by one reply to most held-out documents is not called "learned": on
+SummHay haystacks of four or five documents the one reply "[2][4]" scores citation F1 about 0.5."""
 
 from __future__ import annotations
 
