@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,10 +28,17 @@ def _argv(model: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def straight(tiny_llama_dir, tmp_path_factory) -> Path:
+    """An uninterrupted run."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    subprocess.run(_argv(tiny_llama_dir, out), check=True, capture_output=True, timeout=600)
+    return out
+
+
 @pytest.mark.heavy
-def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(tiny_llama_dir, tmp_path):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_argv(tiny_llama_dir, straight), check=True, capture_output=True, timeout=600)
+def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(tiny_llama_dir, straight, tmp_path):
+    killed = tmp_path / "killed"
 
     proc = subprocess.Popen(_argv(tiny_llama_dir, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 600
@@ -65,7 +73,7 @@ def test_sigkill_after_a_checkpoint_then_resume_equals_an_uninterrupted_run(tiny
 
 
 @pytest.mark.heavy
-def test_a_finished_run_is_reused_only_with_its_own_options_and_documents(tiny_llama_dir, tmp_path):
+def test_a_finished_run_is_reused_only_with_its_own_options_and_documents(tiny_llama_dir, straight, tmp_path):
     """What `needles experiment` / `needles study` do when a finetune step's marker is missing but its folder holds
     a finished run: reuse it only when the config would train the same thing now."""
     from harness_ext.core.errors import NeedlesError
@@ -79,16 +87,15 @@ def test_a_finished_run_is_reused_only_with_its_own_options_and_documents(tiny_l
         argv = _argv(tiny_llama_dir, out, *extra)[3:]  # the flags after `python -m harness_ext.finetune`
         return load_config(None, overrides_from_args(finetune_parser().parse_args(argv)))
 
-    cfg = config()
-    assert finished_run(cfg) is None  # nothing there: train
-    subprocess.run(_argv(tiny_llama_dir, out, "--epochs", "0.25"), check=True, capture_output=True, timeout=600)
+    assert finished_run(config()) is None  # nothing there: train
+    out.mkdir()
+    shutil.copy(straight / "manifest.json", out / "manifest.json")  # the finished run, as the steps find it
+    assert finished_run(config("--save-every", "3"))["data"]["documents"] == 24  # checkpointing is not training
     with pytest.raises(NeedlesError, match=r"trained with other options \(epochs\)"):
-        finished_run(cfg)
-    cfg = config("--epochs", "0.25", "--save-every", "3")  # where checkpoints go is not what is trained
-    assert finished_run(cfg)["data"]["documents"] == 24
+        finished_run(config("--epochs", "2"))
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["data"]["data_sha256"] = "0" * 64  # what a change of the data family's generator looks like
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(NeedlesError, match="trained on other documents") as exc:
-        finished_run(cfg)
+        finished_run(config())
     assert f"delete {out}" in exc.value.fix
