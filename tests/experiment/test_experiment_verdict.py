@@ -223,7 +223,7 @@ def test_dry_run_prints_the_cost_and_commands_and_runs_nothing(tmp_path, capsys)
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("name", ["smollm2_cpu.yaml", "paper_mistral7b.yaml"])
+@pytest.mark.parametrize("name", ["smollm2_cpu.yaml", "paper_mistral7b.yaml", "smollm2_synth_mdqa_defaults.yaml"])
 def test_shipped_experiments_validate_and_dry_run(name, capsys, tmp_path, monkeypatch):
     """The shipped configs parse, resolve their recipes and print a plan (the 7B one only ever runs on a GPU)."""
     monkeypatch.chdir(Path(__file__).resolve().parents[2])  # the paper config names its recipe by repo path
