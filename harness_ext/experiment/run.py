@@ -92,15 +92,9 @@ def lm_eval_step(argv: list[str], out: Path) -> dict:
 def finetune_step(ft) -> dict:
     """The finetune step: train (resuming from checkpoints), or find the finished run whose marker was lost (the
     same options and data only: harness_ext.finetune.finished)."""
-    from harness_ext.finetune.finished import finished_run
-    from harness_ext.finetune.recipe import finetune
-    from harness_ext.finetune.rundir import list_checkpoints
+    from harness_ext.finetune.finished import finished_or_trained
 
-    done_manifest = Path(ft.output_dir) / "manifest.json"
-    if (manifest := finished_run(ft)) is not None:  # written atomically, last: the run finished before its marker
-        return {"manifest": str(done_manifest), "final_loss": manifest["final_loss"]}
-    resume = bool(list_checkpoints(Path(ft.output_dir)))
-    manifest = finetune(dataclasses.replace(ft, resume=resume))
+    manifest = finished_or_trained(ft)
     return {"manifest": str(Path(ft.output_dir) / "manifest.json"), "final_loss": manifest["final_loss"]}
 
 

@@ -51,3 +51,16 @@ def finished_run(cfg: Any) -> dict | None:
             fix=fix,
         )
     return manifest
+
+
+def finished_or_trained(cfg: Any) -> dict:
+    """The manifest of ``cfg``'s run: the finished one in its folder (checked by :func:`finished_run`), else the
+    run trained now, resuming from its folder's checkpoints when there are any."""
+    import dataclasses
+
+    from harness_ext.finetune.recipe import finetune
+    from harness_ext.finetune.rundir import list_checkpoints
+
+    if (manifest := finished_run(cfg)) is not None:
+        return manifest
+    return finetune(dataclasses.replace(cfg, resume=bool(list_checkpoints(Path(cfg.output_dir)))))

@@ -10,7 +10,6 @@ relative to the study folder, never timings, so the report built from the marker
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import shlex
 from collections.abc import Callable
@@ -125,17 +124,11 @@ def call_needles(study: Study, argv: list[str], log_file: Path) -> None:
 # ----------------------------------------------------------------------------------- finetune and lm_eval
 def finetune_run(study: Study, run: str) -> dict:
     """Train the run (resuming its checkpoints); a finished run of the same options and data means it is done."""
-    from harness_ext.finetune.finished import finished_run
-    from harness_ext.finetune.recipe import finetune
-    from harness_ext.finetune.rundir import list_checkpoints
+    from harness_ext.finetune.finished import finished_or_trained
 
     ft = study.finetune[run]
-    done = Path(ft.output_dir) / "manifest.json"
-    manifest = finished_run(ft)  # the manifest is written atomically, last
-    if manifest is None:
-        resume = bool(list_checkpoints(Path(ft.output_dir)))
-        manifest = finetune(dataclasses.replace(ft, resume=resume))
-    return {"manifest": study.rel(done), "final_loss": manifest.get("final_loss")}
+    manifest = finished_or_trained(ft)
+    return {"manifest": study.rel(Path(ft.output_dir) / "manifest.json"), "final_loss": manifest.get("final_loss")}
 
 
 def eval_model(study: Study, run: str) -> tuple[str, str | None, int | None]:
