@@ -9,7 +9,7 @@ prompts of data read at run time (MDQA, FLenQA, general tasks) are counted as it
 from __future__ import annotations
 
 from harness_ext.study.steps import Study, merged_finetune
-from harness_ext.workflow.cost import eval_cost_line
+from harness_ext.workflow.cost import eval_cost_line, training_text
 
 _KNOCKOUT_DEFAULTS = {
     "task": "kv",
@@ -78,7 +78,7 @@ def estimate(study: Study, niah_needles: int | None = None) -> dict:
     for name, run in study.runs.items():
         exp = ExperimentConfig(name, cfg.model, suite, merged_finetune(cfg, run), cfg.metadata, limit=cfg.limit)
         est = experiment_estimate(exp, study.finetune[name])
-        training[name] = {"tokens": est["training_tokens"], "epochs": est["epochs"]}
+        training[name] = {k: est[k] for k in ("training_tokens", "training_rows", "optimizer_steps", "epochs")}
     per_eval = experiment_estimate(exp, study.finetune[name])  # the targets are the same for every run
     runs = len(study.runs)
     head = {"runs": runs, "training": training, "evaluations": runs + 1, "eval": per_eval["eval"]}
@@ -109,8 +109,7 @@ def format_study_cost(est: dict) -> str:
     """The estimate as the lines ``needles study --dry-run`` prints."""
     lines = [f"[needles study] cost estimate ({est['runs']} finetuned runs + the base model; counted from the config)"]
     for name, t in est["training"].items():
-        tokens = "not estimated (set data.lengths)" if t["tokens"] is None else f"~{t['tokens']:,} tokens"
-        lines.append(f"  finetune:{name}: {tokens} ({t['epochs']:g} epochs)")
+        lines.append(f"  finetune:{name}: {training_text(t)}")
     for r in est["eval"]:
         lines.append(f"  eval x{est['evaluations']}: {eval_cost_line(r, 'prompts')} per evaluation")
     if est["eval_not_estimated"]:

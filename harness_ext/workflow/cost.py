@@ -98,13 +98,40 @@ def estimate(cfg: ExperimentConfig, ft) -> dict:
     ``ft`` is the experiment's resolved FinetuneConfig (its recipe and overrides applied).
     """
     samples, lengths = _training_documents(ft)
+    steps = optimizer_steps(ft, samples)
     epochs = float(ft.epochs)
     if ft.max_steps:  # a step budget: batch x accumulation x steps examples, at most the epochs'
         epochs = min(epochs, ft.max_steps * ft.batch_size * ft.grad_accum / max(samples, 1))
     # without length targets a synth_mdqa document is as long as its passages: not guessed
     training = int(samples * (sum(lengths) / len(lengths)) * epochs) if lengths else None
     rows, unknown = eval_rows(cfg.tasks, cfg.metadata, cfg.limit)
-    return {"training_tokens": training, "epochs": epochs, "eval": rows, "not_estimated": unknown}
+    return {
+        "training_tokens": training,
+        "training_rows": samples,
+        "optimizer_steps": steps,
+        "epochs": epochs,
+        "eval": rows,
+        "not_estimated": unknown,
+    }
+
+
+def optimizer_steps(ft, rows: int) -> int | None:
+    """The optimizer steps ``needles finetune`` will take on one process (the recipe's own plan, on ``rows``
+    examples); None when token packing makes them depend on the examples' lengths."""
+    from harness_ext.finetune.batches import plan_run
+
+    if getattr(ft, "pack_tokens", None):
+        return None
+    return plan_run(ft, [1] * rows, 1)[1]
+
+
+def training_text(est: dict) -> str:
+    """The training part of a cost estimate: tokens where the data spec sizes its rows, else rows; the steps."""
+    tokens, steps = est["training_tokens"], est.get("optimizer_steps")
+    size = (
+        f"~{tokens:,} tokens" if tokens is not None else f"{est['training_rows']:,} rows (tokens set by the passages)"
+    )
+    return f"{size}, {est['epochs']:g} epochs" + (f", {steps:,} optimizer steps" if steps is not None else "")
 
 
 def eval_cost_line(row: dict, unit: str = "documents") -> str:
@@ -116,9 +143,7 @@ def eval_cost_line(row: dict, unit: str = "documents") -> str:
 
 
 def format_estimate(est: dict) -> str:
-    tokens = est["training_tokens"]
-    training = f"~{tokens:,} tokens" if tokens is not None else "not estimated (set data.lengths to size documents)"
-    lines = [f"[needles experiment] cost estimate: training {training} ({est['epochs']:g} epochs)"]
+    lines = [f"[needles experiment] cost estimate: training {training_text(est)}"]
     for r in est["eval"]:
         lines.append(f"  {eval_cost_line(r)}, per evaluation (x2: base and finetuned)")
     if est["not_estimated"]:

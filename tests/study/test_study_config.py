@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from study_configs import kv_study
 
 from harness_ext.cli.app import main
@@ -219,3 +220,52 @@ def test_correlation_and_report_from_markers(tmp_path):
     assert "- a: kv_retrieval_simple not compared with base: base/eval/results_x.json: no such file" in md
     assert "+0.200 [+0.100, +0.300] | n/a | +0.000 [-0.100, +0.100] |" in md
     assert "a: patch set complement not run" in md
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def mirrors(shared_data, tmp_path_factory) -> dict[str, str]:
+    """Offline copies of the data the shipped studies name (as their headers build them): the variables to set."""
+    from harness_ext.data.sources import RETRIEVAL_HEAD, RETRIEVAL_HEAD_NEEDLES
+    from harness_ext.tasklib.mdqa_fixture import build_fixture
+    from harness_ext.tasklib.qa_fixtures import write_musique_fixture, write_summhay_fixture
+
+    root = tmp_path_factory.mktemp("mirrors")
+    for rel in RETRIEVAL_HEAD.files:  # the NIAH needles and haystack, laid out as upstream has them
+        (root / "niah" / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / "niah" / rel).symlink_to(
+            shared_data / "retrieval-head" / ("needles.jsonl" if rel == RETRIEVAL_HEAD_NEEDLES else rel)
+        )
+    oracle = shared_data / "lost-in-the-middle" / "qa_data" / "nq-open-oracle.jsonl.gz"
+    build_fixture(oracle, root / "mdqa", settings=(10, 20), num_questions=400, progress=False)
+    write_musique_fixture(root / "musique", num_questions=100)
+    write_summhay_fixture(root / "summhay")
+    return {
+        "NEEDLES_MDQA_MIRROR": str(root / "mdqa"),
+        "NEEDLES_MUSIQUE_MIRROR": str(root / "musique"),
+        "NEEDLES_SUMMHAY_MIRROR": str(root / "summhay"),
+        "NEEDLES_NIAH_MIRROR": str(root / "niah"),
+        "NEEDLES_ALLOW_UNOFFICIAL_DATA": "1",
+    }
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "examples" / "studies").glob("*.yaml")))
+def test_shipped_studies_validate_and_dry_run(name, mirrors, capsys, tmp_path, monkeypatch):
+    """Every shipped study parses, resolves its variants and prints its cost and plan without running anything."""
+    monkeypatch.chdir(REPO)
+    for key, value in mirrors.items():
+        monkeypatch.setenv(key, value)
+    code = main(["study", f"examples/studies/{name}", "-o", str(tmp_path / "out"), "--dry-run"])
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    runs = make_runs(study_from_dict(yaml.safe_load((REPO / "examples" / "studies" / name).read_text())))
+    assert [f"finetune:{r}" for r in runs] == [
+        line.split()[1] for line in cap.out.splitlines() if line.startswith("# finetune:")
+    ]
+    assert not (tmp_path / "out").exists()
+    if name == "smollm2_synth_mdqa_cells_defaults.yaml":  # the defaults its header describes
+        for cell in ("templated_entities", "templated_in_prose", "natural_in_prose"):
+            line = f"finetune:{cell}: 1,050 rows (tokens set by the passages), 2 epochs, 526 optimizer steps"
+            assert line in cap.err

@@ -167,7 +167,7 @@ def describe(cfg: ExperimentConfig, out: Path) -> str:
 
 def estimate_text(cfg: ExperimentConfig, ft) -> str:
     """The cost estimate of the three evaluations (harness_ext.workflow.cost per variant), printed first."""
-    from harness_ext.workflow.cost import estimate, format_estimate
+    from harness_ext.workflow.cost import estimate, format_estimate, training_text
 
     if not is_extension(ft):
         return format_estimate(estimate(cfg, ft))
@@ -176,12 +176,9 @@ def estimate_text(cfg: ExperimentConfig, ft) -> str:
         cfg, suite=[e for e in cfg.suite if e.name in plan.base_tasks], metadata=plan.base_metadata(cfg.metadata)
     )
     full, short = estimate(cfg, ft), estimate(base_cfg, ft)
-    tokens = full["training_tokens"]
     lines = [
         f"[needles experiment] cost estimate: context extension {plan.native} -> {plan.target} tokens "
-        f"({plan.rope['rope_type']}, factor {plan.rope.get('factor', 1):g}); training "
-        + (f"~{tokens:,} tokens" if tokens is not None else "not estimated (set data.lengths)")
-        + f" ({full['epochs']:g} epochs)"
+        f"({plan.rope['rope_type']}, factor {plan.rope.get('factor', 1):g}); training {training_text(full)}"
     ]
     for variant, est in (("base, inside the native window", short), ("training-free and finetuned, each", full)):
         docs = sum(r["documents"] for r in est["eval"])
