@@ -259,7 +259,7 @@ def test_cost_estimate_counts_synth_training_documents_per_gold_position(tmp_pat
     assert est["training_tokens"] is None  # passages decide the length: not guessed
     # 10 samples x 2 gold positions, 2 epochs of ceil(20 / 4) batches: the steps the recipe's own plan takes
     assert est["training_rows"] == 20 and est["optimizer_steps"] == 10
-    assert "training 20 rows (tokens set by the passages), 2 epochs, 10 optimizer steps" in format_estimate(est)
+    assert "training 20 rows (tokens counted once generated), 2 epochs, 10 optimizer steps" in format_estimate(est)
     cfg["finetune"]["data"]["lengths"] = [600]
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
     exp = load_experiment(tmp_path / "b.yaml")
