@@ -129,7 +129,9 @@ def training_text(est: dict) -> str:
     """The training part of a cost estimate: tokens where the data spec sizes its rows, else rows; the steps."""
     tokens, steps = est["training_tokens"], est.get("optimizer_steps")
     size = (
-        f"~{tokens:,} tokens" if tokens is not None else f"{est['training_rows']:,} rows (tokens counted once generated)"
+        f"~{tokens:,} tokens"
+        if tokens is not None
+        else f"{est['training_rows']:,} rows (tokens counted once generated)"
     )
     return f"{size}, {est['epochs']:g} epochs" + (f", {steps:,} optimizer steps" if steps is not None else "")
 
