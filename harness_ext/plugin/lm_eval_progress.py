@@ -40,9 +40,11 @@ class Progress:
     output_tps: float | None
 
     def text(self) -> str:
+        """One short line. The time left is tqdm's extrapolation, shown from 2 % done: lm-eval's request bar around
+        vLLM stands at 0 until vLLM returns every reply at once, then reads 1/N after the whole run's time."""
         what = "prompts" if "prompt" in self.desc.lower() else "requests"
         parts = [f"{self.desc}: {self.done}/{self.total} {what}", f"{self.elapsed} elapsed"]
-        if self.left and "?" not in self.left and self.done < self.total:
+        if self.left and "?" not in self.left and self.done < self.total and self.done * 50 >= self.total:
             parts.append(f"~{self.left} left")
         if self.input_tps is not None:
             parts.append(f"{self.input_tps:,.0f} tok/s in, {self.output_tps:,.1f} tok/s out")

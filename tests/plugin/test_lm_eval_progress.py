@@ -26,6 +26,11 @@ def test_parse_lm_eval_bar_and_plain_lines():
     p = parse_progress("Running loglikelihood requests: 100%|██████████| 40/40 [00:02<00:00, 19.9it/s]")
     assert (p.desc, p.done, p.total, p.input_tps) == ("Running loglikelihood requests", 40, 40, None)
     assert "left" not in p.text()  # finished: no time left to show
+    # the request bar around vLLM: 1 of 576 after the whole generation (the replies come back at once)
+    p = parse_progress("Running generate_until requests:   0%|          | 1/576 [17:33<168:13:22, 1053.05s/it]")
+    assert p.text() == "Running generate_until requests: 1/576 requests, 17:33 elapsed"
+    p = parse_progress("Processed prompts:   4%|▍         | 25/576 [01:55<18:06, 1.97s/it]")
+    assert p.text() == "Processed prompts: 25/576 prompts, 01:55 elapsed, ~18:06 left"
     assert parse_progress("INFO 12-07 01:02:03 loading model weights took 0.3 GiB") is None
 
 
