@@ -205,7 +205,9 @@ class FinetuneRecipe:
         self.data_sha256 = docs_sha256(self.docs)
         if not self.cfg.resume:
             return
-        path, state = rundir.latest_state(self.out, self.fingerprint, self.accelerator.num_processes, self.data_sha256)
+        path, state = rundir.latest_state(
+            self.out, rundir.resumable_fingerprints(self.cfg), self.accelerator.num_processes, self.data_sha256
+        )
         self.accelerator.load_state(str(path), strict=False)  # LoRA checkpoints hold only the adapter
         rundir.check_restored(path, self.accelerator.unwrap_model(self.model))  # saved names lack DDP's "module."
         self.start_step, self.history = state["step"], state["history"]

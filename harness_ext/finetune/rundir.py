@@ -33,6 +33,9 @@ RESUMABLE_OPTIONS = (
     "log_every",
     "report_to",  # where logs go, not what is trained
 )
+# options that say what the run's documents are checked against, not what it trains: the leakage check runs again
+# on every start, so a resume may check against another suite
+NOT_TRAINING = ("eval_tasks", "eval_metadata")
 
 
 class OutputLock:
@@ -97,15 +100,24 @@ def check_output_dir(out: Path, resume: bool) -> None:
         raise NeedlesError(f"{out} already holds checkpoints of a run", fix="pass --resume or use a new --output-dir")
 
 
-def config_fingerprint(cfg: Any) -> str:
-    """What must not change between a run and its --resume (outputs/checkpoint knobs may)."""
+def config_fingerprint(cfg: Any, ignored: tuple[str, ...] = RESUMABLE_OPTIONS + NOT_TRAINING) -> str:
+    """What must not change between a run and its --resume (outputs, checkpointing and the evaluation sets the
+    documents are checked against may)."""
     d = dataclasses.asdict(cfg)
-    for key in RESUMABLE_OPTIONS:
+    for key in ignored:
         d.pop(key)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def latest_state(out: Path, fingerprint: str, processes: int = 1, data_sha256: str | None = None) -> tuple[Path, dict]:
+def resumable_fingerprints(cfg: Any) -> tuple[str, ...]:
+    """The fingerprints a checkpoint that ``cfg`` may resume carries: :func:`config_fingerprint`, or the stricter one
+    that also covers the evaluation options (what older checkpoints carry: they resume with the same ones)."""
+    return config_fingerprint(cfg), config_fingerprint(cfg, RESUMABLE_OPTIONS)
+
+
+def latest_state(
+    out: Path, fingerprints: tuple[str, ...], processes: int = 1, data_sha256: str | None = None
+) -> tuple[Path, dict]:
     """The newest checkpoint and its state, refused when missing, written with another configuration, on other
     training data (the same options can make other documents once a data family's generator or files change) or
     by another number of processes (the micro-batch plan and the per-process states depend on it)."""
@@ -116,10 +128,10 @@ def latest_state(out: Path, fingerprint: str, processes: int = 1, data_sha256: s
             fix="run without --resume (and with --save-every N) first",
         )
     state = json.loads((found[-1] / STATE_FILE).read_text())
-    if state["config_fingerprint"] != fingerprint:
+    if state["config_fingerprint"] not in fingerprints:
         raise NeedlesError(
             f"--resume: {found[-1]} was written with another configuration",
-            fix="resume with the same options (only output/checkpoint options may change)",
+            fix="resume with the same training options (output, checkpoint and --eval-* options may change)",
         )
     trained_on = state.get("data_sha256")  # checkpoints from before this key was written do not say
     if data_sha256 and trained_on and trained_on != data_sha256:
