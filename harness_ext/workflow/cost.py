@@ -133,7 +133,9 @@ def training_text(est: dict) -> str:
         if tokens is not None
         else f"{est['training_rows']:,} rows (tokens counted once generated)"
     )
-    return f"{size}, {est['epochs']:g} epochs" + (f", {steps:,} optimizer steps" if steps is not None else "")
+    return f"{size}, {est['epochs']:g} epochs" + (
+        f", {steps:,} optimizer steps on one process" if steps is not None else ""
+    )
 
 
 def eval_cost_line(row: dict, unit: str = "documents") -> str:

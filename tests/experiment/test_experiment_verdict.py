@@ -232,7 +232,9 @@ def test_shipped_experiments_validate_and_dry_run(name, capsys, tmp_path, monkey
     cap = capsys.readouterr()
     assert "cost estimate" in cap.err and cap.out.count("lm_eval run") == 2
     if name.startswith("paper"):
-        assert "training ~2,730,000 tokens, 2 epochs, 350 optimizer steps" in cap.err  # 350 x 3,900 tokens x 2 epochs
+        assert (
+            "training ~2,730,000 tokens, 2 epochs, 350 optimizer steps on one process" in cap.err
+        )  # 350 x 3,900 tokens x 2 epochs
         assert "lora_local_path" not in cap.out and "pretrained=" in cap.out.splitlines()[-1]  # full finetune
     else:  # merge: true scores the merged model, not the adapter through vLLM's LoRA kernels
         last = cap.out.splitlines()[-1]
@@ -259,7 +261,10 @@ def test_cost_estimate_counts_synth_training_documents_per_gold_position(tmp_pat
     assert est["training_tokens"] is None  # passages decide the length: not guessed
     # 10 samples x 2 gold positions, 2 epochs of ceil(20 / 4) batches: the steps the recipe's own plan takes
     assert est["training_rows"] == 20 and est["optimizer_steps"] == 10
-    assert "training 20 rows (tokens counted once generated), 2 epochs, 10 optimizer steps" in format_estimate(est)
+    assert (
+        "training 20 rows (tokens counted once generated), 2 epochs, 10 optimizer steps on one process"
+        in format_estimate(est)
+    )
     cfg["finetune"]["data"]["lengths"] = [600]
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(cfg))
     exp = load_experiment(tmp_path / "b.yaml")

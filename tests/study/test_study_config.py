@@ -267,5 +267,5 @@ def test_shipped_studies_validate_and_dry_run(name, mirrors, capsys, tmp_path, m
     assert not (tmp_path / "out").exists()
     if name == "smollm2_synth_mdqa_cells_defaults.yaml":  # the defaults its header describes
         for cell in ("templated_entities", "templated_in_prose", "natural_in_prose"):
-            line = f"finetune:{cell}: 1,050 rows (tokens counted once generated), 2 epochs, 526 optimizer steps"
+            line = f"finetune:{cell}: 1,050 rows (tokens counted once generated), 2 epochs, 526 optimizer steps on one process"
             assert line in cap.err

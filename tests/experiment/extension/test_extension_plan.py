@@ -151,7 +151,7 @@ def test_shipped_llama3_extension_prints_its_cost_first(tmp_path, capsys, monkey
     head = cap.err.splitlines()[0]
     assert "context extension 8192 -> 32768 tokens (yarn, factor 4)" in head
     assert (
-        "training ~7,900,000 tokens, 1 epochs, 50 optimizer steps" in head
+        "training ~7,900,000 tokens, 1 epochs, 50 optimizer steps on one process" in head
     )  # 100 documents x (8K + 16K + 24K + 31K) x 1 epoch
     commands = [line for line in cap.out.splitlines() if line.startswith("lm_eval run")]
     base, free, tuned = (model_args(c) for c in commands)
