@@ -17,7 +17,7 @@ from harness_ext.core.errors import NeedlesError
 from harness_ext.finetune.data import docs_sha256, prepare_docs
 from harness_ext.finetune.manifest import hyperparameters
 from harness_ext.finetune.modeling import load_base
-from harness_ext.finetune.rundir import MANIFEST, NOT_TRAINING, RESUMABLE_OPTIONS
+from harness_ext.finetune.rundir import MANIFEST, MEMORY_OPTIONS, NOT_TRAINING, RESUMABLE_OPTIONS
 
 
 def _plain(value: Any) -> Any:
@@ -34,7 +34,7 @@ def finished_run(cfg: Any) -> dict | None:
     manifest = json.loads(path.read_text(encoding="utf-8"))
     fix = f"delete {out} to train again with the current config and data, or use a new output folder"
     recorded, now = _plain(manifest.get("hyperparameters", {})), _plain(hyperparameters(cfg))
-    ignored = set(RESUMABLE_OPTIONS) | set(NOT_TRAINING)  # the leakage check runs again below
+    ignored = {*RESUMABLE_OPTIONS, *NOT_TRAINING, *MEMORY_OPTIONS}  # the leakage check runs again below
     changed = sorted(k for k in set(recorded) | set(now) if k not in ignored and recorded.get(k) != now.get(k))
     if changed:
         raise NeedlesError(f"{out} holds a finished run trained with other options ({', '.join(changed)})", fix=fix)

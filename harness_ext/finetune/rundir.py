@@ -36,6 +36,9 @@ RESUMABLE_OPTIONS = (
 # options that say what the run's documents are checked against, not what it trains: the leakage check runs again
 # on every start, so a resume may check against another suite
 NOT_TRAINING = ("eval_tasks", "eval_metadata")
+# memory and speed only: the same steps give the same weights with gradient checkpointing or without (tested), so
+# a run may resume with it turned on where a batch does not fit; hashed at their defaults
+MEMORY_OPTIONS = ("gradient_checkpointing", "gradient_checkpointing_above")
 
 
 class OutputLock:
@@ -100,19 +103,23 @@ def check_output_dir(out: Path, resume: bool) -> None:
         raise NeedlesError(f"{out} already holds checkpoints of a run", fix="pass --resume or use a new --output-dir")
 
 
-def config_fingerprint(cfg: Any, ignored: tuple[str, ...] = RESUMABLE_OPTIONS + NOT_TRAINING) -> str:
-    """What must not change between a run and its --resume (outputs, checkpointing and the evaluation sets the
-    documents are checked against may)."""
+def config_fingerprint(cfg: Any, strict: bool = False) -> str:
+    """What must not change between a run and its --resume: outputs, checkpointing, the evaluation sets the documents
+    are checked against and the memory options may. ``strict``: only outputs and checkpointing may (the rule older
+    checkpoints were written with)."""
     d = dataclasses.asdict(cfg)
-    for key in ignored:
+    for key in RESUMABLE_OPTIONS if strict else RESUMABLE_OPTIONS + NOT_TRAINING:
         d.pop(key)
+    if not strict:
+        defaults = type(cfg)()
+        d.update({key: getattr(defaults, key) for key in MEMORY_OPTIONS})
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def resumable_fingerprints(cfg: Any) -> tuple[str, ...]:
-    """The fingerprints a checkpoint that ``cfg`` may resume carries: :func:`config_fingerprint`, or the stricter one
-    that also covers the evaluation options (what older checkpoints carry: they resume with the same ones)."""
-    return config_fingerprint(cfg), config_fingerprint(cfg, RESUMABLE_OPTIONS)
+    """The fingerprints a checkpoint that ``cfg`` may resume carries: :func:`config_fingerprint`, or the strict one
+    (what older checkpoints carry: they resume with the same evaluation and memory options)."""
+    return config_fingerprint(cfg), config_fingerprint(cfg, strict=True)
 
 
 def latest_state(
@@ -131,7 +138,8 @@ def latest_state(
     if state["config_fingerprint"] not in fingerprints:
         raise NeedlesError(
             f"--resume: {found[-1]} was written with another configuration",
-            fix="resume with the same training options (output, checkpoint and --eval-* options may change)",
+            fix="resume with the same training options (output, checkpoint, --eval-* and --gradient-checkpointing* "
+            "options may change)",
         )
     trained_on = state.get("data_sha256")  # checkpoints from before this key was written do not say
     if data_sha256 and trained_on and trained_on != data_sha256:

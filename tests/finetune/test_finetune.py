@@ -161,9 +161,10 @@ def test_resume_continues_exactly_where_it_stopped(tiny_llama_dir, tmp_path, cap
     # a checkpoint keeps only the adapter weights, not a copy of the frozen base model
     ckpt = load_file(split / "checkpoints" / "step-2" / "model.safetensors")
     assert ckpt and all("lora_" in k for k in ckpt)
-    # the documents may be checked against another suite on resume (the leakage check runs again): same training
-    other_suite = ["--eval-tasks", "kv_retrieval_simple_template"]
-    code, stdout, err = needles(tiny_args(tiny_llama_dir, split, *common, "--resume", *other_suite), capsys)
+    # the documents may be checked against another suite on resume (the leakage check runs again), and gradient
+    # checkpointing may be turned on (memory only): the same weights as the uninterrupted run below
+    other = ["--eval-tasks", "kv_retrieval_simple_template", "--gradient-checkpointing"]
+    code, stdout, err = needles(tiny_args(tiny_llama_dir, split, *common, "--resume", *other), capsys)
     assert code == 0 and "resumed from" in err and "lora_local_path=" in stdout
     assert "kv_retrieval_simple_template" in err  # what the leakage check read this time
     a = load_file(straight / "adapter" / "adapter_model.safetensors")

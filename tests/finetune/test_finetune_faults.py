@@ -102,22 +102,26 @@ def test_a_finished_run_is_reused_only_with_its_own_options_and_documents(tiny_l
 
 
 def test_a_checkpoint_fingerprinted_with_its_evaluation_options_resumes_with_the_same_ones(tmp_path):
-    """Checkpoints whose fingerprint also covers --eval-tasks / --eval-metadata (the stricter rule) still resume,
-    with the evaluation options they were written with; every training option still has to match."""
+    """Checkpoints whose fingerprint also covers --eval-tasks / --eval-metadata and the memory options (the strict
+    rule) still resume, with the options they were written with; every training option still has to match."""
     import dataclasses
 
     from harness_ext.core.errors import NeedlesError
     from harness_ext.finetune.config import FinetuneConfig
-    from harness_ext.finetune.rundir import RESUMABLE_OPTIONS, STATE_FILE, latest_state, resumable_fingerprints
+    from harness_ext.finetune.rundir import STATE_FILE, latest_state, resumable_fingerprints
     from harness_ext.finetune.rundir import config_fingerprint as fingerprint
 
     cfg = FinetuneConfig(eval_tasks=["kv_retrieval_simple"])
     step = tmp_path / "checkpoints" / "step-3"
     step.mkdir(parents=True)
-    state = {"step": 3, "history": [], "config_fingerprint": fingerprint(cfg, RESUMABLE_OPTIONS), "processes": 1}
+    state = {"step": 3, "history": [], "config_fingerprint": fingerprint(cfg, strict=True), "processes": 1}
     (step / STATE_FILE).write_text(json.dumps(state))
     assert latest_state(tmp_path, resumable_fingerprints(cfg))[1]["step"] == 3
-    for other in ({"eval_tasks": ["kv_retrieval_simple_template"]}, {"learning_rate": 1e-3}):
+    for other in (
+        {"eval_tasks": ["kv_retrieval_simple_template"]},
+        {"gradient_checkpointing": True},
+        {"learning_rate": 1e-3},
+    ):
         with pytest.raises(NeedlesError, match="written with another configuration"):
             latest_state(tmp_path, resumable_fingerprints(dataclasses.replace(cfg, **other)))
     # config_fingerprint leaves the evaluation options out: such a checkpoint resumes against another suite
