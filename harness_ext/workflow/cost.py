@@ -117,10 +117,10 @@ def estimate(cfg: ExperimentConfig, ft) -> dict:
 
 def optimizer_steps(ft, rows: int) -> int | None:
     """The optimizer steps ``needles finetune`` will take on one process (the recipe's own plan, on ``rows``
-    examples); None when token packing makes them depend on the examples' lengths."""
+    examples); None when packed batching makes them depend on the examples' lengths."""
     from harness_ext.finetune.batches import plan_run
 
-    if getattr(ft, "pack_tokens", None):
+    if ft.batching == "packed":
         return None
     return plan_run(ft, [1] * rows, 1)[1]
 

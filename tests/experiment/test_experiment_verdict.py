@@ -261,6 +261,9 @@ def test_cost_estimate_counts_synth_training_documents_per_gold_position(tmp_pat
     assert est["training_tokens"] is None  # passages decide the length: not guessed
     # 10 samples x 2 gold positions, 2 epochs of ceil(20 / 4) batches: the steps the recipe's own plan takes
     assert est["training_rows"] == 20 and est["optimizer_steps"] == 10
+    packed = finetune_config(exp, tmp_path / "out")
+    packed.batching = "packed"  # rows share batches by their lengths: the steps are not known before generation
+    assert estimate(exp, packed)["optimizer_steps"] is None
     assert (
         "training 20 rows (tokens counted once generated), 2 epochs, 10 optimizer steps on one process"
         in format_estimate(est)

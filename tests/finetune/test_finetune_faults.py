@@ -124,10 +124,13 @@ def test_a_checkpoint_fingerprinted_with_its_evaluation_options_resumes_with_the
     ):
         with pytest.raises(NeedlesError, match="written with another configuration"):
             latest_state(tmp_path, resumable_fingerprints(dataclasses.replace(cfg, **other)))
-    # config_fingerprint leaves the evaluation options out: such a checkpoint resumes against another suite
+    # config_fingerprint leaves the evaluation and memory options out: such a checkpoint resumes against another
+    # suite with gradient checkpointing on; a training option still has to match
     state["config_fingerprint"] = fingerprint(cfg)
     (step / STATE_FILE).write_text(json.dumps(state))
-    other_suite = dataclasses.replace(
-        cfg, eval_tasks=["kv_retrieval_simple_template"], eval_metadata={"lengths": [512]}
+    other = dataclasses.replace(
+        cfg, eval_tasks=["kv_retrieval_simple_template"], eval_metadata={"lengths": [512]}, gradient_checkpointing=True
     )
-    assert latest_state(tmp_path, resumable_fingerprints(other_suite))[1]["step"] == 3
+    assert latest_state(tmp_path, resumable_fingerprints(other))[1]["step"] == 3
+    with pytest.raises(NeedlesError, match="written with another configuration"):
+        latest_state(tmp_path, resumable_fingerprints(dataclasses.replace(other, lora_r=4)))
