@@ -192,7 +192,8 @@ class FinetuneConfig:
     max_grad_norm: float = option(1.0, group=GROUP_OPTIM, ge=0.0, fix="use e.g. 1.0 (0 turns clipping off)")
     gradient_checkpointing: bool | None = option(
         None,
-        "default: on when the longest example exceeds --gradient-checkpointing-above",
+        "default: on when the longest example exceeds --gradient-checkpointing-above or, on a CPU, when the largest "
+        "micro-batch would not fit in 70%% of the available memory without it (harness_ext/finetune/memory.py)",
         group=GROUP_OPTIM,
         negatable=True,
     )

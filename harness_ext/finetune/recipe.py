@@ -47,6 +47,7 @@ from harness_ext.finetune.data import (
 )
 from harness_ext.finetune.long_sequences import LengthMeter, refuse_sequence_parallel, use_gradient_checkpointing
 from harness_ext.finetune.manifest import build_manifest
+from harness_ext.finetune.memory import plan_run_memory
 from harness_ext.finetune.modeling import (
     check_target_modules,
     load_base,
@@ -128,6 +129,8 @@ class FinetuneRecipe:
         self.window = self.context.window if self.context else model_max_length(self.model_config)
         self.seq_len = check_lengths(self.examples, self.window, cfg.max_length)
         self.checkpointing = use_gradient_checkpointing(cfg, self.seq_len)
+        self.plan, self.total_steps = plan_run(cfg, [len(e) for e in self.examples], self.accelerator.num_processes)
+        self.memory = None
         self.summary = data_summary(self.examples)
         self.say(
             f"data: {self.summary['examples']} examples, {self.summary['min_len']}-{self.seq_len} tokens, generated "
@@ -164,6 +167,11 @@ class FinetuneRecipe:
                 task_type="CAUSAL_LM",
             )
             model = get_peft_model(model, lora)
+        if not self.on_gpu:  # a CPU run that outgrows memory is killed, not told: decide before the first step
+            self.memory = plan_run_memory(cfg, model, self.examples, self.plan, self.accelerator.num_processes)
+            self.checkpointing = self.memory.checkpointing
+            if self.checkpointing and cfg.gradient_checkpointing is None:
+                self.say(self.memory.describe())
         if self.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             if cfg.method == "lora":
@@ -177,7 +185,7 @@ class FinetuneRecipe:
         from transformers import get_scheduler
 
         cfg, accelerator, model = self.cfg, self.accelerator, self.model
-        plan, self.total_steps = plan_run(cfg, [len(e) for e in self.examples], accelerator.num_processes)
+        plan = self.plan
         self.micro_per_step = cfg.grad_accum * accelerator.num_processes
         tok = self.tokenizer
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -316,7 +324,9 @@ class FinetuneRecipe:
             history,
             stopped,
         )
-        return context_manifest(manifest, self.context, getattr(self, "meter", LengthMeter()), self.checkpointing)
+        manifest = context_manifest(manifest, self.context, getattr(self, "meter", LengthMeter()), self.checkpointing)
+        manifest["training"]["memory"] = self.memory.to_json() if self.memory else None
+        return manifest
 
     def save(self) -> dict:
         """Adapter or full model (+ merged), training docs/log, eval commands and manifest; returns the manifest.
