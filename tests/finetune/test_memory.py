@@ -117,21 +117,26 @@ def _cli(argv: list[str], limit_mb: float | None = None) -> subprocess.Completed
 
 @pytest.mark.heavy  # three tiny finetunes
 def test_the_cli_turns_checkpointing_on_for_memory_and_refuses_a_run_that_cannot_fit(tiny_llama_dir, tmp_path):
-    """Two 4,096-token rows on the tiny model (the length rule set aside): the mask and activations differ enough with and without
-    checkpointing that a limit between the two estimates turns it on; a limit below both is refused (exit 2)."""
+    """Two KV rows of ~4,100 tokens on the tiny model (the length rule set aside): the mask and activations differ
+    enough with and without checkpointing that a limit between the two estimates turns it on; a limit below both
+    is refused (exit 2) before the first step."""
+    conf = type("Conf", (), {**TINY_LAYERS, "vocab_size": 49152})
+    widths = (4096, 4400)  # the rows' 4,096 tokens of document plus the chat template and the question
+    without = min(memory.activation_bytes(conf, 2, w, 64, False) for w in widths)
+    with_ = max(memory.activation_bytes(conf, 2, w, 64, True) for w in widths)
+    assert with_ < without
+    between = (with_ + without) / 2 / memory.USABLE_SHARE / memory.MIB
     extra = (*TINY_LORA, "--epochs", "1", "--gradient-checkpointing-above", "100000")  # the length rule off
-    roomy = _cli(finetune_argv(tiny_llama_dir, tmp_path / "roomy", *extra, num_samples=2, length=4096))
-    assert roomy.returncode == 0, roomy.stderr[-3000:]
-    first = json.loads((tmp_path / "roomy" / "manifest.json").read_text())["training"]
-    peaks = first["memory"]["estimated_peak_mib"]
-    assert first["gradient_checkpointing"] is False and peaks["with_checkpointing"] < peaks["without_checkpointing"]
-    between = (peaks["with_checkpointing"] + peaks["without_checkpointing"]) / 2 / memory.USABLE_SHARE
     tight = _cli(finetune_argv(tiny_llama_dir, tmp_path / "tight", *extra, num_samples=2, length=4096), between)
     assert tight.returncode == 0, tight.stderr[-3000:]
     assert "gradient checkpointing on: the largest micro-batch would not fit" in tight.stderr
     training = json.loads((tmp_path / "tight" / "manifest.json").read_text())["training"]
     assert training["gradient_checkpointing"] is True
-    assert training["memory"]["available_from"] == "NEEDLES_MEMORY_LIMIT_MB"
+    plan = training["memory"]
+    assert plan["available_from"] == "NEEDLES_MEMORY_LIMIT_MB" and plan["largest_micro_batch"]["rows"] == 2
+    assert 4096 < plan["largest_micro_batch"]["width"] < 4400
+    peaks = plan["estimated_peak_mib"]
+    assert peaks["with_checkpointing"] < memory.USABLE_SHARE * between < peaks["without_checkpointing"]
     small = _cli(finetune_argv(tiny_llama_dir, tmp_path / "small", *extra, num_samples=2, length=4096), 50)
     assert small.returncode == 2 and "Traceback" not in small.stderr
     assert "the kernel would kill the run" in small.stderr and "--batch-size 1" in small.stderr
