@@ -35,8 +35,9 @@ MASK_BYTES, MASK_BYTES_CHECKPOINTED = 9.1, 4.5
 # checkpointing keeps each layer's input (in units of hidden x element size; fitted to the same steps and to the
 # real-cell finetune's 5.4 GB) and recomputes one layer at a time, whose activations and their gradients it holds
 CHECKPOINT_INPUT_FACTOR = 8.0
-# eager attention keeps its weights (rows x heads x width^2 per layer), about 1.5 copies measured
-EAGER_ATTENTION_COPIES = 1.5
+# eager attention keeps its weights (rows x heads x width^2 per layer): about 2.5 copies (the 2-layer Llama, 2 x
+# 2,048-4,096 tokens: 1,177 MB measured at 4,096, 1,131 estimated)
+EAGER_ATTENTION_COPIES = 2.5
 # the share of the available memory a run may plan to use: the allocator fragments over hours of steps of varying
 # shapes (the real cell's finetune: about 21 GB estimated for its largest batch, killed at 24.1 GB resident)
 USABLE_SHARE = 0.7
