@@ -14,6 +14,11 @@ def use_gradient_checkpointing(cfg: Any, longest: int) -> bool:
     """The configured switch, or (unset) on when the longest example exceeds ``gradient_checkpointing_above``."""
     if cfg.gradient_checkpointing is not None:
         return bool(cfg.gradient_checkpointing)
+    return too_long_without_checkpointing(cfg, longest)
+
+
+def too_long_without_checkpointing(cfg: Any, longest: int) -> bool:
+    """The length rule: the longest example exceeds ``gradient_checkpointing_above`` tokens."""
     return longest > cfg.gradient_checkpointing_above
 
 

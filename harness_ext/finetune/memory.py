@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness_ext.core.errors import NeedlesError
+from harness_ext.finetune.long_sequences import too_long_without_checkpointing
 
 # Fitted (least squares) to the peak resident memory of single LoRA steps, fp32, sdpa, on a CPU: SmolLM2-135M-Instruct
 # at 512-4,096 tokens a micro-batch and a 2-layer 64-wide Llama at 4,096-32,768 (all within 12 %):
@@ -200,7 +201,7 @@ def plan_run_memory(cfg: Any, model: Any, examples: list, plan: list[list[int]],
         model.config,
         micro_batch_shapes(examples, plan, cfg.batching),
         cfg.gradient_checkpointing,
-        max(len(e) for e in examples) > cfg.gradient_checkpointing_above,
+        too_long_without_checkpointing(cfg, max(len(e) for e in examples)),
         sum(p.numel() for p in model.parameters() if p.requires_grad),
         processes,
         eager=cfg.attn_implementation == "eager",
