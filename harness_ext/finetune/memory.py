@@ -195,6 +195,24 @@ def plan_memory(
     )
 
 
+def out_of_memory(exc: BaseException, step: int, shape: tuple[int, int], device: Any, checkpointing: bool):
+    """The ``needles: error`` for torch's out-of-memory error at a training step (a GPU's, or a CPU allocator's where
+    the kernel does not kill the process first); None for any other error, which propagates as it is."""
+    import torch
+
+    text = str(exc).strip()
+    if not (isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text):
+        return None
+    hint = "" if checkpointing else "--gradient-checkpointing (the same weights, slower), "
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return NeedlesError(
+        f"out of memory on {device} at step {step}, micro-batch {shape[0]} x {shape[1]} tokens: {first}",
+        fix=f"use {hint}a smaller --batch-size with a larger --grad-accum (the same batch: e.g. --batch-size 1 "
+        "--grad-accum 4), or --max-length to refuse longer data. The checkpoints so far are kept: --resume continues "
+        "from the newest with the same options (--gradient-checkpointing may be added)",
+    )
+
+
 def plan_run_memory(cfg: Any, model: Any, examples: list, plan: list[list[int]], processes: int) -> MemoryPlan:
     """:func:`plan_memory` for a recipe's loaded (LoRA-wrapped) model, training examples and micro-batch plan."""
     return plan_memory(

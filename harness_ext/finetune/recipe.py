@@ -47,7 +47,7 @@ from harness_ext.finetune.data import (
 )
 from harness_ext.finetune.long_sequences import LengthMeter, refuse_sequence_parallel, use_gradient_checkpointing
 from harness_ext.finetune.manifest import build_manifest
-from harness_ext.finetune.memory import plan_run_memory
+from harness_ext.finetune.memory import out_of_memory, plan_run_memory
 from harness_ext.finetune.modeling import (
     check_target_modules,
     load_base,
@@ -259,19 +259,27 @@ class FinetuneRecipe:
                 # a different point after --resume), and P processes with --grad-accum G repeat one with G*P.
                 index = plan_index(step, micro, cfg.grad_accum, processes, rank)
                 torch.manual_seed(cfg.seed * 1_000_003 + index * 1_009)
-                with accelerator.accumulate(model):
-                    n_labels = max(label_tokens(batch), 1)
-                    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-                    keep = batch["logits_to_keep"]
-                    keep = keep.to(accelerator.device) if torch.is_tensor(keep) else keep
-                    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
-                    loss = loss_sum(logits, batch) / n_labels
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
+                try:
+                    with accelerator.accumulate(model):
+                        n_labels = max(label_tokens(batch), 1)
+                        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+                        keep = batch["logits_to_keep"]
+                        keep = keep.to(accelerator.device) if torch.is_tensor(keep) else keep
+                        logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
+                        loss = loss_sum(logits, batch) / n_labels
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        optimizer.step()
+                        scheduler.step()
+                        optimizer.zero_grad(set_to_none=True)
+                except (torch.OutOfMemoryError, RuntimeError) as exc:
+                    shape = tuple(batch["input_ids"].shape[-2:])
+                    error = out_of_memory(exc, step, shape, accelerator.device, self.checkpointing)
+                    if error is None:
+                        raise
+                    bar.close()  # the error starts on its own line
+                    raise error from None
                 step_loss += float(loss.detach()) / cfg.grad_accum
                 mask = batch.get("attention_mask")
                 step_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()

@@ -141,3 +141,51 @@ def test_the_cli_turns_checkpointing_on_for_memory_and_refuses_a_run_that_cannot
     assert small.returncode == 2 and "Traceback" not in small.stderr
     assert "the kernel would kill the run" in small.stderr and "--batch-size 1" in small.stderr
     assert not (tmp_path / "small" / "manifest.json").exists()
+
+
+# The real finetune CLI with the model's forward failing as torch fails on a GPU that runs out of memory (the error
+# torch raises there, injected: this machine has no GPU) at a chosen call; any other error must stay as it is.
+FAILING = """
+import sys, torch
+from transformers.models.llama import modeling_llama
+from harness_ext.finetune.__main__ import main
+fail_at, error = int(sys.argv[1]), sys.argv[2]
+calls, forward = [0], modeling_llama.LlamaForCausalLM.forward
+def failing(self, *args, **kwargs):
+    calls[0] += 1
+    if calls[0] == fail_at:
+        if error == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 79.11 GiB total)")
+        raise RuntimeError("an unrelated failure")
+    return forward(self, *args, **kwargs)
+modeling_llama.LlamaForCausalLM.forward = failing
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.heavy  # two tiny finetunes of a step or two
+def test_out_of_memory_in_a_step_is_a_clear_error_and_other_errors_are_not_hidden(tiny_llama_dir, tmp_path):
+    out = tmp_path / "oom"
+    argv = finetune_argv(tiny_llama_dir, out, *TINY_LORA, "--save-every", "1", num_samples=8)[1:]
+    proc = subprocess.run([sys.executable, "-c", FAILING, "2", "oom", *argv], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    error = proc.stderr[proc.stderr.index("needles: error:") :]
+    assert "out of memory on cpu at step 2, micro-batch 2 x " in error and "Tried to allocate 20.00 GiB" in error
+    assert "--gradient-checkpointing" in error and "--batch-size 1 --grad-accum 4" in error and "--resume" in error
+    # the step before it was kept, for --resume; the run did not write a finished run's manifest
+    assert (out / "checkpoints" / "step-1" / "needles_state.json").is_file()
+    assert not (out / "manifest.json").exists()
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            FAILING,
+            "1",
+            "other",
+            *finetune_argv(tiny_llama_dir, tmp_path / "other", *TINY_LORA)[1:],
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert other.returncode == 1 and "RuntimeError: an unrelated failure" in other.stderr
+    assert "out of memory" not in other.stderr
