@@ -195,7 +195,9 @@ def plan_memory(
     )
 
 
-def out_of_memory(exc: BaseException, step: int, shape: tuple[int, int], device: Any, checkpointing: bool):
+def out_of_memory(
+    exc: BaseException, step: int, shape: tuple[int, int], device: Any, checkpointing: bool
+) -> NeedlesError | None:
     """The ``needles: error`` for torch's out-of-memory error at a training step (a GPU's, or a CPU allocator's where
     the kernel does not kill the process first); None for any other error, which propagates as it is."""
     import torch

@@ -273,7 +273,7 @@ class FinetuneRecipe:
                         optimizer.step()
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
-                except (torch.OutOfMemoryError, RuntimeError) as exc:
+                except RuntimeError as exc:  # torch.OutOfMemoryError is one
                     shape = tuple(batch["input_ids"].shape[-2:])
                     error = out_of_memory(exc, step, shape, accelerator.device, self.checkpointing)
                     if error is None:
