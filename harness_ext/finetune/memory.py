@@ -140,6 +140,15 @@ def available_memory() -> tuple[int | None, str]:
     return best, source
 
 
+def smaller_batches_fix(suggest_checkpointing: bool) -> str:
+    """The fix for a micro-batch that does not fit: the same batch in smaller pieces, or shorter data."""
+    hint = "--gradient-checkpointing (the same weights, slower), " if suggest_checkpointing else ""
+    return (
+        f"use {hint}a smaller --batch-size with a larger --grad-accum (the same batch: e.g. --batch-size 1 "
+        "--grad-accum 4), or --max-length to refuse longer data"
+    )
+
+
 def plan_memory(
     conf: Any,
     shapes: set,
@@ -173,15 +182,13 @@ def plan_memory(
         on, reason = False, "the largest micro-batch fits without it"
     rows, width = worst[on][0], worst[on][1]
     if budget is not None and need[on] > budget and os.environ.get("NEEDLES_MEMORY_CHECK") != "0":
-        hint = "--gradient-checkpointing (the same weights, slower), " if not on and need[True] <= budget else ""
         shared = f", shared by {processes} processes" if processes > 1 else ""
         raise NeedlesError(
             f"the largest micro-batch ({rows} x {width} tokens) needs about {need[on] / 2**30:.1f} GiB "
             f"{'with' if on else 'without'} gradient checkpointing, more than the {budget / 2**30:.1f} GiB this "
             f"run may use ({USABLE_SHARE:.0%} of {available / 2**30:.1f} GiB available by {source}{shared}): the "
             "kernel would kill the run when it reaches that batch",
-            fix=f"use {hint}a smaller --batch-size with a larger --grad-accum (the same batch: e.g. --batch-size 1 "
-            "--grad-accum 4), or --max-length to refuse longer data; NEEDLES_MEMORY_CHECK=0 trains anyway",
+            fix=smaller_batches_fix(not on and need[True] <= budget) + "; NEEDLES_MEMORY_CHECK=0 trains anyway",
         )
     return MemoryPlan(
         rows,
@@ -205,13 +212,11 @@ def out_of_memory(
     text = str(exc).strip()
     if not (isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in text):
         return None
-    hint = "" if checkpointing else "--gradient-checkpointing (the same weights, slower), "
     first = text.splitlines()[0] if text else type(exc).__name__
     return NeedlesError(
         f"out of memory on {device} at step {step}, micro-batch {shape[0]} x {shape[1]} tokens: {first}",
-        fix=f"use {hint}a smaller --batch-size with a larger --grad-accum (the same batch: e.g. --batch-size 1 "
-        "--grad-accum 4), or --max-length to refuse longer data. The checkpoints so far are kept: --resume continues "
-        "from the newest with the same options (--gradient-checkpointing may be added)",
+        fix=smaller_batches_fix(not checkpointing) + ". The checkpoints so far are kept: --resume continues from the "
+        "newest with the same options (--gradient-checkpointing may be added)",
     )
 
 
